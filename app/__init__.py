@@ -1,0 +1,1 @@
+"""layerscope API process: FastAPI front end. Never imports torch or worker."""

@@ -1,0 +1,80 @@
+"""One Settings class for the API and the worker (env prefix `LAYERSCOPE_`).
+
+`DATABASE_URL` and `REDIS_URL` are also read without the prefix, as every
+platform sets them. With neither set the service runs embedded: SQLite in the
+data directory and an in-process worker.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LAYERSCOPE_", extra="ignore")
+
+    database_url: str | None = Field(
+        None, validation_alias=AliasChoices("LAYERSCOPE_DATABASE_URL", "DATABASE_URL")
+    )
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("LAYERSCOPE_REDIS_URL", "REDIS_URL"))
+    data_dir: Path = Path(".layerscope")
+
+    # Security. Auth is on unless switched off explicitly for local use.
+    auth_disabled: bool = False
+    key_pepper: str = Field("layerscope-dev-pepper", description="HMAC key for stored API-key hashes.")
+    default_project: str = "default"
+
+    # Where local models and data files may come from (no `../` escapes).
+    model_roots: list[Path] = Field(default_factory=list)
+    data_roots: list[Path] = Field(default_factory=list)
+    trust_remote_code_allowlist: list[str] = Field(default_factory=list)
+    max_data_file_bytes: int = 512 * 1024 * 1024
+
+    # Job control (seconds). soft < hard < broker visibility timeout.
+    job_soft_time_limit: int = 6 * 3600
+    job_hard_time_limit: int = 6 * 3600 + 300
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 60.0
+    sweep_interval: float = 10.0
+    requeue_after: float = 30.0
+    max_attempts: int = 3
+
+    # API limits.
+    max_page_size: int = 200
+    max_body_bytes: int = 8 * 1024 * 1024
+
+    @property
+    def embedded(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            # Plain postgres URLs get the psycopg 3 driver.
+            for prefix in ("postgres://", "postgresql://"):
+                if url.startswith(prefix):
+                    return "postgresql+psycopg://" + url[len(prefix) :]
+            return url
+        return f"sqlite:///{(self.data_dir / 'layerscope.db').resolve()}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def visibility_timeout(self) -> int:
+        return self.job_hard_time_limit + 600
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

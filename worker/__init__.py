@@ -1,0 +1,1 @@
+"""layerscope job side: Celery tasks and the analysis library (torch, transformers)."""
