@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LAYERSCOPE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="LAYERSCOPE_", extra="ignore", populate_by_name=True)
 
     database_url: str | None = Field(
         None, validation_alias=AliasChoices("LAYERSCOPE_DATABASE_URL", "DATABASE_URL")

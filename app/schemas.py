@@ -176,7 +176,7 @@ class AnalysisSpec(Strict):
 # ----------------------------------------------------------------- responses
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"

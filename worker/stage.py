@@ -8,6 +8,7 @@ cancellation, and persists the `StageResult` it returns.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +40,15 @@ class JobContext:
     progress: ProgressFn = lambda stage, done, total: None
     is_cancelled: Callable[[], bool] = lambda: False
     artifacts_dir: Path | None = None
+    deadline: float | None = None  # time.monotonic() after which the job fails with a timeout
 
     def check_cancelled(self) -> None:
+        """Call between batches: stops a cancelled job, fails one past its time limit."""
         if self.is_cancelled():
             raise JobCancelled()
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise JobFailed("timeout", "The job ran past its time limit (LAYERSCOPE_JOB_SOFT_TIME_LIMIT); "
+                            "use fewer examples, a smaller model or a GPU worker.")
 
 
 @dataclass

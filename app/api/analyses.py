@@ -1,0 +1,440 @@
+"""The analysis resource: submit, read, list, cancel, delete, and the result tables."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import FileResponse
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.auth import Principal, require
+from app.config import Settings
+from app.deps import get_session, get_settings_dep
+from app.models import Analysis, AnalysisLabel, Artifact, LayerScore, Metric, utcnow
+from app.problems import Problem
+from app.schemas import (
+    AnalysisOut,
+    AnalysisPage,
+    AnalysisSpec,
+    ArtifactList,
+    ArtifactOut,
+    JobError,
+    JobState,
+    LayerRowOut,
+    LayerTable,
+    MetricOut,
+    MetricTable,
+    Progress,
+)
+
+router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"description": desc, "content": {"application/problem+json": {}}}
+    for code, desc in {
+        401: "Missing or invalid API key",
+        403: "The key lacks the needed scope",
+        404: "No such analysis in this key's project",
+        422: "Invalid request (the body names the field)",
+        503: "Database unavailable",
+    }.items()
+}
+FINISHED = [s.value for s in JobState if s.finished]
+
+Format = Literal["json", "csv"]
+
+
+def spec_hash(spec: AnalysisSpec) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _labels(session: Session, ids: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {i: {} for i in ids}
+    if ids:
+        for lab in session.scalars(select(AnalysisLabel).where(AnalysisLabel.analysis_id.in_(ids))):
+            out[lab.analysis_id][lab.key] = lab.value
+    return out
+
+
+def to_out(row: Analysis, labels: dict[str, str]) -> AnalysisOut:
+    base = f"/v1/analyses/{row.id}"
+    return AnalysisOut(
+        id=row.id,
+        state=JobState(row.state),
+        spec=AnalysisSpec.model_validate(row.spec),
+        labels=labels,
+        progress=Progress(stage=row.progress_stage, done=row.progress_done, total=row.progress_total),
+        attempt=row.attempt,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        heartbeat_at=row.heartbeat_at,
+        error=JobError(type=row.error_type, detail=row.error_detail or "") if row.error_type else None,
+        warnings=list(row.warnings or []),
+        summary=dict(row.summary or {}),
+        links={
+            "self": base,
+            "layers": f"{base}/layers",
+            "metrics": f"{base}/metrics",
+            "artifacts": f"{base}/artifacts",
+            "cancel": f"{base}/cancel",
+        },
+    )
+
+
+def _get_owned(session: Session, principal: Principal, analysis_id: str) -> Analysis:
+    row = session.get(Analysis, analysis_id)
+    # Another project's analysis is indistinguishable from a missing one.
+    if row is None or row.project != principal.project:
+        raise Problem(404, f"No analysis {analysis_id!r} in this project.")
+    return row
+
+
+def _one_out(session: Session, row: Analysis) -> AnalysisOut:
+    return to_out(row, _labels(session, [row.id])[row.id])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=AnalysisOut,
+    summary="Submit an analysis",
+    description=(
+        "Stores the job and queues it. Answers 201 with `Location`. With an `Idempotency-Key` header, "
+        "a repeat of the same body returns the existing job with 200; the same key with another body is 422."
+    ),
+    responses={200: {"description": "Existing job for this Idempotency-Key", "model": AnalysisOut}, **PROBLEM_RESPONSES},
+)
+def submit(
+    spec: AnalysisSpec,
+    request: Request,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255, min_length=1)] = None,
+    principal: Principal = Depends(require("submit")),
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings_dep),
+) -> AnalysisOut:
+    if spec.model.trust_remote_code and spec.model.name not in settings.trust_remote_code_allowlist:
+        raise Problem(
+            422,
+            f"model.trust_remote_code: {spec.model.name!r} is not on this server's trust_remote_code "
+            "allow-list (LAYERSCOPE_TRUST_REMOTE_CODE_ALLOWLIST); running its code is refused.",
+            errors=[{"field": "model.trust_remote_code", "message": "not allow-listed"}],
+        )
+    digest = spec_hash(spec)
+
+    def existing_for_key() -> AnalysisOut | None:
+        row = session.scalar(
+            select(Analysis).where(Analysis.project == principal.project, Analysis.idempotency_key == idempotency_key)
+        )
+        if row is None:
+            return None
+        if row.spec_hash != digest:
+            raise Problem(
+                422,
+                "This Idempotency-Key was already used with a different body; use a new key for a new job.",
+                errors=[{"field": "Idempotency-Key", "message": "reused with a different body"}],
+            )
+        response.status_code = 200
+        response.headers["Location"] = f"/v1/analyses/{row.id}"
+        return _one_out(session, row)
+
+    if idempotency_key and (found := existing_for_key()):
+        return found
+
+    row = Analysis(
+        id=str(uuid.uuid4()),
+        project=principal.project,
+        state=JobState.QUEUED.value,
+        spec=spec.model_dump(mode="json"),
+        spec_hash=digest,
+        idempotency_key=idempotency_key,
+        model_name=spec.model.name,
+        progress_done=0,
+        progress_total=0,
+        attempt=0,
+        warnings=[],
+        summary={},
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.add_all(AnalysisLabel(analysis_id=row.id, key=k, value=v) for k, v in spec.labels.items())
+    try:
+        session.commit()
+    except IntegrityError:
+        # Lost a race with the same Idempotency-Key: the unique constraint decides.
+        session.rollback()
+        if idempotency_key and (found := existing_for_key()):
+            return found
+        raise
+
+    if request.app.state.enqueuer.enqueue(row.id):
+        session.execute(update(Analysis).where(Analysis.id == row.id).values(enqueued_at=utcnow()))
+        session.commit()
+    response.headers["Location"] = f"/v1/analyses/{row.id}"
+    return _one_out(session, row)
+
+
+def _encode_cursor(row: Analysis) -> str:
+    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(token: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        created, ident = json.loads(raw)
+        return dt.datetime.fromisoformat(created), str(ident)
+    except Exception:
+        raise Problem(
+            422, "page_token is not a token this API issued; start again without it.",
+            errors=[{"field": "page_token", "message": "invalid"}],
+        ) from None
+
+
+@router.get("", response_model=AnalysisPage, summary="List analyses", responses=PROBLEM_RESPONSES)
+def list_analyses(
+    request: Request,
+    state: Annotated[list[JobState] | None, Query(description="Filter by state (repeatable).")] = None,
+    model: Annotated[str | None, Query(max_length=512, description="Filter by model name.")] = None,
+    label: Annotated[
+        list[str] | None, Query(description="Filter by label `key=value` (repeatable, all must match).")
+    ] = None,
+    page_size: Annotated[int, Query(ge=1, le=200)] = 50,
+    page_token: Annotated[str | None, Query(max_length=512)] = None,
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> AnalysisPage:
+    query = select(Analysis).where(Analysis.project == principal.project)
+    if state:
+        query = query.where(Analysis.state.in_([s.value for s in state]))
+    if model:
+        query = query.where(Analysis.model_name == model)
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise Problem(422, f"label filter {item!r} must look like key=value.",
+                          errors=[{"field": "label", "message": "expected key=value"}])
+        query = query.where(
+            Analysis.id.in_(select(AnalysisLabel.analysis_id).where(AnalysisLabel.key == key, AnalysisLabel.value == value))
+        )
+    if page_token:
+        created, ident = _decode_cursor(page_token)
+        query = query.where(
+            or_(Analysis.created_at < created, and_(Analysis.created_at == created, Analysis.id < ident))
+        )
+    rows = list(session.scalars(query.order_by(Analysis.created_at.desc(), Analysis.id.desc()).limit(page_size + 1)))
+    more = len(rows) > page_size
+    rows = rows[:page_size]
+    labels = _labels(session, [r.id for r in rows])
+    return AnalysisPage(
+        items=[to_out(r, labels[r.id]) for r in rows],
+        next_page_token=_encode_cursor(rows[-1]) if more else None,
+    )
+
+
+@router.get("/{analysis_id}", response_model=AnalysisOut, summary="Get an analysis", responses=PROBLEM_RESPONSES)
+def get_analysis(
+    analysis_id: str,
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> AnalysisOut:
+    return _one_out(session, _get_owned(session, principal, analysis_id))
+
+
+@router.post(
+    "/{analysis_id}/cancel",
+    response_model=AnalysisOut,
+    status_code=202,
+    summary="Cancel an analysis",
+    description=(
+        "A queued job ends CANCELLED at once; a running one goes to CANCELLING and its worker stops "
+        "between batches. Cancelling a finished job is 409."
+    ),
+    responses={409: {"description": "Already finished", "content": {"application/problem+json": {}}}, **PROBLEM_RESPONSES},
+)
+def cancel(
+    analysis_id: str,
+    principal: Principal = Depends(require("submit")),
+    session: Session = Depends(get_session),
+) -> AnalysisOut:
+    row = _get_owned(session, principal, analysis_id)
+    now = utcnow()
+    # Conditional updates: a worker may claim the job between our read and our write.
+    done = session.execute(
+        update(Analysis)
+        .where(Analysis.id == row.id, Analysis.state == JobState.QUEUED.value)
+        .values(state=JobState.CANCELLED.value, finished_at=now)
+    ).rowcount
+    if not done:
+        session.execute(
+            update(Analysis)
+            .where(Analysis.id == row.id, Analysis.state == JobState.RUNNING.value)
+            .values(state=JobState.CANCELLING.value)
+        )
+    session.commit()
+    session.refresh(row)
+    if row.state in FINISHED and row.state != JobState.CANCELLED.value:
+        raise Problem(409, f"The analysis already ended {row.state}; there is nothing to cancel.")
+    return _one_out(session, row)
+
+
+@router.delete(
+    "/{analysis_id}",
+    status_code=204,
+    summary="Delete a finished analysis and its results",
+    responses={409: {"description": "Not finished yet", "content": {"application/problem+json": {}}}, **PROBLEM_RESPONSES},
+)
+def delete_analysis(
+    analysis_id: str,
+    principal: Principal = Depends(require("submit")),
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings_dep),
+) -> Response:
+    row = _get_owned(session, principal, analysis_id)
+    paths = [p for p in session.scalars(select(Artifact.path).where(Artifact.analysis_id == row.id)) if p]
+    deleted = session.execute(
+        delete(Analysis).where(Analysis.id == row.id, Analysis.state.in_(FINISHED))
+    ).rowcount
+    if not deleted:
+        session.rollback()
+        raise Problem(409, f"The analysis is {row.state}; cancel it and wait for it to end before deleting.")
+    session.commit()
+    for rel in paths:
+        (settings.artifacts_dir / rel).unlink(missing_ok=True)
+    return Response(status_code=204)
+
+
+def _csv_response(header: list[str], rows: list[list[Any]]) -> Response:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(["" if v is None else v for v in r] for r in rows)
+    return Response(buf.getvalue(), media_type="text/csv")
+
+
+@router.get(
+    "/{analysis_id}/layers",
+    response_model=LayerTable,
+    summary="Per-layer statistics and scores",
+    description="One row per (stage, scorer, layer). `?format=csv` gives one column per value.",
+    responses={200: {"content": {"text/csv": {}}}, **PROBLEM_RESPONSES},
+)
+def get_layers(
+    analysis_id: str,
+    stage: Annotated[str | None, Query(max_length=32)] = None,
+    scorer: Annotated[str | None, Query(max_length=64)] = None,
+    format: Format = "json",
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> Any:
+    row = _get_owned(session, principal, analysis_id)
+    query = select(LayerScore).where(LayerScore.analysis_id == row.id)
+    if stage:
+        query = query.where(LayerScore.stage == stage)
+    if scorer:
+        query = query.where(LayerScore.scorer == scorer)
+    rows = list(session.scalars(query.order_by(LayerScore.stage, LayerScore.scorer, LayerScore.layer)))
+    items = [
+        LayerRowOut(stage=r.stage, scorer=r.scorer, layer=r.layer, block_name=r.block_name, values=r.values)
+        for r in rows
+    ]
+    if format == "csv":
+        keys = sorted({k for r in items for k in r.values})
+        return _csv_response(
+            ["stage", "scorer", "layer", "block_name", *keys],
+            [[r.stage, r.scorer, r.layer, r.block_name, *(r.values.get(k) for k in keys)] for r in items],
+        )
+    return LayerTable(analysis_id=row.id, items=items)
+
+
+@router.get(
+    "/{analysis_id}/metrics",
+    response_model=MetricTable,
+    summary="Evaluation metrics with confidence intervals",
+    responses={200: {"content": {"text/csv": {}}}, **PROBLEM_RESPONSES},
+)
+def get_metrics(
+    analysis_id: str,
+    stage: Annotated[str | None, Query(max_length=32)] = None,
+    format: Format = "json",
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> Any:
+    row = _get_owned(session, principal, analysis_id)
+    query = select(Metric).where(Metric.analysis_id == row.id)
+    if stage:
+        query = query.where(Metric.stage == stage)
+    items = [
+        MetricOut(stage=m.stage, scope=m.scope, name=m.name, value=m.value, ci_low=m.ci_low, ci_high=m.ci_high, n=m.n)
+        for m in session.scalars(query.order_by(Metric.stage, Metric.scope, Metric.name))
+    ]
+    if format == "csv":
+        cols = ["stage", "scope", "name", "value", "ci_low", "ci_high", "n"]
+        return _csv_response(cols, [[getattr(m, c) for c in cols] for m in items])
+    return MetricTable(analysis_id=row.id, items=items)
+
+
+@router.get(
+    "/{analysis_id}/artifacts", response_model=ArtifactList, summary="Files the analysis produced",
+    responses=PROBLEM_RESPONSES,
+)
+def list_artifacts(
+    analysis_id: str,
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> ArtifactList:
+    row = _get_owned(session, principal, analysis_id)
+    arts = session.execute(
+        select(Artifact.name, Artifact.stage, Artifact.media_type, Artifact.size, Artifact.created_at)
+        .where(Artifact.analysis_id == row.id)
+        .order_by(Artifact.name)
+    ).all()
+    return ArtifactList(
+        analysis_id=row.id,
+        items=[
+            ArtifactOut(
+                name=a.name, stage=a.stage, media_type=a.media_type, size=a.size, created_at=a.created_at,
+                download_url=f"/v1/analyses/{row.id}/artifacts/{a.name}",
+            )
+            for a in arts
+        ],
+    )
+
+
+@router.get(
+    "/{analysis_id}/artifacts/{name}",
+    summary="Download an artifact",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, **PROBLEM_RESPONSES},
+)
+def download_artifact(
+    analysis_id: str,
+    name: str,
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings_dep),
+) -> Response:
+    row = _get_owned(session, principal, analysis_id)
+    art = session.get(Artifact, (row.id, name))
+    if art is None:
+        raise Problem(404, f"No artifact {name!r} in analysis {row.id}.")
+    headers = {"Content-Disposition": f'attachment; filename="{Path(name).name}"'}
+    if art.content is not None:
+        return Response(art.content, media_type=art.media_type, headers=headers)
+    path = (settings.artifacts_dir / (art.path or "")).resolve()
+    if not path.is_file() or settings.artifacts_dir.resolve() not in path.parents:
+        raise Problem(404, f"Artifact {name!r} is recorded but its file is gone from the artifact store.")
+    return FileResponse(path, media_type=art.media_type, filename=Path(name).name)

@@ -1,0 +1,80 @@
+"""API keys of the caller's project (admin scope). The plaintext is shown once, at creation."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.auth import SCOPES, Principal, create_key, require
+from app.config import Settings
+from app.deps import get_session, get_settings_dep
+from app.models import ApiKey, utcnow
+from app.problems import Problem
+from app.schemas import Strict
+
+router = APIRouter(prefix="/v1/keys", tags=["keys"])
+
+
+class KeyCreate(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    scopes: list[str] = Field(min_length=1, description=f"Subset of {list(SCOPES)}.")
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The secret; store it now, it is not shown again.")
+
+
+def _out(row: ApiKey) -> KeyOut:
+    return KeyOut(id=row.id, name=row.name, prefix=row.prefix, scopes=row.scopes.split(","),
+                  created_at=row.created_at, revoked_at=row.revoked_at)
+
+
+@router.post("", status_code=201, response_model=KeyCreated, summary="Create an API key in this project")
+def create(
+    body: KeyCreate,
+    principal: Principal = Depends(require("admin")),
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings_dep),
+) -> KeyCreated:
+    bad = sorted(set(body.scopes) - set(SCOPES))
+    if bad:
+        raise Problem(422, f"scopes: unknown {bad}; allowed {list(SCOPES)}",
+                      errors=[{"field": "scopes", "message": "unknown scope"}])
+    key = create_key(session, settings, principal.project, body.name, body.scopes)
+    session.commit()
+    row = session.scalar(select(ApiKey).where(ApiKey.prefix == key.split("_")[1]))
+    assert row is not None
+    return KeyCreated(**_out(row).model_dump(), key=key)
+
+
+@router.get("", response_model=list[KeyOut], summary="List this project's API keys")
+def list_keys(
+    principal: Principal = Depends(require("admin")), session: Session = Depends(get_session)
+) -> list[KeyOut]:
+    rows = session.scalars(select(ApiKey).where(ApiKey.project == principal.project).order_by(ApiKey.created_at))
+    return [_out(r) for r in rows]
+
+
+@router.delete("/{key_id}", status_code=204, summary="Revoke an API key")
+def revoke(
+    key_id: str, principal: Principal = Depends(require("admin")), session: Session = Depends(get_session)
+) -> None:
+    done = session.execute(
+        update(ApiKey).where(ApiKey.id == key_id, ApiKey.project == principal.project).values(revoked_at=utcnow())
+    ).rowcount
+    if not done:
+        raise Problem(404, f"No API key {key_id!r} in this project.")
+    session.commit()

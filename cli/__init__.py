@@ -1,0 +1,1 @@
+"""The `layerscope` command line."""

@@ -1,0 +1,128 @@
+"""`layerscope`: run the service (serve, worker, migrate), manage keys, and run the demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from app.config import Settings, get_settings
+
+app = typer.Typer(help="layerscope: which layers of a transformer matter, which can be pruned, which hallucinate.",
+                  no_args_is_help=True, add_completion=False)
+keys_app = typer.Typer(help="Manage API keys (writes to the database directly).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _prepare(settings: Settings, migrate: bool) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if migrate:
+        from app.migrate import upgrade
+
+        upgrade(settings.resolved_database_url)
+
+
+def start_embedded_worker(api, settings: Settings):  # noqa: ANN001, ANN201
+    """Start the in-process worker that runs queued jobs when no broker is configured."""
+    from worker.embedded import EmbeddedWorker
+
+    worker = EmbeddedWorker(api.state.session_factory, settings, api.state.enqueuer)
+    worker.start()
+    return worker
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    port: int = typer.Option(8000, help="Port to bind."),
+    migrate: bool = typer.Option(
+        None, help="Upgrade the database schema first (default: yes in embedded mode, no otherwise)."
+    ),
+) -> None:
+    """Run the HTTP API. With no DATABASE_URL/REDIS_URL: SQLite plus an in-process worker (embedded mode)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    _logging()
+    settings = get_settings()
+    _prepare(settings, settings.embedded if migrate is None else migrate)
+    api = create_app(settings)
+    if settings.embedded:
+        typer.echo(f"embedded mode: database {settings.resolved_database_url}, in-process worker")
+        start_embedded_worker(api, settings)
+    if settings.auth_disabled:
+        typer.echo("WARNING: authentication is OFF (LAYERSCOPE_AUTH_DISABLED=true); local use only.")
+    uvicorn.run(api, host=host, port=port, log_level="info")
+
+
+@app.command()
+def worker(
+    concurrency: int = typer.Option(1, help="Jobs at once in this process (solo pool when 1)."),
+    loglevel: str = typer.Option("INFO"),
+) -> None:
+    """Run a Celery worker (needs REDIS_URL and DATABASE_URL)."""
+    settings = get_settings()
+    if settings.embedded:
+        typer.echo("REDIS_URL is not set: `layerscope serve` runs jobs in-process in embedded mode.", err=True)
+        raise typer.Exit(2)
+    from worker.celery_app import celery
+
+    pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
+    celery.worker_main(["worker", f"--loglevel={loglevel}", "-Q", "layerscope", *pool])
+
+
+@app.command()
+def migrate() -> None:
+    """Upgrade the database schema to the latest revision."""
+    settings = get_settings()
+    _prepare(settings, True)
+    typer.echo(f"database at head: {settings.resolved_database_url.split('@')[-1]}")
+
+
+@keys_app.command("create")
+def keys_create(
+    project: str = typer.Option(..., help="Project the key belongs to."),
+    name: str = typer.Option("cli", help="A label for the key."),
+    scopes: str = typer.Option("read,submit", help="Comma-separated: read, submit, admin."),
+) -> None:
+    """Create an API key and print it (shown once)."""
+    from app.auth import create_key
+    from app.db import session_factory, session_scope
+
+    settings = get_settings()
+    _prepare(settings, settings.embedded)
+    with session_scope(session_factory(settings.resolved_database_url)) as session:
+        try:
+            key = create_key(session, settings, project, name, [s.strip() for s in scopes.split(",") if s.strip()])
+        except ValueError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+    typer.echo(key)
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("smollm2-135m", help="Model to analyse."),
+    dataset: str = typer.Option("chatterbot-conversations", help="Built-in dataset."),
+    limit: int = typer.Option(32, help="Examples to profile."),
+) -> None:
+    """Run one AVSS analysis end to end in embedded mode and print the per-layer table."""
+    from cli.demo import run_demo
+
+    sys.exit(run_demo(model=model, dataset=dataset, limit=limit))
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.auth import create_key
+from app.db import session_factory, session_scope
+from app.main import create_app
+from tests.conftest import make_settings
+
+
+@dataclass
+class Api:
+    client: TestClient
+    settings: object
+    sf: object
+    project: str
+    key: str
+    other_key: str
+    read_key: str
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+    def post(self, path: str, **kw):  # noqa: ANN003, ANN201
+        return self.client.post(path, headers={**self.headers(), **kw.pop("headers", {})}, **kw)
+
+    def get(self, path: str, **kw):  # noqa: ANN003, ANN201
+        return self.client.get(path, headers={**self.headers(), **kw.pop("headers", {})}, **kw)
+
+    def delete(self, path: str, **kw):  # noqa: ANN003, ANN201
+        return self.client.delete(path, headers={**self.headers(), **kw.pop("headers", {})}, **kw)
+
+
+@pytest.fixture
+def api(db_url: str, tmp_path: Path) -> Api:
+    settings = make_settings(db_url, tmp_path)
+    sf = session_factory(settings.resolved_database_url)
+    project = f"proj-{uuid.uuid4().hex[:8]}"
+    with session_scope(sf) as s:
+        key = create_key(s, settings, project, "test", ["read", "submit", "admin"])
+        read_key = create_key(s, settings, project, "reader", ["read"])
+        other_key = create_key(s, settings, f"other-{project}", "other", ["read", "submit"])
+    client = TestClient(create_app(settings))
+    return Api(client, settings, sf, project, key, other_key, read_key)
+
+
+SPEC = {
+    "model": {"name": "tiny-random-llama"},
+    "dataset": {"rows": [{"text": "hello world"}, {"text": "a second line of text"}], "limit": 2},
+    "stages": {"avss": {}},
+    "labels": {"team": "research"},
+}

@@ -1,0 +1,266 @@
+"""The analysis resource against a real database (Postgres and SQLite)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+
+from app.models import Analysis
+from app.schemas import JobState
+from tests.api.conftest import SPEC, Api
+from worker import jobstore
+from worker.stage import ArtifactFile, LayerRow, MetricRow, StageResult
+
+
+def submit(api: Api, spec: dict | None = None, **kw) -> dict:  # noqa: ANN003
+    resp = api.post("/v1/analyses", json=spec or SPEC, **kw)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def assert_problem(resp, status: int) -> dict:  # noqa: ANN001
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    body = resp.json()
+    assert body["status"] == status and body["detail"]
+    return body
+
+
+def test_submit_returns_201_location_and_queued_job(api: Api) -> None:
+    resp = api.post("/v1/analyses", json=SPEC)
+    assert resp.status_code == 201
+    job = resp.json()
+    assert resp.headers["location"] == f"/v1/analyses/{job['id']}"
+    assert job["state"] == "QUEUED"
+    assert job["labels"] == {"team": "research"}
+    assert job["spec"]["dataset"]["seed"] == 0  # defaults filled in and stored
+    got = api.get(resp.headers["location"]).json()
+    assert got["id"] == job["id"] and got["progress"] == {"stage": None, "done": 0, "total": 0}
+
+
+def test_unknown_and_impossible_fields_are_422_naming_the_field(api: Api) -> None:
+    bad = copy.deepcopy(SPEC)
+    bad["model"]["colour"] = "blue"
+    body = assert_problem(api.post("/v1/analyses", json=bad), 422)
+    assert any(e["field"] == "model.colour" for e in body["errors"])
+
+    bad = copy.deepcopy(SPEC)
+    bad["dataset"]["limit"] = 0
+    body = assert_problem(api.post("/v1/analyses", json=bad), 422)
+    assert any(e["field"] == "dataset.limit" for e in body["errors"])
+
+    bad = copy.deepcopy(SPEC)
+    bad["dataset"] = {"name": "chatterbot-trivia", "path": "/x.jsonl"}
+    body = assert_problem(api.post("/v1/analyses", json=bad), 422)
+    assert "exactly one dataset source" in body["detail"]
+
+    bad = copy.deepcopy(SPEC)
+    bad["stages"] = {}
+    assert_problem(api.post("/v1/analyses", json=bad), 422)
+
+    bad = copy.deepcopy(SPEC)
+    bad["stages"] = {"avss": {"prune_fraction": 1.5}}
+    body = assert_problem(api.post("/v1/analyses", json=bad), 422)
+    assert any(e["field"] == "stages.avss.prune_fraction" for e in body["errors"])
+
+    assert_problem(api.post("/v1/analyses", content=b"{not json", headers={"content-type": "application/json"}), 422)
+
+
+def test_trust_remote_code_is_refused_unless_allow_listed(api: Api) -> None:
+    spec = copy.deepcopy(SPEC)
+    spec["model"] = {"name": "someone/custom-model", "trust_remote_code": True}
+    body = assert_problem(api.post("/v1/analyses", json=spec), 422)
+    assert "allow-list" in body["detail"]
+
+
+def test_idempotency_key_same_body_same_job_other_body_422(api: Api) -> None:
+    first = api.post("/v1/analyses", json=SPEC, headers={"Idempotency-Key": "abc-1"})
+    assert first.status_code == 201
+    again = api.post("/v1/analyses", json=SPEC, headers={"Idempotency-Key": "abc-1"})
+    assert again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    other = copy.deepcopy(SPEC)
+    other["dataset"]["limit"] = 1
+    assert_problem(api.post("/v1/analyses", json=other, headers={"Idempotency-Key": "abc-1"}), 422)
+    # The key is per project: another project may use it.
+    resp = api.client.post("/v1/analyses", json=SPEC, headers={**api.headers(api.other_key), "Idempotency-Key": "abc-1"})
+    assert resp.status_code == 201 and resp.json()["id"] != first.json()["id"]
+
+
+def test_idempotency_is_enforced_by_the_database(api: Api) -> None:
+    import pytest
+    from sqlalchemy.exc import IntegrityError
+
+    from app.models import utcnow
+
+    submit(api, headers={"Idempotency-Key": "db-key"})
+    with api.sf() as s:
+        s.add(Analysis(id="dup", project=api.project, state="QUEUED", spec={}, spec_hash="x", idempotency_key="db-key",
+                       model_name="m", progress_done=0, progress_total=0, attempt=0, warnings=[], summary={},
+                       created_at=utcnow()))
+        with pytest.raises(IntegrityError):
+            s.commit()
+
+
+def test_list_paginates_with_cursor_and_filters(api: Api) -> None:
+    ids = []
+    for i in range(5):
+        spec = copy.deepcopy(SPEC)
+        spec["labels"] = {"team": "a" if i % 2 else "b", "run": str(i)}
+        if i == 4:
+            spec["model"]["name"] = "tiny-random-gpt2"
+        ids.append(submit(api, spec)["id"])
+    seen, token = [], None
+    while True:
+        params = {"page_size": 2, **({"page_token": token} if token else {})}
+        page = api.get("/v1/analyses", params=params).json()
+        seen += [j["id"] for j in page["items"]]
+        token = page["next_page_token"]
+        if not token:
+            break
+    assert seen == list(reversed(ids))  # newest first, each exactly once
+    assert [j["id"] for j in api.get("/v1/analyses", params={"label": "team=a"}).json()["items"]] == [ids[3], ids[1]]
+    assert len(api.get("/v1/analyses", params=[("label", "team=b"), ("label", "run=2")]).json()["items"]) == 1
+    assert [j["id"] for j in api.get("/v1/analyses", params={"model": "tiny-random-gpt2"}).json()["items"]] == [ids[4]]
+    assert len(api.get("/v1/analyses", params={"state": "QUEUED"}).json()["items"]) == 5
+    assert api.get("/v1/analyses", params={"state": "FAILED"}).json()["items"] == []
+    assert_problem(api.get("/v1/analyses", params={"page_token": "garbage!"}), 422)
+    assert_problem(api.get("/v1/analyses", params={"label": "novalue"}), 422)
+    assert_problem(api.get("/v1/analyses", params={"page_size": 1000}), 422)
+    assert_problem(api.get("/v1/analyses", params={"state": "SLEEPING"}), 422)
+
+
+def test_cancel_queued_job_ends_cancelled_and_finished_job_is_409(api: Api) -> None:
+    job = submit(api)
+    resp = api.post(f"/v1/analyses/{job['id']}/cancel")
+    assert resp.status_code == 202 and resp.json()["state"] == "CANCELLED"
+    assert resp.json()["finished_at"] is not None
+    # Cancelling twice is harmless.
+    assert api.post(f"/v1/analyses/{job['id']}/cancel").json()["state"] == "CANCELLED"
+    done = submit(api)
+    token = jobstore.claim(api.sf, done["id"], "test-worker")
+    jobstore.finish(api.sf, done["id"], token, JobState.SUCCEEDED)
+    assert_problem(api.post(f"/v1/analyses/{done['id']}/cancel"), 409)
+
+
+def test_cancel_running_job_goes_cancelling(api: Api) -> None:
+    job = submit(api)
+    token = jobstore.claim(api.sf, job["id"], "test-worker")
+    assert token
+    assert api.post(f"/v1/analyses/{job['id']}/cancel").json()["state"] == "CANCELLING"
+    assert jobstore.current_state(api.sf, job["id"], token) == "CANCELLING"
+
+
+def test_delete_only_finished_jobs_and_their_results(api: Api) -> None:
+    job = submit(api)
+    assert_problem(api.delete(f"/v1/analyses/{job['id']}"), 409)
+    api.post(f"/v1/analyses/{job['id']}/cancel")
+    assert api.delete(f"/v1/analyses/{job['id']}").status_code == 204
+    assert_problem(api.get(f"/v1/analyses/{job['id']}"), 404)
+    assert_problem(api.get(f"/v1/analyses/{job['id']}/layers"), 404)
+
+
+def _store_results(api: Api, analysis_id: str) -> None:
+    token = jobstore.claim(api.sf, analysis_id, "test-worker")
+    result = StageResult(
+        stage="avss",
+        layers=[
+            LayerRow(layer=i, block_name=f"model.layers.{i}", scorer="avss",
+                     values={"variance": float(i + 1), "avss": math.nan if i == 1 else 0.5})
+            for i in range(3)
+        ],
+        metrics=[MetricRow(scope="avss", name="prune_count", value=1.0, n=3),
+                 MetricRow(scope="x", name="inf", value=math.inf)],
+        artifacts=[ArtifactFile(name="avss.svg", media_type="image/svg+xml", data=b"<svg/>")],
+        summary={"prune_layers": [0], "bad": math.nan},
+        warnings=["something degraded"],
+    )
+    jobstore.save_stage(api.sf, api.settings, analysis_id, token, result)
+    jobstore.save_stage(api.sf, api.settings, analysis_id, token, result)  # a redelivery overwrites
+    jobstore.finish(api.sf, analysis_id, token, JobState.SUCCEEDED)
+
+
+def test_result_tables_json_csv_and_artifacts(api: Api) -> None:
+    job = submit(api)
+    _store_results(api, job["id"])
+    base = f"/v1/analyses/{job['id']}"
+    got = api.get(base).json()
+    assert got["state"] == "SUCCEEDED"
+    assert got["summary"]["avss"] == {"prune_layers": [0], "bad": None}
+    assert got["warnings"] == ["[avss] something degraded"]
+
+    layers = api.get(f"{base}/layers").json()["items"]
+    assert [r["layer"] for r in layers] == [0, 1, 2]  # upserted twice, stored once
+    assert layers[1]["values"]["avss"] is None  # NaN never reaches a client
+    assert layers[2]["values"]["variance"] == 3.0
+    assert api.get(f"{base}/layers", params={"scorer": "nope"}).json()["items"] == []
+
+    text = api.get(f"{base}/layers", params={"format": "csv"}).text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 3 and rows[0]["block_name"] == "model.layers.0" and rows[1]["avss"] == ""
+
+    metrics = {m["name"]: m for m in api.get(f"{base}/metrics").json()["items"]}
+    assert metrics["prune_count"]["value"] == 1.0 and metrics["prune_count"]["n"] == 3
+    assert metrics["inf"]["value"] is None
+    assert "prune_count" in api.get(f"{base}/metrics", params={"format": "csv"}).text
+
+    arts = api.get(f"{base}/artifacts").json()["items"]
+    assert [a["name"] for a in arts] == ["avss.svg"]
+    dl = api.get(arts[0]["download_url"])
+    assert dl.status_code == 200 and dl.content == b"<svg/>" and dl.headers["content-type"] == "image/svg+xml"
+    assert_problem(api.get(f"{base}/artifacts/missing.png"), 404)
+    assert_problem(api.get(f"{base}/layers", params={"format": "xml"}), 422)
+
+
+def test_auth_scopes_and_project_isolation(api: Api) -> None:
+    job = submit(api)
+    base = f"/v1/analyses/{job['id']}"
+    assert_problem(api.client.get(base), 401)
+    assert_problem(api.client.get(base, headers={"Authorization": "Bearer ls_nope_nope"}), 401)
+    assert_problem(api.client.get(base, headers={"Authorization": "Basic abc"}), 401)
+    # Another project's job is a 404, not a 403: its existence is not disclosed.
+    assert_problem(api.client.get(base, headers=api.headers(api.other_key)), 404)
+    assert_problem(api.client.post(f"{base}/cancel", headers=api.headers(api.other_key)), 404)
+    assert api.client.get("/v1/analyses", headers=api.headers(api.other_key)).json()["items"] == []
+    # A read-only key can read but not submit or cancel.
+    assert api.client.get(base, headers=api.headers(api.read_key)).status_code == 200
+    assert_problem(api.client.post("/v1/analyses", json=SPEC, headers=api.headers(api.read_key)), 403)
+    assert_problem(api.client.post(f"{base}/cancel", headers=api.headers(api.read_key)), 403)
+    # Admin keys manage keys; revoked keys stop working at once.
+    created = api.post("/v1/keys", json={"name": "ci", "scopes": ["read"]})
+    assert created.status_code == 201
+    new_key = created.json()["key"]
+    assert api.client.get(base, headers=api.headers(new_key)).status_code == 200
+    assert api.delete(f"/v1/keys/{created.json()['id']}").status_code == 204
+    assert_problem(api.client.get(base, headers=api.headers(new_key)), 401)
+    assert_problem(api.client.get("/v1/keys", headers=api.headers(api.read_key)), 403)
+    listed = api.get("/v1/keys").json()
+    assert all("key" not in k and "key_hash" not in k for k in listed)
+
+
+def test_keys_are_stored_hashed(api: Api) -> None:
+    from sqlalchemy import select
+
+    from app.models import ApiKey
+
+    with api.sf() as s:
+        hashes = list(s.scalars(select(ApiKey.key_hash)))
+    assert api.key not in hashes and all(len(h) == 64 for h in hashes)
+
+
+def test_health_and_readiness(api: Api) -> None:
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    ready = api.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+
+
+def test_body_over_limit_is_413(api: Api) -> None:
+    big = b"{" + b" " * (api.settings.max_body_bytes + 1) + b"}"
+    assert_problem(api.post("/v1/analyses", content=big, headers={"content-type": "application/json"}), 413)
+
+
+def test_unknown_route_and_method_are_problems(api: Api) -> None:
+    assert_problem(api.get("/v1/nothing"), 404)
+    assert_problem(api.client.put("/v1/analyses"), 405)

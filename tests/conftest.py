@@ -1,0 +1,114 @@
+"""Shared fixtures: a real Postgres database and a real Redis per test run.
+
+Locally a missing service skips the tests that need it; under CI=true it fails them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis as redis_lib
+
+from app.config import Settings
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+PG_ADMIN = os.environ.get("LAYERSCOPE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE = os.environ.get("LAYERSCOPE_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def _missing(what: str) -> None:
+    message = f"{what} is not reachable"
+    if IN_CI:
+        pytest.fail(f"{message}; CI needs it (.ci/run starts it)")
+    pytest.skip(message)
+
+
+def _pg_url(dbname: str) -> str:
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    return f"{base}/{dbname}"
+
+
+def create_database() -> str:
+    name = f"layerscope_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError:
+        _missing("Postgres")
+    return name
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh Postgres database at schema head for this test run."""
+    from app.migrate import upgrade
+
+    name = create_database()
+    url = _pg_url(name).replace("postgresql://", "postgresql+psycopg://")
+    upgrade(url)
+    yield url
+    from app.db import engine_for
+
+    engine_for(url).dispose()
+    drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = f"{REDIS_BASE}/15"
+    try:
+        client = redis_lib.Redis.from_url(url, socket_connect_timeout=2)
+        client.ping()
+        client.flushdb()
+    except redis_lib.RedisError:
+        _missing("Redis")
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    from app.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'layerscope.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Run the test on both backends: Postgres (served) and SQLite (embedded)."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    return request.getfixturevalue("sqlite_url")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_settings(db_url: str, tmp_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": db_url,
+        "redis_url": None,
+        "data_dir": tmp_path / "data",
+        "auth_disabled": False,
+        "heartbeat_interval": 0.5,
+        "heartbeat_timeout": 3.0,
+        "sweep_interval": 0.5,
+        "requeue_after": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,36 @@
+"""The Celery application of the workers: shared settings, the task, and the sweeper thread.
+
+Start with `layerscope worker` (solo pool: one job at a time per process, which
+is what a GPU wants, and no CUDA state is ever forked).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import signals
+
+from app.config import get_settings
+from app.db import session_factory
+from app.queue import CeleryEnqueuer, make_celery
+from worker.sweeper import SweeperThread
+
+settings = get_settings()
+celery = make_celery(settings)
+celery.conf.include = ["worker.tasks"]
+
+_sweeper: SweeperThread | None = None
+
+
+@signals.worker_ready.connect
+def _start_sweeper(**_: object) -> None:
+    global _sweeper
+    logging.getLogger("layerscope").setLevel(logging.INFO)
+    _sweeper = SweeperThread(session_factory(settings.resolved_database_url), settings, CeleryEnqueuer(settings))
+    _sweeper.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_sweeper(**_: object) -> None:
+    if _sweeper is not None:
+        _sweeper.stop_event.set()

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, correctness labels, detectors and calibration metrics."""

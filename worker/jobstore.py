@@ -1,0 +1,201 @@
+"""The job row's life cycle, as the worker sees it.
+
+Every write after the claim is conditioned on the claim token, so a worker that
+lost its job (its heartbeat went stale and the reaper gave the job to another
+worker) can never overwrite the new owner's state or results.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db import session_scope, upsert
+from app.models import Analysis, Artifact, LayerScore, Metric, utcnow
+from app.schemas import JobState
+from worker.stage import StageResult, finite_or_none
+
+SessionFactory = sessionmaker[Session]
+INLINE_ARTIFACT_BYTES = 16 * 1024 * 1024
+
+
+class LostOwnership(Exception):
+    """The job was reassigned to another worker; stop without writing anything."""
+
+
+def claim(sf: SessionFactory, analysis_id: str, worker: str) -> str | None:
+    """QUEUED -> RUNNING for exactly one worker; returns the claim token or None."""
+    token = uuid.uuid4().hex
+    now = utcnow()
+    with session_scope(sf) as s:
+        claimed = s.execute(
+            update(Analysis)
+            .where(Analysis.id == analysis_id, Analysis.state == JobState.QUEUED.value)
+            .values(
+                state=JobState.RUNNING.value,
+                claim_token=token,
+                worker=worker,
+                attempt=Analysis.attempt + 1,
+                heartbeat_at=now,
+                error_type=None,
+                error_detail=None,
+            )
+        ).rowcount
+        if claimed:
+            s.execute(
+                update(Analysis)
+                .where(Analysis.id == analysis_id, Analysis.started_at.is_(None))
+                .values(started_at=now)
+            )
+    return token if claimed else None
+
+
+def load_spec(sf: SessionFactory, analysis_id: str) -> dict[str, Any]:
+    with session_scope(sf) as s:
+        spec = s.scalar(select(Analysis.spec).where(Analysis.id == analysis_id))
+    if spec is None:
+        raise LostOwnership(analysis_id)
+    return spec
+
+
+def _owned(analysis_id: str, token: str) -> Any:
+    return (Analysis.id == analysis_id) & (Analysis.claim_token == token)
+
+
+def heartbeat(sf: SessionFactory, analysis_id: str, token: str) -> str:
+    """Record that the worker is alive; returns the job's state (CANCELLING means stop)."""
+    with session_scope(sf) as s:
+        done = s.execute(update(Analysis).where(_owned(analysis_id, token)).values(heartbeat_at=utcnow())).rowcount
+        if not done:
+            raise LostOwnership(analysis_id)
+        return s.scalar(select(Analysis.state).where(Analysis.id == analysis_id)) or ""
+
+
+def current_state(sf: SessionFactory, analysis_id: str, token: str) -> str:
+    with session_scope(sf) as s:
+        row = s.execute(select(Analysis.state, Analysis.claim_token).where(Analysis.id == analysis_id)).first()
+    if row is None or row.claim_token != token:
+        raise LostOwnership(analysis_id)
+    return row.state
+
+
+def set_progress(sf: SessionFactory, analysis_id: str, token: str, stage: str, done: int, total: int) -> None:
+    with session_scope(sf) as s:
+        s.execute(
+            update(Analysis)
+            .where(_owned(analysis_id, token))
+            .values(progress_stage=stage, progress_done=done, progress_total=total, heartbeat_at=utcnow())
+        )
+
+
+def save_stage(sf: SessionFactory, settings: Settings, analysis_id: str, token: str, result: StageResult) -> None:
+    """Write one stage's results with upserts; a rerun of the stage overwrites, never duplicates."""
+    layer_rows = [
+        {
+            "analysis_id": analysis_id,
+            "stage": result.stage,
+            "scorer": r.scorer,
+            "layer": r.layer,
+            "block_name": r.block_name,
+            "values": {k: finite_or_none(v) for k, v in r.values.items()},
+        }
+        for r in result.layers
+    ]
+    metric_rows = [
+        {
+            "analysis_id": analysis_id,
+            "stage": result.stage,
+            "scope": m.scope,
+            "name": m.name,
+            "value": finite_or_none(m.value),
+            "ci_low": finite_or_none(m.ci_low),
+            "ci_high": finite_or_none(m.ci_high),
+            "n": m.n,
+        }
+        for m in result.metrics
+    ]
+    artifact_rows = []
+    for art in result.artifacts:
+        row: dict[str, Any] = {
+            "analysis_id": analysis_id,
+            "name": art.name,
+            "stage": result.stage,
+            "media_type": art.media_type,
+            "size": len(art.data),
+            "content": None,
+            "path": None,
+            "created_at": utcnow(),
+        }
+        if len(art.data) <= INLINE_ARTIFACT_BYTES:
+            row["content"] = art.data
+        else:
+            rel = f"{analysis_id}/{art.name}"
+            dest = settings.artifacts_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(dest.suffix + ".tmp")
+            tmp.write_bytes(art.data)
+            tmp.replace(dest)
+            row["path"] = rel
+        artifact_rows.append(row)
+
+    with session_scope(sf) as s:
+        job = s.scalar(select(Analysis).where(_owned(analysis_id, token)).with_for_update())
+        if job is None:
+            raise LostOwnership(analysis_id)
+        upsert(s, LayerScore.__table__, layer_rows, ["analysis_id", "stage", "scorer", "layer"])
+        upsert(s, Metric.__table__, metric_rows, ["analysis_id", "stage", "scope", "name"])
+        upsert(s, Artifact.__table__, artifact_rows, ["analysis_id", "name"])
+        summary = dict(job.summary or {})
+        summary[result.stage] = _json_safe(result.summary)
+        warnings = [w for w in (job.warnings or []) if not w.startswith(f"[{result.stage}] ")]
+        warnings += [f"[{result.stage}] {w}" for w in result.warnings]
+        job.summary = summary
+        job.warnings = warnings
+
+
+def finish(
+    sf: SessionFactory,
+    analysis_id: str,
+    token: str,
+    state: JobState,
+    error_type: str | None = None,
+    detail: str | None = None,
+) -> bool:
+    with session_scope(sf) as s:
+        return bool(
+            s.execute(
+                update(Analysis)
+                .where(_owned(analysis_id, token))
+                .where(Analysis.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value]))
+                .values(
+                    state=state.value,
+                    finished_at=utcnow(),
+                    error_type=error_type,
+                    error_detail=detail[:4000] if detail else None,
+                )
+            ).rowcount
+        )
+
+
+def _json_safe(value: Any) -> Any:
+    """Summaries go to JSON columns and clients: no NaN/inf, no numpy scalars."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if hasattr(value, "item") and not isinstance(value, dt.datetime):
+        value = value.item()
+        if isinstance(value, int):
+            return value
+    if isinstance(value, float):
+        return finite_or_none(value)
+    return str(value)

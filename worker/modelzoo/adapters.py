@@ -1,0 +1,299 @@
+"""Architecture adapters: where a model's transformer blocks are and what to hook in them.
+
+Every family maps the canonical capture sites of METHOD.md section 1 to Hugging Face
+module paths inside one block:
+
+| site | meaning | how it is captured |
+|---|---|---|
+| `block_output` | the block's output hidden state, `[batch, pos, d_model]` | output of the block (first element if a tuple) |
+| `mlp_activation` | the MLP's post-nonlinearity activation, `[batch, pos, d_ff]` | *input* of the MLP's down projection |
+| `attention_output` | attention sub-block output before the residual add, `[batch, pos, d_model]` | output (first element) of the attention module |
+
+Per family (paths relative to one block):
+
+| family | blocks | `mlp_activation` (input of) | `attention_output` (output of) |
+|---|---|---|---|
+| llama (llama, mistral, qwen2, qwen3, phi3, olmo, granite, ...; SmolLM2 is llama) | `model.layers` | `mlp.down_proj` (act(gate) * up) | `self_attn` |
+| gemma (gemma) | `model.layers` | `mlp.down_proj` | `self_attn` |
+| gemma (gemma2, gemma3, gemma3_text) | `model.layers` / `model.language_model.layers` | `mlp.down_proj` | `post_attention_layernorm` (the sandwich norm after `self_attn`: what is added to the residual) |
+| gpt2 (gpt2, gpt_bigcode) | `transformer.h` | `mlp.c_proj` | `attn` |
+| gpt_neox | `gpt_neox.layers` | `mlp.dense_4h_to_h` | `attention` |
+| opt | `model.decoder.layers` | `fc2` | `self_attn` |
+| bert (bert, roberta, xlm-roberta, electra, camembert) | `encoder.layer` | `output.dense` (= intermediate output) | `attention.output.dense` (before dropout, residual add and LayerNorm) |
+| distilbert | `transformer.layer` | `ffn.lin2` | `attention` |
+| generic fallback | the largest `nn.ModuleList` of same-class children | - | - |
+
+The generic fallback only provides `block_output`. A site whose module is missing in a
+block (e.g. a mixture-of-experts MLP without a single `down_proj`) is left out of that
+block's `sites`; callers must check the sites they need are there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from worker.stage import JobFailed
+
+SITES = ("block_output", "mlp_activation", "attention_output")
+
+
+@dataclass
+class CaptureSite:
+    """A module to hook: its output (forward hook; first element if a tuple), or with
+    `use_input=True` its first positional input (forward pre-hook)."""
+
+    module: torch.nn.Module
+    use_input: bool = False
+
+
+@dataclass
+class BlockInfo:
+    index: int  # 0-based
+    name: str  # module path, e.g. "model.layers.3"
+    module: torch.nn.Module
+    sites: dict[str, CaptureSite] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SiteRule:
+    """Where a site lives, relative to a block: `path` "" is the block itself."""
+
+    path: str
+    use_input: bool = False
+
+
+def _get_submodule(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    if not path:
+        return root
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _module_lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and n]
+
+
+def _model_type(model: torch.nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) if config is not None else None
+
+
+class ArchitectureAdapter:
+    """Base adapter: a family is a list of `model_type`s, the dotted suffixes where its
+    block list lives (tried in order, shortest match wins) and its site rules."""
+
+    family: str = "base"
+    model_types: tuple[str, ...] = ()
+    block_list_suffixes: tuple[str, ...] = ()
+    site_rules: dict[str, SiteRule] = {"block_output": SiteRule("")}
+
+    # ---------------------------------------------------------------- blocks
+
+    def find_block_list_path(self, model: torch.nn.Module) -> str | None:
+        lists = _module_lists(model)
+        for suffix in self.block_list_suffixes:
+            hits = [n for n, m in lists if len(m) > 0 and (n == suffix or n.endswith("." + suffix))]
+            if hits:
+                return min(hits, key=lambda n: (n.count("."), n))
+        return None
+
+    def block_list_path(self, model: torch.nn.Module) -> str:
+        path = self.find_block_list_path(model)
+        if path is None:
+            raise JobFailed(
+                "unsupported_architecture",
+                f"could not find the transformer blocks of {type(model).__name__} as a {self.family} model "
+                f"(looked for an nn.ModuleList at {', '.join(self.block_list_suffixes)})",
+            )
+        return path
+
+    def rules_for(self, block: torch.nn.Module) -> dict[str, SiteRule]:
+        return dict(self.site_rules)
+
+    def blocks(self, model: torch.nn.Module) -> list[BlockInfo]:
+        path = self.block_list_path(model)
+        block_list = model.get_submodule(path)
+        out: list[BlockInfo] = []
+        for i, block in enumerate(block_list):
+            sites: dict[str, CaptureSite] = {}
+            for site, rule in self.rules_for(block).items():
+                module = _get_submodule(block, rule.path)
+                if module is not None:
+                    sites[site] = CaptureSite(module=module, use_input=rule.use_input)
+            out.append(BlockInfo(index=i, name=f"{path}.{i}", module=block, sites=sites))
+        return out
+
+    def matches_structure(self, model: torch.nn.Module) -> bool:
+        """True when the block list is found and block 0 has every site module."""
+        path = self.find_block_list_path(model)
+        if path is None:
+            return False
+        first = model.get_submodule(path)[0]
+        return all(_get_submodule(first, r.path) is not None for r in self.rules_for(first).values())
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} family={self.family!r}>"
+
+
+class LlamaAdapter(ArchitectureAdapter):
+    family = "llama"
+    model_types = (
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen3",
+        "phi3",
+        "olmo",
+        "olmo2",
+        "granite",
+        "smollm3",
+        "stablelm",
+    )
+    block_list_suffixes = ("model.layers", "language_model.layers", "layers")
+    site_rules = {
+        "block_output": SiteRule(""),
+        "mlp_activation": SiteRule("mlp.down_proj", use_input=True),
+        "attention_output": SiteRule("self_attn"),
+    }
+
+
+class GemmaAdapter(ArchitectureAdapter):
+    family = "gemma"
+    model_types = ("gemma", "gemma2", "gemma3", "gemma3_text")
+    block_list_suffixes = ("language_model.layers", "model.layers", "layers")
+    site_rules = LlamaAdapter.site_rules
+
+    def rules_for(self, block: torch.nn.Module) -> dict[str, SiteRule]:
+        rules = dict(self.site_rules)
+        # Gemma 2/3 normalise the attention output (sandwich norm) before the residual add;
+        # Gemma 1's post_attention_layernorm is the pre-MLP norm, so keep self_attn there.
+        if hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_attention_layernorm"):
+            rules["attention_output"] = SiteRule("post_attention_layernorm")
+        return rules
+
+
+class GPT2Adapter(ArchitectureAdapter):
+    family = "gpt2"
+    model_types = ("gpt2", "gpt_bigcode")
+    block_list_suffixes = ("transformer.h", "h")
+    site_rules = {
+        "block_output": SiteRule(""),
+        "mlp_activation": SiteRule("mlp.c_proj", use_input=True),
+        "attention_output": SiteRule("attn"),
+    }
+
+
+class GPTNeoXAdapter(ArchitectureAdapter):
+    family = "gpt_neox"
+    model_types = ("gpt_neox",)
+    block_list_suffixes = ("gpt_neox.layers", "layers")
+    site_rules = {
+        "block_output": SiteRule(""),
+        "mlp_activation": SiteRule("mlp.dense_4h_to_h", use_input=True),
+        "attention_output": SiteRule("attention"),
+    }
+
+
+class OPTAdapter(ArchitectureAdapter):
+    family = "opt"
+    model_types = ("opt",)
+    block_list_suffixes = ("decoder.layers",)
+    site_rules = {
+        "block_output": SiteRule(""),
+        "mlp_activation": SiteRule("fc2", use_input=True),
+        "attention_output": SiteRule("self_attn"),
+    }
+
+
+class BertAdapter(ArchitectureAdapter):
+    family = "bert"
+    model_types = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+    block_list_suffixes = ("encoder.layer",)
+    site_rules = {
+        "block_output": SiteRule(""),
+        "mlp_activation": SiteRule("output.dense", use_input=True),
+        "attention_output": SiteRule("attention.output.dense"),
+    }
+
+
+class DistilBertAdapter(ArchitectureAdapter):
+    family = "distilbert"
+    model_types = ("distilbert",)
+    block_list_suffixes = ("transformer.layer",)
+    site_rules = {
+        "block_output": SiteRule(""),
+        "mlp_activation": SiteRule("ffn.lin2", use_input=True),
+        "attention_output": SiteRule("attention"),
+    }
+
+
+class GenericAdapter(ArchitectureAdapter):
+    """Fallback: the largest nn.ModuleList whose children are all the same class.
+    Only `block_output` is provided."""
+
+    family = "generic"
+    site_rules = {"block_output": SiteRule("")}
+
+    def find_block_list_path(self, model: torch.nn.Module) -> str | None:
+        best: tuple[int, int, str] | None = None
+        for name, ml in _module_lists(model):
+            children = list(ml)
+            if not children or len({type(c) for c in children}) != 1:
+                continue
+            # Prefer more blocks, then the shallowest path.
+            key = (-len(children), name.count("."), name)
+            if best is None or key < best:
+                best = key
+        return best[2] if best else None
+
+    def block_list_path(self, model: torch.nn.Module) -> str:
+        path = self.find_block_list_path(model)
+        if path is None:
+            raise _unsupported(model)
+        return path
+
+
+FAMILY_ADAPTERS: tuple[ArchitectureAdapter, ...] = (
+    LlamaAdapter(),
+    GemmaAdapter(),
+    GPT2Adapter(),
+    GPTNeoXAdapter(),
+    OPTAdapter(),
+    BertAdapter(),
+    DistilBertAdapter(),
+)
+GENERIC_ADAPTER = GenericAdapter()
+FAMILIES = tuple(a.family for a in FAMILY_ADAPTERS) + (GENERIC_ADAPTER.family,)
+
+
+def _unsupported(model: torch.nn.Module) -> JobFailed:
+    mt = _model_type(model)
+    return JobFailed(
+        "unsupported_architecture",
+        f"cannot find the transformer blocks of {type(model).__name__}"
+        + (f" (model_type {mt!r})" if mt else "")
+        + ": it has no nn.ModuleList of same-class blocks. Supported families: "
+        + ", ".join(a.family for a in FAMILY_ADAPTERS)
+        + ", and any model whose blocks sit in one nn.ModuleList.",
+    )
+
+
+def adapter_for(model: torch.nn.Module) -> ArchitectureAdapter:
+    """The adapter for `model`: by `config.model_type`, then by structure (block list and
+    site modules where a known family keeps them), then the generic fallback."""
+    mt = _model_type(model)
+    if mt is not None:
+        for adapter in FAMILY_ADAPTERS:
+            if mt in adapter.model_types and adapter.find_block_list_path(model) is not None:
+                return adapter
+    for adapter in FAMILY_ADAPTERS:
+        if adapter.matches_structure(model):
+            return adapter
+    if GENERIC_ADAPTER.find_block_list_path(model) is not None:
+        return GENERIC_ADAPTER
+    raise _unsupported(model)

@@ -1,0 +1,126 @@
+"""Run one job: claim the row, heartbeat, run the pipeline, persist, end in a final state.
+
+Shared by the Celery task and the embedded in-process worker, so both modes run
+exactly the same code. Knows nothing of Celery.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from app.config import Settings
+from app.schemas import AnalysisSpec, JobState
+from worker import jobstore
+from worker.jobstore import LostOwnership, SessionFactory
+from worker.stage import JobCancelled, JobContext, JobFailed, StageResult
+
+log = logging.getLogger("layerscope.worker")
+
+Pipeline = Callable[[AnalysisSpec, JobContext, Settings, Callable[[StageResult], None]], None]
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, sf: SessionFactory, analysis_id: str, token: str, interval: float):
+        super().__init__(name=f"heartbeat-{analysis_id[:8]}", daemon=True)
+        self.sf, self.analysis_id, self.token, self.interval = sf, analysis_id, token, interval
+        self.stop_event = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            try:
+                jobstore.heartbeat(self.sf, self.analysis_id, self.token)
+            except LostOwnership:
+                self.lost = True
+                return
+            except Exception as exc:  # database blip: keep trying, the reaper tolerates a gap
+                log.warning("heartbeat failed for %s: %s", self.analysis_id, exc)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def run_job(
+    analysis_id: str,
+    sf: SessionFactory,
+    settings: Settings,
+    worker_name: str,
+    pipeline: Pipeline | None = None,
+    timeout_exceptions: tuple[type[BaseException], ...] = (),
+) -> JobState | None:
+    """Returns the final state, or None when the job was not ours to run."""
+    token = jobstore.claim(sf, analysis_id, worker_name)
+    if token is None:
+        log.info("analysis %s not claimable (already taken, cancelled or gone); skipping", analysis_id)
+        return None
+    log.info("analysis %s claimed by %s", analysis_id, worker_name)
+    if pipeline is None:
+        from worker.pipeline import run_pipeline  # heavy imports (torch) only when a job runs
+
+        pipeline = run_pipeline
+
+    beat = _Heartbeat(sf, analysis_id, token, settings.heartbeat_interval)
+    beat.start()
+    last_check = [0.0, False]
+    last_progress = [0.0]
+
+    def is_cancelled() -> bool:
+        if beat.lost:
+            raise LostOwnership(analysis_id)
+        now = time.monotonic()
+        if now - last_check[0] >= 1.0:
+            last_check[:] = [now, jobstore.current_state(sf, analysis_id, token) == JobState.CANCELLING.value]
+        return bool(last_check[1])
+
+    def progress(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done in (0, total) or now - last_progress[0] >= 0.5:
+            last_progress[0] = now
+            jobstore.set_progress(sf, analysis_id, token, stage, done, total)
+
+    ctx = JobContext(
+        progress=progress,
+        is_cancelled=is_cancelled,
+        artifacts_dir=settings.artifacts_dir / analysis_id,
+        deadline=time.monotonic() + settings.job_soft_time_limit,
+    )
+
+    def save(result: StageResult) -> None:
+        jobstore.save_stage(sf, settings, analysis_id, token, result)
+
+    final: JobState | None
+    try:
+        spec = AnalysisSpec.model_validate(jobstore.load_spec(sf, analysis_id))
+        pipeline(spec, ctx, settings, save)
+        final = JobState.SUCCEEDED
+        jobstore.finish(sf, analysis_id, token, final)
+    except LostOwnership:
+        log.warning("analysis %s was reassigned to another worker; dropping this run", analysis_id)
+        final = None
+    except JobCancelled:
+        final = JobState.CANCELLED
+        jobstore.finish(sf, analysis_id, token, final)
+    except JobFailed as exc:
+        final = JobState.FAILED
+        jobstore.finish(sf, analysis_id, token, final, exc.error_type, exc.detail)
+    except timeout_exceptions:
+        final = JobState.FAILED
+        jobstore.finish(sf, analysis_id, token, final, "timeout", "The job ran past its time limit.")
+    except Exception as exc:
+        final = JobState.FAILED
+        if _is_out_of_memory(exc):
+            kind, detail = "out_of_memory", (
+                "The model ran out of memory; try dtype float16, fewer examples per batch, or a bigger worker."
+            )
+        else:
+            log.exception("analysis %s failed", analysis_id)
+            kind, detail = "internal_error", f"{type(exc).__name__}: {exc}"
+        jobstore.finish(sf, analysis_id, token, final, kind, detail)
+    finally:
+        beat.stop_event.set()
+    log.info("analysis %s ended %s", analysis_id, final.value if final else "elsewhere")
+    return final
