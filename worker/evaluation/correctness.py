@@ -164,9 +164,7 @@ class JudgeTimeout(JudgeError):
     """The judge endpoint did not answer in time."""
 
 
-_JUDGE_SYSTEM = (
-    "You grade answers to questions. Reply with exactly one word: yes or no."
-)
+_JUDGE_SYSTEM = "You grade answers to questions. Reply with exactly one word: yes or no."
 _JUDGE_USER = (
     "Question: {question}\n"
     "Reference answer(s): {gold}\n"
