@@ -6,35 +6,18 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import typer
 
 from app.config import Settings
+from cli.client import render_table
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def print_layer_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    header = ["layer", *columns]
-    table = [[str(r["layer"]), *(_fmt(r["values"].get(c)) for c in columns)] for r in rows]
-    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
-    typer.echo("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for t in table:
-        typer.echo("  ".join(c.rjust(w) for c, w in zip(t, widths, strict=True)))
 
 
 def run_demo(model: str, dataset: str, limit: int) -> int:
@@ -92,7 +75,8 @@ def run_demo(model: str, dataset: str, limit: int) -> int:
                 return 1
             layers = client.get(f"{location}/layers", params={"stage": "avss"}).json()["items"]
             typer.echo(f"\nAVSS per layer ({model}, {limit} examples of {dataset}):")
-            print_layer_table(layers, ["variance", "sparsity", "avss", "navss", "cumulative", "rank", "prune"])
+            columns = ["variance", "sparsity", "avss", "navss", "cumulative", "rank", "prune"]
+            typer.echo(render_table([{"layer": r["layer"], **{c: r["values"].get(c) for c in columns}} for r in layers]))
             avss = job["summary"].get("avss", {})
             typer.echo(f"\nlayers AVSS would prune ({len(avss.get('prune_layers', []))}): {avss.get('prune_layers')}")
             for warning in job["warnings"]:

@@ -9,11 +9,13 @@ import sys
 import typer
 
 from app.config import Settings, get_settings
+from cli import client
 
 app = typer.Typer(help="layerscope: which layers of a transformer matter, which can be pruned, which hallucinate.",
                   no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="Manage API keys (writes to the database directly).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+client.register(app)
 
 
 def _logging() -> None:
