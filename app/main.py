@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from app import problems
-from app.api import analyses, health, keys
+from app.api import analyses, health, keys, metrics
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.queue import Enqueuer, make_enqueuer
@@ -45,10 +46,21 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
             )
         return await call_next(request)
 
+    @app.middleware("http")
+    async def measure(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.HTTP_LATENCY.labels(
+            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+        ).observe(time.perf_counter() - started)
+        return response
+
     problems.install(app)
     app.include_router(health.router)
     app.include_router(analyses.router)
     app.include_router(keys.router)
+    app.include_router(metrics.router)
 
     @app.get("/", include_in_schema=False)
     def root() -> Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -19,7 +18,10 @@ client.register(app)
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.logs import configure_logging
+
+    configure_logging(os.environ.get("LAYERSCOPE_LOG_LEVEL", "INFO"),
+                      json_format=os.environ.get("LAYERSCOPE_LOG_FORMAT", "json") == "json")
 
 
 def _prepare(settings: Settings, migrate: bool) -> None:
@@ -74,6 +76,7 @@ def worker(
     if settings.embedded:
         typer.echo("REDIS_URL is not set: `layerscope serve` runs jobs in-process in embedded mode.", err=True)
         raise typer.Exit(2)
+    _logging()
     from worker.celery_app import celery
 
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]

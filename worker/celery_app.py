@@ -6,8 +6,6 @@ is what a GPU wants, and no CUDA state is ever forked).
 
 from __future__ import annotations
 
-import logging
-
 from celery import signals
 
 from app.config import get_settings
@@ -22,10 +20,14 @@ celery.conf.include = ["worker.tasks"]
 _sweeper: SweeperThread | None = None
 
 
+@signals.setup_logging.connect
+def _keep_our_logging(**_: object) -> None:
+    """Connected so Celery leaves the JSON logging of `layerscope worker` in place."""
+
+
 @signals.worker_ready.connect
 def _start_sweeper(**_: object) -> None:
     global _sweeper
-    logging.getLogger("layerscope").setLevel(logging.INFO)
     _sweeper = SweeperThread(session_factory(settings.resolved_database_url), settings, CeleryEnqueuer(settings))
     _sweeper.start()
 

@@ -8,6 +8,7 @@ and a redelivered job overwrites rather than duplicates.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from app.config import Settings
@@ -41,10 +42,15 @@ def run_pipeline(
     ctx.progress("load_dataset", 1, 1)
     ctx.check_cancelled()
 
+    def timed_save(result: StageResult, started: float) -> None:
+        result.summary["seconds"] = round(time.monotonic() - started, 3)
+        save(result)
+
     stages = spec.stages
     if stages.profile or stages.avss:
+        started = time.monotonic()
         prof = profile(loaded, examples, profile_options(spec), ctx, max_tokens=spec.dataset.max_tokens)
         if stages.profile:
-            save(run_profile_stage(prof))
+            timed_save(run_profile_stage(prof), started)
         if stages.avss:
-            save(run_avss_stage(prof, stages.avss))
+            timed_save(run_avss_stage(prof, stages.avss), time.monotonic())

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from app.config import Settings
+from app.logs import analysis_id_var
 from app.schemas import AnalysisSpec, JobState
 from worker import jobstore
 from worker.jobstore import LostOwnership, SessionFactory
@@ -63,6 +64,7 @@ def run_job(
 
         pipeline = run_pipeline
 
+    log_context = analysis_id_var.set(analysis_id)
     beat = _Heartbeat(sf, analysis_id, token, settings.heartbeat_interval)
     beat.start()
     last_check = [0.0, False]
@@ -92,7 +94,7 @@ def run_job(
     def save(result: StageResult) -> None:
         jobstore.save_stage(sf, settings, analysis_id, token, result)
 
-    final: JobState | None
+    final: JobState | None = None
     try:
         spec = AnalysisSpec.model_validate(jobstore.load_spec(sf, analysis_id))
         pipeline(spec, ctx, settings, save)
@@ -122,5 +124,6 @@ def run_job(
         jobstore.finish(sf, analysis_id, token, final, kind, detail)
     finally:
         beat.stop_event.set()
-    log.info("analysis %s ended %s", analysis_id, final.value if final else "elsewhere")
+        log.info("analysis %s ended %s", analysis_id, final.value if final else "elsewhere")
+        analysis_id_var.reset(log_context)
     return final

@@ -264,3 +264,26 @@ def test_body_over_limit_is_413(api: Api) -> None:
 def test_unknown_route_and_method_are_problems(api: Api) -> None:
     assert_problem(api.get("/v1/nothing"), 404)
     assert_problem(api.client.put("/v1/analyses"), 405)
+
+
+def test_prometheus_metrics_need_admin_and_count_jobs(api: Api) -> None:
+    submit(api)
+    assert_problem(api.client.get("/metrics", headers=api.headers(api.read_key)), 403)
+    text = api.get("/metrics").text
+    assert 'layerscope_jobs{state="QUEUED"}' in text
+    assert "layerscope_http_request_seconds_bucket" in text and "layerscope_queue_depth" in text
+
+
+def test_json_logs_carry_the_analysis_id() -> None:
+    import json
+    import logging
+
+    from app.logs import JsonFormatter, analysis_id_var
+
+    token = analysis_id_var.set("abc-123")
+    try:
+        record = logging.LogRecord("layerscope.worker", logging.INFO, __file__, 1, "hello %s", ("x",), None)
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        analysis_id_var.reset(token)
+    assert line["msg"] == "hello x" and line["analysis_id"] == "abc-123" and line["level"] == "INFO"
