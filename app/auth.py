@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -76,6 +77,12 @@ def require(scope: str):  # noqa: ANN201 - FastAPI dependency factory
         settings: Settings = Depends(get_settings_dep),
     ) -> Principal:
         principal = authenticate(session, settings, request.headers.get("authorization"))
+        limiter = request.app.state.rate_limiter
+        if limiter is not None:
+            wait = limiter.take(principal.key_id or principal.project)
+            if wait > 0:
+                raise Problem(429, "Rate limit for this API key exceeded; retry after the given seconds.",
+                              headers={"Retry-After": str(max(1, math.ceil(wait)))})
         if scope not in principal.scopes and "admin" not in principal.scopes:
             raise Problem(403, f"This API key lacks the `{scope}` scope.")
         return principal

@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     requeue_after: float = 30.0
     max_attempts: int = 3
 
-    # API limits.
+    # API limits. Rate: requests per minute per API key (bursts up to a sixth of it); 0 switches it off.
+    rate_limit_per_minute: int = 1200
     max_page_size: int = 200
     max_body_bytes: int = 8 * 1024 * 1024
 

@@ -13,6 +13,7 @@ from app.api import analyses, health, keys, metrics
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.queue import Enqueuer, make_enqueuer
+from app.ratelimit import TokenBucket
 
 DESCRIPTION = """
 Layer analysis of transformer language models: which layers matter (AVSS),
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     app.state.settings = settings
     app.state.session_factory = session_factory(settings.resolved_database_url)
     app.state.enqueuer = enqueuer or make_enqueuer(settings)
+    app.state.rate_limiter = TokenBucket(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
     if settings.auth_disabled:
         logging.getLogger("layerscope.api").warning(
             "AUTH IS DISABLED (LAYERSCOPE_AUTH_DISABLED=true): every request acts on project %r. Local use only.",

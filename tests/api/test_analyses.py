@@ -287,3 +287,26 @@ def test_json_logs_carry_the_analysis_id() -> None:
     finally:
         analysis_id_var.reset(token)
     assert line["msg"] == "hello x" and line["analysis_id"] == "abc-123" and line["level"] == "INFO"
+
+
+def test_rate_limit_per_key_is_429_with_retry_after(db_url: str, tmp_path) -> None:  # noqa: ANN001
+    from fastapi.testclient import TestClient
+
+    from app.auth import create_key
+    from app.db import session_factory, session_scope
+    from app.main import create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(db_url, tmp_path, rate_limit_per_minute=60)  # burst of 10
+    with session_scope(session_factory(settings.resolved_database_url)) as s:
+        key = create_key(s, settings, "rl", "rl", ["read"])
+        other = create_key(s, settings, "rl", "rl2", ["read"])
+    client = TestClient(create_app(settings))
+    codes = [client.get("/v1/analyses", headers={"Authorization": f"Bearer {key}"}).status_code for _ in range(12)]
+    assert codes[:10] == [200] * 10 and codes[-1] == 429
+    resp = client.get("/v1/analyses", headers={"Authorization": f"Bearer {key}"})
+    assert_problem(resp, 429)
+    assert int(resp.headers["retry-after"]) >= 1
+    # Another key has its own bucket; health is never limited.
+    assert client.get("/v1/analyses", headers={"Authorization": f"Bearer {other}"}).status_code == 200
+    assert all(client.get("/healthz").status_code == 200 for _ in range(20))
