@@ -1,0 +1,42 @@
+"""Embedded mode: SQLite and the in-process worker run the same pipeline as the Celery workers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from tests.conftest import make_settings
+from worker.embedded import EmbeddedWorker
+
+
+def test_embedded_mode_runs_a_real_analysis_end_to_end(sqlite_url: str, tmp_path: Path) -> None:
+    settings = make_settings(sqlite_url, tmp_path, auth_disabled=True)
+    app = create_app(settings)
+    worker = EmbeddedWorker(app.state.session_factory, settings, app.state.enqueuer)
+    worker.start()
+    try:
+        client = TestClient(app)
+        rows = [{"text": f"line {i} about layers and activations"} for i in range(6)]
+        spec = {
+            "model": {"name": "tiny-random-llama"},
+            "dataset": {"rows": rows, "limit": 6, "max_tokens": 32},
+            "stages": {"avss": {"plots": True}},
+        }
+        job = client.post("/v1/analyses", json=spec).json()
+        deadline = time.monotonic() + 120
+        while job["state"] not in ("SUCCEEDED", "FAILED") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            job = client.get(f"/v1/analyses/{job['id']}").json()
+        assert job["state"] == "SUCCEEDED", job
+        layers = client.get(f"/v1/analyses/{job['id']}/layers", params={"stage": "avss"}).json()["items"]
+        assert len(layers) == 4
+        ranks = sorted(r["values"]["rank"] for r in layers)
+        assert ranks == [1, 2, 3, 4] or ranks == [0, 1, 2, 3]
+        arts = {a["name"] for a in client.get(f"/v1/analyses/{job['id']}/artifacts").json()["items"]}
+        assert any(n.endswith(".png") for n in arts) and any(n.endswith(".svg") for n in arts)
+    finally:
+        worker.stop()
+        worker.join(timeout=10)
