@@ -48,6 +48,17 @@ class Settings(BaseSettings):
     max_page_size: int = 200
     max_body_bytes: int = 8 * 1024 * 1024
 
+    # Webhooks (SSRF: the service POSTs to URLs that admin keys register). With an allow-list only those
+    # hosts (`example.com`, `*.example.com`, an IP) are accepted; without one any host is, except those
+    # resolving to loopback/private/link-local/reserved addresses unless allow_private_networks is true.
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    webhook_allow_private_networks: bool = False
+    webhook_timeout: float = 5.0
+    webhook_max_attempts: int = 12
+    webhook_backoff_base: float = 10.0
+    webhook_backoff_max: float = 3600.0
+    webhook_event_window: float = 86400.0
+
     @property
     def embedded(self) -> bool:
         return self.redis_url is None

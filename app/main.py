@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from app import problems
-from app.api import analyses, health, keys, metrics
+from app.api import analyses, dashboard, gates, health, keys, metrics, webhooks
 from app.config import Settings, get_settings
 from app.db import session_factory
 from app.queue import Enqueuer, make_enqueuer
@@ -63,6 +63,9 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     app.include_router(analyses.router)
     app.include_router(keys.router)
     app.include_router(metrics.router)
+    app.include_router(dashboard.router)
+    app.include_router(gates.router)
+    app.include_router(webhooks.router)
 
     @app.get("/", include_in_schema=False)
     def root() -> Response:

@@ -171,6 +171,14 @@ class AnalysisSpec(Strict):
     labels: dict[LabelKey, Annotated[str, Field(max_length=256)]] = Field(
         default_factory=dict, max_length=32, description="Free key/values for dashboards and registries."
     )
+    gate_policy: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}(@[0-9]{1,9})?$",
+        description=(
+            "A gate policy (`name` or `name@version`) evaluated when the job succeeds; the verdict is stored "
+            "and sent to webhooks. An unknown policy gives a failing verdict that says so."
+        ),
+    )
 
 
 # ----------------------------------------------------------------- responses

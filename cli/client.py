@@ -180,6 +180,63 @@ def register(app: typer.Typer) -> None:
             rows = items
         typer.echo(render_table(rows))
 
+    @app.command()
+    def gate(
+        analysis_id: str,
+        policy: str = typer.Option(..., "--policy", help="Gate policy name."),
+        version: int = typer.Option(None, help="Policy version (default: the latest)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+        server: str = ServerOpt,
+        key: str = KeyOpt,
+    ) -> None:
+        """Evaluate a gate policy on a finished analysis. Exit 0 pass, 1 fail, 2 error (for CI pipelines)."""
+        params: dict[str, Any] = {"policy": policy, **({"version": version} if version else {})}
+        try:
+            verdict = Client(server, key).request("POST", f"/v1/analyses/{analysis_id}/gate", params=params).json()
+        except ApiError as exc:
+            _fail(exc)
+        typer.echo(json.dumps(verdict, indent=2) if as_json else render_verdict(verdict))
+        raise typer.Exit(0 if verdict["passed"] else 1)
+
+
+def render_verdict(verdict: dict[str, Any]) -> str:
+    """The verdict as a table: every rule, what was observed, the threshold, the interval, why it failed."""
+
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    rows = [
+        {
+            "result": "PASS" if r["passed"] else "FAIL",
+            "rule": r["rule"],
+            "observed": num(r["observed"]),
+            "threshold": f"{r['op']} {num(r['threshold'])}",
+            "95% CI": f"[{num(r['ci_low'])}, {num(r['ci_high'])}]" if r["ci_low"] is not None else "-",
+            "n": num(r["n"]),
+            "note": r["reason"] or "",
+        }
+        for r in verdict["rules"]
+    ]
+    lines = []
+    if rows:
+        columns = list(rows[0])
+        widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+        right = {"observed", "n"}
+
+        def line(cells: dict[str, str]) -> str:
+            return "  ".join(cells[c].rjust(widths[c]) if c in right else cells[c].ljust(widths[c])
+                             for c in columns).rstrip()
+
+        lines = [line({c: c for c in columns}), *(line(r) for r in rows)]
+    if verdict.get("error"):
+        lines.append(f"error: {verdict['error']}")
+    ok = sum(r["passed"] for r in verdict["rules"])
+    lines.append(
+        f"{verdict['verdict'].upper()}: policy {verdict['policy']} v{verdict['policy_version'] or '-'} on "
+        f"{verdict['analysis_id']} ({ok}/{len(verdict['rules'])} rules pass)"
+    )
+    return "\n".join(lines)
+
 
 def render_table(rows: list[dict[str, Any]]) -> str:
     if not rows:

@@ -17,6 +17,7 @@ from app.db import session_scope
 from app.models import Analysis
 from app.queue import EmbeddedEnqueuer
 from app.schemas import JobState
+from worker import webhooks
 from worker.jobstore import SessionFactory
 from worker.runner import Pipeline, run_job
 from worker.sweeper import reap
@@ -51,6 +52,7 @@ class EmbeddedWorker(threading.Thread):
         while not self.stop_event.is_set():
             try:
                 reap(self.sf, self.settings)
+                webhooks.process(self.sf, self.settings)
                 job = self.next_job()
                 if job is not None:
                     run_job(job, self.sf, self.settings, self.name_for_jobs, self.pipeline)

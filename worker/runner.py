@@ -17,6 +17,7 @@ from app.schemas import AnalysisSpec, JobState
 from worker import jobstore
 from worker.jobstore import LostOwnership, SessionFactory
 from worker.stage import JobCancelled, JobContext, JobFailed, StageResult
+from worker.webhooks import on_finished
 
 log = logging.getLogger("layerscope.worker")
 
@@ -126,4 +127,5 @@ def run_job(
         beat.stop_event.set()
         log.info("analysis %s ended %s", analysis_id, final.value if final else "elsewhere")
         analysis_id_var.reset(log_context)
+    on_finished(sf, settings, analysis_id, final)  # terminal event + the spec's gate verdict (outbox)
     return final

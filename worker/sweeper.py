@@ -18,6 +18,7 @@ from app.db import session_scope
 from app.models import Analysis, utcnow
 from app.queue import Enqueuer
 from app.schemas import JobState
+from worker import webhooks
 from worker.jobstore import SessionFactory
 
 log = logging.getLogger("layerscope.sweeper")
@@ -95,6 +96,7 @@ def enqueue_pending(sf: SessionFactory, settings: Settings, enqueuer: Enqueuer, 
 def sweep(sf: SessionFactory, settings: Settings, enqueuer: Enqueuer) -> None:
     reap(sf, settings)
     enqueue_pending(sf, settings, enqueuer)
+    webhooks.process(sf, settings)  # missed job events, then due webhook deliveries
 
 
 class SweeperThread(threading.Thread):

@@ -1,0 +1,153 @@
+"""Webhook signing (Standard Webhooks), the retry schedule, and the URL policy. Pure: no I/O but DNS.
+
+Every POST carries
+    webhook-id:        the event id (the same on every retry: receivers deduplicate on it)
+    webhook-timestamp: unix seconds of this attempt
+    webhook-signature: v1,<base64 HMAC-SHA256(key, f"{id}.{timestamp}.{body}")>
+The key is the secret's bytes, or, for a `whsec_<base64>` secret (what the service
+generates), the base64-decoded part, as Standard Webhooks libraries expect.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import secrets
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+EVENT_TYPES = ("analysis.succeeded", "analysis.failed", "analysis.cancelled", "gate.verdict")
+TERMINAL_EVENT = {"SUCCEEDED": "analysis.succeeded", "FAILED": "analysis.failed", "CANCELLED": "analysis.cancelled"}
+SECRET_PREFIX = "whsec_"
+
+
+def generate_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _key(secret: str) -> bytes:
+    if secret.startswith(SECRET_PREFIX):
+        try:
+            return base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+        except ValueError:
+            pass
+    return secret.encode()
+
+
+def encode_body(event_id: str, event_type: str, data: Mapping[str, Any], created: str) -> bytes:
+    """The exact bytes that are signed and sent."""
+    payload = {"id": event_id, "type": event_type, "timestamp": created, "data": data}
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True, default=str).encode()
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(_key(secret), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def headers(secret: str, msg_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+    ts = int(time.time()) if timestamp is None else timestamp
+    return {
+        "content-type": "application/json",
+        "user-agent": "layerscope-webhooks/1",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign(secret, msg_id, ts, body),
+    }
+
+
+class InvalidSignature(ValueError):
+    pass
+
+
+def verify(secret: str, hdrs: Mapping[str, str], body: bytes, tolerance: float = 300, now: float | None = None) -> None:
+    """What a receiver does: raise InvalidSignature unless a v1 signature matches and the timestamp is fresh."""
+    lower = {k.lower(): v for k, v in hdrs.items()}
+    try:
+        msg_id, ts = lower["webhook-id"], int(lower["webhook-timestamp"])
+        given = lower["webhook-signature"].split()
+    except (KeyError, ValueError):
+        raise InvalidSignature("missing or malformed webhook headers") from None
+    if abs((time.time() if now is None else now) - ts) > tolerance:
+        raise InvalidSignature("timestamp outside the tolerance (replay?)")
+    expected = sign(secret, msg_id, ts, body)
+    if not any(hmac.compare_digest(expected, sig) for sig in given):
+        raise InvalidSignature("no signature matches")
+
+
+def backoff(attempts: int, base: float, cap: float) -> float:
+    """Seconds before the next try after `attempts` failed ones: base, 2 base, 4 base, ... capped, +-10% jitter."""
+    delay = min(cap, base * (2 ** max(0, attempts - 1)))
+    return delay * (0.9 + 0.2 * secrets.randbelow(1000) / 1000)
+
+
+# ------------------------------------------------------------------ SSRF policy
+
+
+class UrlRefused(ValueError):
+    pass
+
+
+def _host_allowed(host: str, allowed: Sequence[str]) -> bool:
+    host = host.lower().rstrip(".")
+    for entry in allowed:
+        entry = entry.lower().rstrip(".")
+        if entry.startswith("*.") and (host.endswith(entry[1:]) and host != entry[2:]):
+            return True
+        if host == entry:
+            return True
+    return False
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def check_url(
+    url: str, allowed_hosts: Sequence[str], allow_private: bool, resolve: bool = True
+) -> None:
+    """Raise UrlRefused when the service must not POST to `url`.
+
+    An allow-list, when set, is the whole policy. Without one, a host that is (or,
+    with `resolve`, resolves to) a loopback, private, link-local or reserved address
+    is refused unless `allow_private`. Redirects are never followed at delivery.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UrlRefused("the URL must be http:// or https:// with a host")
+    if parts.username or parts.password:
+        raise UrlRefused("the URL must not carry credentials; use the signing secret")
+    host = parts.hostname
+    if allowed_hosts:
+        if not _host_allowed(host, allowed_hosts):
+            raise UrlRefused(f"host {host!r} is not on this server's webhook allow-list (LAYERSCOPE_WEBHOOK_ALLOWED_HOSTS)")
+        return
+    if allow_private:
+        return
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        if host.lower().rstrip(".") in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+            addresses = [ipaddress.ip_address("127.0.0.1")]
+        elif not resolve:
+            return
+        else:
+            try:
+                infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
+            except OSError as exc:
+                raise UrlRefused(f"cannot resolve {host!r}: {exc}") from None
+            addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    bad = [str(a) for a in addresses if not _is_public(a)]
+    if bad:
+        raise UrlRefused(
+            f"host {host!r} is a non-public address ({', '.join(sorted(set(bad)))}); allow it with "
+            "LAYERSCOPE_WEBHOOK_ALLOWED_HOSTS or LAYERSCOPE_WEBHOOK_ALLOW_PRIVATE_NETWORKS=true"
+        )
