@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest
 
 test-fast: install
-	$(PY) -m pytest -m "not slow and not integration"
+	$(PY) -m pytest -m "not slow and not integration and not browser"
 
 lint: install
 	$(VENV)/bin/ruff check app worker cli tests bench migrations
