@@ -112,7 +112,13 @@ class ProfileOptions(Strict):
         default_factory=lambda: ["block_output"], min_length=1, description="Capture sites hooked in every block."
     )
     batch_size: int = Field(8, ge=1, le=256)
-    histogram_bins: int = Field(64, ge=8, le=1024, description="Log-spaced |a| histogram bins.")
+    histogram_bins: int = Field(
+        64,
+        ge=8,
+        le=1024,
+        description="Minimum number of log-spaced |a| histogram bins over 2^-27..2^16; rounded up to a power "
+        "of two per octave (64 gives 86 bins).",
+    )
     skip_positions: int = Field(
         0, ge=0, le=64, description="Leading token positions excluded from every statistic."
     )

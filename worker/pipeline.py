@@ -49,7 +49,12 @@ def run_pipeline(
     stages = spec.stages
     if stages.profile or stages.avss:
         started = time.monotonic()
-        prof = profile(loaded, examples, profile_options(spec), ctx, max_tokens=spec.dataset.max_tokens)
+        avss = stages.avss
+        # An absolute threshold is counted exactly during the pass instead of read off the histogram.
+        exact = [avss.sparsity_eps] if avss and avss.sparsity_threshold == "absolute" else []
+        prof = profile(
+            loaded, examples, profile_options(spec), ctx, max_tokens=spec.dataset.max_tokens, thresholds=exact
+        )
         if stages.profile:
             timed_save(run_profile_stage(prof), started)
         if stages.avss:

@@ -1,0 +1,451 @@
+"""The hook-based activation profiler (METHOD.md section 1).
+
+`profile()` runs the model over the examples in length-sorted, right-padded batches
+under `torch.inference_mode`, with forward hooks on the chosen capture sites of every
+block. Each hook reduces its activation on the device (`stats.reduce_activations`);
+after each batch the reductions of all hooks are copied to the host in one transfer
+and merged into float64 `RunningStats`. Nothing of an activation outlives its batch,
+so memory does not grow with the number of examples (except the per-example pooled
+vectors, kept only when `collect_pooled` asks for them).
+
+Which tokens count: real tokens (the attention mask), from position
+`max(options.skip_positions, token_start[e])` on. Positions are indices into the
+tokenized example (special tokens such as BOS included), truncated to `max_tokens`.
+The leading positions (< max(skip_positions, 1)) are also accumulated apart
+(`Profile.lead`), so a result can show its ranking with and without them
+(`Profile.alternative_stats`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from worker.profiler.hooks import capture
+from worker.profiler.stats import BatchPlan, HistogramSpec, RunningStats, reduce_activations, vector_length
+from worker.stage import JobContext, JobFailed
+
+if TYPE_CHECKING:
+    from app.schemas import ProfileOptions
+
+STAGE = "profile"
+
+
+@dataclass
+class Profile:
+    """Per-(layer, site) statistics of one profiling run. Layers are in block order;
+    `layer_indices[i]` / `block_names[i]` identify block i."""
+
+    block_names: list[str]
+    layer_indices: list[int]
+    sites: list[str]
+    stats: dict[tuple[int, str], RunningStats]  # key: (block position, site)
+    lead: dict[tuple[int, str], RunningStats]  # the leading positions, see module docstring
+    spec: HistogramSpec
+    thresholds: tuple[float, ...] = ()
+    skip_positions: int = 0
+    lead_positions: int = 1
+    n_examples: int = 0  # examples given
+    n_profiled_examples: int = 0  # examples with at least one counted token
+    n_tokens: int = 0  # counted token positions (per site and layer)
+    n_batches: int = 0
+    max_tokens: int = 0
+    answer_only: bool = False  # token_start was given
+    pooled: dict[str, np.ndarray] | None = None  # site -> [examples, layers, width] float32
+    pooled_tokens: np.ndarray | None = None  # [examples] counted tokens behind each pooled vector
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.block_names)
+
+    def site_stats(self, site: str) -> list[RunningStats]:
+        self._check_site(site)
+        return [self.stats[(i, site)] for i in range(self.n_layers)]
+
+    @property
+    def alternative_skip(self) -> int:
+        """skip_positions of the alternative view: 1 when nothing is skipped, else 0."""
+        return 1 if self.skip_positions == 0 else 0
+
+    def alternative_stats(self, site: str) -> list[RunningStats]:
+        """Statistics as if the leading positions were toggled: without position 0 when
+        skip_positions == 0, with the skipped positions when skip_positions > 0. max|a| and
+        the per-example values are unknown (NaN) in this view."""
+        self._check_site(site)
+        out = []
+        for i in range(self.n_layers):
+            s = self.stats[(i, site)].copy()
+            lead = self.lead[(i, site)]
+            if self.skip_positions == 0:
+                s.subtract(lead)
+            else:
+                s.merge(lead)
+                s.per_example = False
+                s.max_abs = math.nan
+            out.append(s)
+        return out
+
+    def _check_site(self, site: str) -> None:
+        if site not in self.sites:
+            raise KeyError(f"site {site!r} was not profiled (profiled: {self.sites})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: metadata plus every accumulator (histograms included); no pooled vectors."""
+        return {
+            "block_names": list(self.block_names),
+            "layer_indices": list(self.layer_indices),
+            "sites": list(self.sites),
+            "histogram": {
+                "per_octave": self.spec.per_octave,
+                "lo_exp": self.spec.lo_exp,
+                "hi_exp": self.spec.hi_exp,
+            },
+            "thresholds": list(self.thresholds),
+            "skip_positions": self.skip_positions,
+            "lead_positions": self.lead_positions,
+            "n_examples": self.n_examples,
+            "n_profiled_examples": self.n_profiled_examples,
+            "n_tokens": self.n_tokens,
+            "n_batches": self.n_batches,
+            "max_tokens": self.max_tokens,
+            "answer_only": self.answer_only,
+            "warnings": list(self.warnings),
+            "stats": {
+                site: [self.stats[(i, site)].to_dict() for i in range(self.n_layers)] for site in self.sites
+            },
+            "lead": {
+                site: [self.lead[(i, site)].to_dict() for i in range(self.n_layers)] for site in self.sites
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Profile:
+        sites = list(d["sites"])
+        n = len(d["block_names"])
+        return cls(
+            block_names=list(d["block_names"]),
+            layer_indices=list(d["layer_indices"]),
+            sites=sites,
+            stats={(i, s): RunningStats.from_dict(d["stats"][s][i]) for s in sites for i in range(n)},
+            lead={(i, s): RunningStats.from_dict(d["lead"][s][i]) for s in sites for i in range(n)},
+            spec=HistogramSpec(**d["histogram"]),
+            thresholds=tuple(d.get("thresholds", ())),
+            skip_positions=d["skip_positions"],
+            lead_positions=d["lead_positions"],
+            n_examples=d["n_examples"],
+            n_profiled_examples=d["n_profiled_examples"],
+            n_tokens=d["n_tokens"],
+            n_batches=d["n_batches"],
+            max_tokens=d.get("max_tokens", 0),
+            answer_only=d.get("answer_only", False),
+            warnings=list(d.get("warnings", [])),
+        )
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def example_text(example: Any) -> str:
+    """`Example.as_text()`, or the string itself."""
+    return example if isinstance(example, str) else example.as_text()
+
+
+def encode(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Token ids per text (special tokens added, truncated to max_tokens), no padding."""
+    if not texts:
+        return []
+    enc = tokenizer(list(texts), truncation=True, max_length=max_tokens, add_special_tokens=True)
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def pad_batch(ids: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and attention_mask, [B, max_len] int64."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
+def forward_callable(model: torch.nn.Module, blocks: Sequence[Any]) -> Callable[..., Any]:
+    """The cheapest module that runs every block: the base model (no LM head) when the
+    blocks live inside it, else the model. Passes use_cache=False where accepted."""
+    target = model
+    base = getattr(model, "base_model", None)
+    if isinstance(base, torch.nn.Module) and base is not model and blocks:
+        inside = {id(m) for m in base.modules()}
+        if all(id(b.module) in inside for b in blocks):
+            target = base
+    try:
+        params = inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    extra: dict[str, Any] = {}
+    if "use_cache" in params:
+        extra["use_cache"] = False
+
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        return target(input_ids=input_ids, attention_mask=attention_mask, **extra)
+
+    return run
+
+
+def model_device(loaded: Any) -> torch.device:
+    device = getattr(loaded, "device", None)
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (TypeError, RuntimeError):
+            pass
+    try:
+        return next(loaded.model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def length_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Example indices in batches, longest first (less padding; the biggest batch runs
+    first so an out-of-memory shows at once). Empty examples are left out."""
+    arr = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-arr, kind="stable")
+    order = order[arr[order] > 0]
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+class _Collector:
+    """Hook callback: reduces each captured tensor on the device for the current batch."""
+
+    def __init__(self) -> None:
+        self.plan: BatchPlan | None = None
+        self.shape: tuple[int, int] = (0, 0)
+        self.pending: list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor | None, int]] = []
+
+    def begin(self, plan: BatchPlan, batch: int, positions: int) -> None:
+        self.plan = plan
+        self.shape = (batch, positions)
+        self.pending = []
+
+    def __call__(self, position: int, site: str, tensor: torch.Tensor) -> None:
+        plan = self.plan
+        if plan is None:
+            return
+        b, p = self.shape
+        x = tensor
+        if x.dim() >= 3 and x.shape[0] == b and x.shape[1] == p:
+            x = x.reshape(b, p, -1)
+        elif x.numel() % (b * p) == 0 and x.dim() == 2 and x.shape[0] == b * p:
+            x = x.reshape(b, p, -1)
+        else:
+            raise RuntimeError(
+                f"cannot read capture site {site!r} of shape {tuple(x.shape)} as [{b}, {p}, width]"
+            )
+        if x.device != plan.weights.device:
+            x = x.to(plan.weights.device)
+        vec, hist, pooled = reduce_activations(x, plan)
+        self.pending.append((position, site, vec, hist, pooled, x.shape[-1]))
+
+    def finish(self) -> list[tuple[int, str, np.ndarray, np.ndarray, torch.Tensor | None, int]]:
+        """Host copies of this batch's reductions: one device-to-host transfer for all hooks."""
+        pending, self.pending, self.plan = self.pending, [], None
+        if not pending:
+            return []
+        packed = (
+            torch.cat(
+                [
+                    torch.stack([p[2] for p in pending]),
+                    torch.stack([p[3] for p in pending]).to(torch.float64),
+                ],
+                dim=1,
+            )
+            .cpu()
+            .numpy()
+        )
+        n_vec = pending[0][2].numel()
+        return [
+            (pos, site, packed[k, :n_vec], np.rint(packed[k, n_vec:]).astype(np.int64), pooled, width)
+            for k, (pos, site, _, _, pooled, width) in enumerate(pending)
+        ]
+
+
+# --------------------------------------------------------------------- profile
+
+
+def profile(
+    loaded: Any,
+    examples: Sequence[Any],
+    options: ProfileOptions,
+    ctx: JobContext,
+    *,
+    max_tokens: int,
+    token_start: Sequence[int] | None = None,
+    collect_pooled: bool = False,
+    thresholds: Sequence[float] = (),
+) -> Profile:
+    """Profile `options.sites` of every block of `loaded` on `examples`.
+
+    loaded: a `LoadedModel` (model, tokenizer, adapter, device, ...).
+    examples: `worker.datasets.Example`s (their `.as_text()`) or strings.
+    options: `app.schemas.ProfileOptions` (sites, batch_size, histogram_bins, skip_positions).
+    token_start: per example, the first token position counted (e.g. where the answer
+      starts in prompt + answer); None counts every position from skip_positions on.
+    collect_pooled: also keep each example's mean-pooled vector per layer and site
+      (`Profile.pooled`), e.g. for hallucination probes.
+    thresholds: absolute |a| thresholds counted exactly (e.g. AvssOptions.sparsity_eps);
+      any other threshold is read from the histogram.
+    Progress: ctx.progress("profile", done_batches, total_batches); ctx.check_cancelled()
+    runs before every batch.
+    """
+    model = loaded.model
+    tokenizer = loaded.tokenizer
+    blocks = list(loaded.adapter.blocks(model))
+    sites = list(options.sites)
+    spec = HistogramSpec.from_bins(int(options.histogram_bins))
+    thresholds = tuple(sorted({float(t) for t in thresholds}))
+    skip = int(options.skip_positions)
+    lead_positions = skip if skip > 0 else 1
+    n_examples = len(examples)
+    if token_start is not None and len(token_start) != n_examples:
+        raise ValueError(f"token_start has {len(token_start)} entries for {n_examples} examples")
+    if not blocks:
+        raise JobFailed(
+            "model_unsupported", "the architecture adapter found no transformer blocks in this model"
+        )
+    for block in blocks:
+        absent = [s for s in sites if s not in block.sites]
+        if absent:
+            raise JobFailed(
+                "site_unavailable",
+                f"capture site(s) {absent} are not available for block {block.name!r} of this architecture "
+                f"(available: {sorted(block.sites)}); choose profile.sites among those.",
+            )
+
+    result = Profile(
+        block_names=[b.name for b in blocks],
+        layer_indices=[int(b.index) for b in blocks],
+        sites=sites,
+        stats={(i, s): RunningStats(spec, thresholds) for i in range(len(blocks)) for s in sites},
+        lead={(i, s): RunningStats(spec, thresholds) for i in range(len(blocks)) for s in sites},
+        spec=spec,
+        thresholds=thresholds,
+        skip_positions=skip,
+        lead_positions=lead_positions,
+        n_examples=n_examples,
+        max_tokens=max_tokens,
+        answer_only=token_start is not None,
+    )
+
+    # Pass 1: lengths only (ids are re-encoded per batch, so nothing per-token is kept).
+    lengths: list[int] = []
+    for i in range(0, n_examples, 256):
+        chunk = [example_text(e) for e in examples[i : i + 256]]
+        lengths.extend(len(ids) for ids in encode(tokenizer, chunk, max_tokens))
+    batches = length_order(lengths, int(options.batch_size))
+    total = len(batches)
+    if collect_pooled:
+        result.pooled_tokens = np.zeros(n_examples, dtype=np.int64)
+
+    device = model_device(loaded)
+    # MPS has no float64: reduce there on the CPU (one copy per hook), exact but slower.
+    stats_device = torch.device("cpu") if device.type == "mps" else device
+    forward = forward_callable(model, blocks)
+    pad = pad_id(tokenizer)
+    collector = _Collector()
+    ctx.progress(STAGE, 0, total)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), capture(blocks, sites, collector):
+            for done, batch in enumerate(batches):
+                ctx.check_cancelled()
+                ids = encode(tokenizer, [example_text(examples[i]) for i in batch], max_tokens)
+                input_ids, mask = pad_batch(ids, pad)
+                lens = [len(x) for x in ids]
+                starts = None if token_start is None else [max(0, int(token_start[i])) for i in batch]
+                plan = BatchPlan.build(
+                    lens,
+                    input_ids.shape[1],
+                    spec=spec,
+                    thresholds=thresholds,
+                    starts=starts,
+                    skip_positions=skip,
+                    lead_positions=lead_positions,
+                    device=stats_device,
+                    want_pooled=collect_pooled,
+                )
+                collector.begin(plan, len(batch), input_ids.shape[1])
+                forward(input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+                _merge_batch(result, collector.finish(), plan, batch)
+                result.n_batches += 1
+                result.n_tokens += plan.main_tokens
+                result.n_profiled_examples += plan.examples
+                ctx.progress(STAGE, done + 1, total)
+    finally:
+        collector.plan = None
+        if was_training:
+            model.train()
+
+    _check_coverage(result)
+    return result
+
+
+def _merge_batch(
+    result: Profile,
+    reduced: list[tuple[int, str, np.ndarray, np.ndarray, torch.Tensor | None, int]],
+    plan: BatchPlan,
+    batch: Sequence[int],
+) -> None:
+    pooled_by_site: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for position, site, vec, hist, pooled, width in reduced:
+        result.stats[(position, site)].absorb(vec, hist, plan, width, column=0)
+        result.lead[(position, site)].absorb(vec, hist, plan, width, column=1)
+        if pooled is not None:
+            pooled_by_site.setdefault(site, []).append((position, pooled))
+    if not pooled_by_site:
+        return
+    assert result.pooled_tokens is not None
+    result.pooled_tokens[batch] = plan.example_tokens
+    if result.pooled is None:
+        result.pooled = {}
+    rows = np.asarray(batch)
+    for site, items in pooled_by_site.items():
+        stacked = torch.stack([t for _, t in items]).cpu().numpy()  # [hooks, B, width]
+        store = result.pooled.get(site)
+        if store is None:
+            store = np.zeros((result.n_examples, result.n_layers, stacked.shape[-1]), dtype=np.float32)
+            result.pooled[site] = store
+        for k, (position, _) in enumerate(items):
+            store[rows, position, :] = stacked[k]
+
+
+def _check_coverage(result: Profile) -> None:
+    if result.n_tokens == 0:
+        result.warnings.append(
+            "no token was counted (empty examples, or token_start/skip_positions past the end)"
+        )
+        return
+    for site in result.sites:
+        missing = [
+            result.block_names[i] for i in range(result.n_layers) if result.stats[(i, site)].count == 0
+        ]
+        if missing:
+            result.warnings.append(f"capture site {site!r} never fired for blocks {missing}")
+
+
+__all__ = ["Profile", "profile", "vector_length"]

@@ -1,0 +1,585 @@
+"""AVSS layer scores (METHOD.md section 2, paper section 2.1-2.3, equations 1-8).
+
+Per layer l = 1..L of one capture site, from the profiler's streaming statistics:
+
+- (1) `var_l`: population variance over every counted activation scalar
+  (`variance_mode="elements"`, default) or the reference code's pooled variance
+  (`"pooled"`: per example, mean over tokens, variance over hidden units; mean over
+  examples). See `worker.profiler.stats` for the exact definitions.
+- (2) `std_l = sqrt(var_l)`
+- (3) `nvar_l = var_l / sum_k var_k`
+- (4) `S_l = #(|a| < eps_l) / N_l`, `eps_l` absolute (`sparsity_eps`) or relative
+  (`sparsity_rel_eps` x the layer's RMS or median |a|). Exact for thresholds the
+  profiler counted up front, else read from the |a| histogram (log-linear within a bin).
+- (5) `nS_l = S_l / sum_k S_k`
+- (6) `dS_l = |S_l - (1/L) sum_k S_k|`
+- (7) `AVSS_l = nvar_l / max(nS_l, delta)`; when every S_l is 0 the score degrades to
+  `nvar_l` (variance alone, same ranking as nvar/delta) and the result says so.
+- (8) `nAVSS_l = AVSS_l / sum_k AVSS_k`; layers ranked ascending by AVSS (rank 1 = lowest
+  score = first pruning candidate; ties by block order); `C_l` = sum of nAVSS_k over the
+  layers with rank <= rank_l (cumulative impact in rank order, not layer order).
+
+A normalization whose sum is 0 (or not finite) gives zeros. Every number handed to a
+client goes through `finite_or_none`: never NaN or inf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from worker.profiler.profiler import Profile
+from worker.profiler.stats import RunningStats
+from worker.stage import JobFailed, LayerRow, MetricRow, StageResult, finite_or_none
+
+if TYPE_CHECKING:
+    from app.schemas import AvssOptions
+
+VarianceMode = Literal["elements", "pooled"]
+ThresholdMode = Literal["relative", "absolute"]
+Reference = Literal["rms", "median"]
+
+MASSIVE_RATIO = 100.0  # max|a| / median|a| above this flags a massive activation
+NEAR_ZERO_SPARSITY = 1e-4  # every S_l below this: sparsity carries almost no signal
+PROFILE_SPARSITY_EPS = 1e-5  # the reference code's absolute threshold, reported by the profile stage
+PROFILE_SPARSITY_REL_EPS = 0.01
+
+__all__ = [
+    "AvssScores",
+    "avss_scores",
+    "compute_avss",
+    "cumulative_impact",
+    "layer_sparsity",
+    "layer_variance",
+    "massive_activation_layers",
+    "normalize",
+    "normalized_avss",
+    "normalized_sparsity",
+    "normalized_variance",
+    "prune_count",
+    "rank_ascending",
+    "ranking",
+    "run_avss_stage",
+    "run_profile_stage",
+    "sparsity_deviation",
+    "sparsity_thresholds",
+    "spearman",
+    "standard_deviation",
+]
+
+
+# ------------------------------------------------------------ pure functions
+
+
+def _arr(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)
+
+
+def normalize(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """x_l / sum_k x_k; all zeros when the sum is 0 or not finite."""
+    x = _arr(values)
+    total = float(x.sum()) if x.size else 0.0
+    if total == 0.0 or not math.isfinite(total):
+        return np.zeros_like(x)
+    return x / total
+
+
+def layer_variance(stats: Sequence[RunningStats], mode: VarianceMode = "elements") -> np.ndarray:
+    """Eq. 1 per layer: `elements` (every scalar) or `pooled` (the reference code's)."""
+    if mode == "elements":
+        return _arr([s.variance for s in stats])
+    if mode == "pooled":
+        return _arr([s.pooled_variance for s in stats])
+    raise ValueError(f"unknown variance_mode {mode!r}")
+
+
+def standard_deviation(variance: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Eq. 2."""
+    return np.sqrt(np.maximum(_arr(variance), 0.0))
+
+
+def normalized_variance(variance: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Eq. 3."""
+    return normalize(variance)
+
+
+def sparsity_thresholds(
+    stats: Sequence[RunningStats],
+    mode: ThresholdMode = "relative",
+    eps: float = 1e-5,
+    rel_eps: float = 0.01,
+    reference: Reference = "rms",
+) -> np.ndarray:
+    """The |a| threshold eps_l of eq. 4 per layer."""
+    if mode == "absolute":
+        return np.full(len(stats), float(eps))
+    if mode != "relative":
+        raise ValueError(f"unknown sparsity_threshold {mode!r}")
+    if reference == "rms":
+        ref = _arr([s.rms for s in stats])
+    elif reference == "median":
+        ref = _arr([s.median_abs for s in stats])
+    else:
+        raise ValueError(f"unknown sparsity_reference {reference!r}")
+    return float(rel_eps) * ref
+
+
+def layer_sparsity(stats: Sequence[RunningStats], thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Eq. 4: share of activations with |a| < eps_l."""
+    return _arr(
+        [
+            s.sparsity(float(t)) if math.isfinite(t) else math.nan
+            for s, t in zip(stats, thresholds, strict=True)
+        ]
+    )
+
+
+def normalized_sparsity(sparsity: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Eq. 5."""
+    return normalize(sparsity)
+
+
+def sparsity_deviation(sparsity: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Eq. 6: |S_l - mean_k S_k|."""
+    s = _arr(sparsity)
+    return np.abs(s - s.mean()) if s.size else s
+
+
+def avss_scores(
+    nvar: Sequence[float] | np.ndarray, nsparsity: Sequence[float] | np.ndarray, delta: float = 1e-6
+) -> tuple[np.ndarray, bool]:
+    """Eq. 7: nvar_l / max(nS_l, delta). Returns (scores, degraded); degraded (every nS_l
+    is 0, i.e. no layer has any sparsity) gives nvar_l, the variance alone."""
+    nv, ns = _arr(nvar), _arr(nsparsity)
+    if ns.size and not np.any(ns > 0):
+        return nv.copy(), True
+    return nv / np.maximum(ns, float(delta)), False
+
+
+def normalized_avss(avss: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Eq. 8, first half."""
+    return normalize(avss)
+
+
+def ranking(scores: Sequence[float] | np.ndarray) -> list[int]:
+    """Layer positions sorted ascending by score (lowest first, ties by position; a
+    non-finite score sorts last)."""
+    s = _arr(scores)
+    key = np.where(np.isfinite(s), s, np.inf)
+    return [int(i) for i in np.argsort(key, kind="stable")]
+
+
+def rank_ascending(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Rank per layer, 1 = lowest score (first pruning candidate)."""
+    order = ranking(scores)
+    ranks = np.empty(len(order), dtype=np.int64)
+    ranks[order] = np.arange(1, len(order) + 1)
+    return ranks
+
+
+def cumulative_impact(navss: Sequence[float] | np.ndarray, ranks: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Eq. 8, second half: C_l = sum of nAVSS_k over layers with rank_k <= rank_l."""
+    nv = _arr(navss)
+    r = np.asarray(ranks, dtype=np.int64)
+    order = np.argsort(r, kind="stable")
+    out = np.empty_like(nv)
+    out[order] = np.cumsum(nv[order])
+    return out
+
+
+def prune_count(n_layers: int, fraction: float) -> int:
+    """floor(p x L), with a float guard so that e.g. 0.3 x 10 gives 3."""
+    return max(0, min(n_layers, int(math.floor(fraction * n_layers + 1e-9))))
+
+
+def massive_activation_layers(
+    ratios: Sequence[float] | np.ndarray, limit: float = MASSIVE_RATIO
+) -> list[int]:
+    """Positions whose max|a| / median|a| exceeds `limit` (inf counts, NaN does not)."""
+    r = _arr(ratios)
+    return [int(i) for i in np.nonzero(np.nan_to_num(r, nan=0.0, posinf=np.inf) > limit)[0]]
+
+
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Spearman rank correlation of two score vectors (NaN when undefined)."""
+    ra = rank_ascending(a).astype(np.float64)
+    rb = rank_ascending(b).astype(np.float64)
+    if ra.size < 2:
+        return math.nan
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else math.nan
+
+
+@dataclass
+class AvssScores:
+    """Equations 2-8 for L layers (arrays indexed by block position)."""
+
+    variance: np.ndarray
+    std: np.ndarray
+    nvar: np.ndarray
+    sparsity: np.ndarray
+    nsparsity: np.ndarray
+    sparsity_dev: np.ndarray
+    avss: np.ndarray
+    navss: np.ndarray
+    rank: np.ndarray
+    cumulative: np.ndarray
+    ranking: list[int]
+    degraded: bool  # every S_l is 0: AVSS is the normalized variance alone
+    guarded: list[int] = field(default_factory=list)  # layers whose denominator is delta
+    warnings: list[str] = field(default_factory=list)
+
+
+def compute_avss(
+    variance: Sequence[float] | np.ndarray, sparsity: Sequence[float] | np.ndarray, delta: float = 1e-6
+) -> AvssScores:
+    """All of equations 2-8 from per-layer variance and sparsity."""
+    var = _arr(variance)
+    s = _arr(sparsity)
+    warnings: list[str] = []
+    bad = [i for i in range(var.size) if not (math.isfinite(var[i]) and math.isfinite(s[i]))]
+    if bad:
+        warnings.append(
+            f"layers {bad} have no finite variance or sparsity (no activations counted?); scored as 0"
+        )
+        var = np.where(np.isfinite(var), var, 0.0)
+        s = np.where(np.isfinite(s), s, 0.0)
+    nvar = normalized_variance(var)
+    if var.size and not np.any(var > 0):
+        warnings.append("every layer's variance is 0: AVSS is 0 everywhere and the ranking is block order")
+    ns = normalized_sparsity(s)
+    scores, degraded = avss_scores(nvar, ns, delta)
+    guarded: list[int] = []
+    if degraded:
+        warnings.append(
+            "every layer's sparsity is 0 at this threshold, so AVSS degrades to the normalized variance "
+            "alone (ranking by variance); use a relative threshold (sparsity_threshold='relative') for a "
+            "sparsity-aware score"
+        )
+    else:
+        guarded = [int(i) for i in np.nonzero(ns < delta)[0]]
+        if guarded:
+            warnings.append(
+                f"layers {guarded} have normalized sparsity below delta={delta:g}; their AVSS uses delta as "
+                "denominator and ranks them as the most important"
+            )
+        if s.size and float(s.max()) < NEAR_ZERO_SPARSITY:
+            warnings.append(
+                f"every layer's sparsity is below {NEAR_ZERO_SPARSITY:g}: the normalized sparsity rests on very few "
+                "near-zero activations and the AVSS ranking is fragile; a relative threshold is more robust"
+            )
+    navss = normalized_avss(scores)
+    ranks = rank_ascending(scores)
+    return AvssScores(
+        variance=var,
+        std=standard_deviation(var),
+        nvar=nvar,
+        sparsity=s,
+        nsparsity=ns,
+        sparsity_dev=sparsity_deviation(s),
+        avss=scores,
+        navss=navss,
+        rank=ranks,
+        cumulative=cumulative_impact(navss, ranks),
+        ranking=ranking(scores),
+        degraded=degraded,
+        guarded=guarded,
+        warnings=warnings,
+    )
+
+
+# --------------------------------------------------------------------- stages
+
+
+def _options_value(options: Any, name: str, default: Any) -> Any:
+    return getattr(options, name, default)
+
+
+def _score_stats(
+    stats: Sequence[RunningStats], options: Any, variance_mode: VarianceMode
+) -> tuple[AvssScores, np.ndarray]:
+    thresholds = sparsity_thresholds(
+        stats,
+        _options_value(options, "sparsity_threshold", "relative"),
+        _options_value(options, "sparsity_eps", 1e-5),
+        _options_value(options, "sparsity_rel_eps", 0.01),
+        _options_value(options, "sparsity_reference", "rms"),
+    )
+    variance = layer_variance(stats, variance_mode)
+    scores = compute_avss(variance, layer_sparsity(stats, thresholds), _options_value(options, "delta", 1e-6))
+    return scores, thresholds
+
+
+def _names(profile: Profile, positions: Sequence[int]) -> list[int]:
+    return [profile.layer_indices[i] for i in positions]
+
+
+def run_avss_stage(profile: Profile, options: AvssOptions) -> StageResult:
+    """AVSS per layer on `options.site` (an `app.schemas.AvssOptions`).
+
+    One LayerRow per block (scorer "avss"), metrics under scope "avss", a summary with
+    the ranking (layer indices ascending by AVSS: first = first pruning candidate), the
+    proposed `prune_layers` (the floor(prune_fraction x L) lowest-ranked), the threshold
+    and variance definitions used, and the same ranking with the leading token positions
+    toggled (`leading_positions`), which matters when massive activations sit there.
+    """
+    site = _options_value(options, "site", "block_output")
+    mode: VarianceMode = _options_value(options, "variance_mode", "elements")
+    if site not in profile.sites:
+        raise JobFailed("site_not_profiled", f"AVSS needs the {site!r} capture site, which was not profiled")
+    if profile.n_tokens == 0:
+        raise JobFailed(
+            "no_tokens",
+            "no token was counted by the profiler (empty examples, or skip_positions past every example's "
+            "end); use longer texts or a smaller skip_positions",
+        )
+    stats = profile.site_stats(site)
+    n_layers = len(stats)
+    scores, eps = _score_stats(stats, options, mode)
+    warnings = [f"avss: {w}" for w in scores.warnings]
+
+    fraction = float(_options_value(options, "prune_fraction", 0.25))
+    k = prune_count(n_layers, fraction)
+    prune_pos = sorted(scores.ranking[:k])
+    prune_set = set(prune_pos)
+
+    ratios = np.asarray([s.max_median_ratio for s in stats], dtype=np.float64)
+    massive = massive_activation_layers(ratios)
+
+    # The same score with the leading positions toggled (variance by elements: the
+    # per-example pooled variance cannot be split by position).
+    alt_stats = profile.alternative_stats(site)
+    alt_mode: VarianceMode = "elements"
+    alt_scores, _ = _score_stats(alt_stats, options, alt_mode)
+    alt_available = all(s.count > 0 for s in alt_stats)
+    rho = spearman(scores.avss, alt_scores.avss) if alt_available else math.nan
+    alt_prune = sorted(alt_scores.ranking[:k]) if alt_available else []
+    if massive:
+        where = (
+            "included"
+            if profile.skip_positions == 0
+            else f"skipped (skip_positions={profile.skip_positions})"
+        )
+        warnings.append(
+            f"avss: massive activations (max|a| / median|a| > {MASSIVE_RATIO:g}) in layers "
+            f"{_names(profile, massive)}; leading positions are {where} here. With skip_positions="
+            f"{profile.alternative_skip} the ranking is {_names(profile, alt_scores.ranking) if alt_available else 'n/a'}"
+            f" (Spearman {rho:.3f} with this one) and the prune proposal {_names(profile, alt_prune)}; "
+            "a threshold relative to the median |a| (sparsity_reference='median') is robust to such outliers"
+        )
+
+    rows: list[LayerRow] = []
+    for i, s in enumerate(stats):
+        values: dict[str, float | None] = {
+            "variance": scores.variance[i],
+            "std": scores.std[i],
+            "nvar": scores.nvar[i],
+            "sparsity": scores.sparsity[i],
+            "nsparsity": scores.nsparsity[i],
+            "sparsity_dev": scores.sparsity_dev[i],
+            "sparsity_threshold": eps[i],
+            "avss": scores.avss[i],
+            "navss": scores.navss[i],
+            "cumulative": scores.cumulative[i],
+            "rank": float(scores.rank[i]),
+            "prune": 1.0 if i in prune_set else 0.0,
+            "variance_elements": s.variance,
+            "variance_pooled": s.pooled_variance,
+            "mean": s.mean if s.count else math.nan,
+            "rms": s.rms,
+            "l1": s.l1_norm,
+            "l2": s.l2_norm,
+            "frobenius": s.frobenius_norm,
+            "max_abs": s.max_abs,
+            "median_abs": s.median_abs,
+            "max_median_ratio": ratios[i],
+            "massive": 1.0 if i in massive else 0.0,
+            "count": float(s.count),
+            "tokens": float(s.tokens),
+            "avss_alt": alt_scores.avss[i] if alt_available else math.nan,
+            "rank_alt": float(alt_scores.rank[i]) if alt_available else math.nan,
+        }
+        rows.append(
+            LayerRow(
+                layer=profile.layer_indices[i],
+                block_name=profile.block_names[i],
+                scorer="avss",
+                values={key: finite_or_none(v) for key, v in values.items()},
+            )
+        )
+
+    threshold_mode = _options_value(options, "sparsity_threshold", "relative")
+    threshold: dict[str, Any] = {"mode": threshold_mode}
+    if threshold_mode == "absolute":
+        eps_abs = float(_options_value(options, "sparsity_eps", 1e-5))
+        threshold["value"] = eps_abs
+        threshold["exact"] = eps_abs in profile.thresholds
+    else:
+        threshold["value"] = float(_options_value(options, "sparsity_rel_eps", 0.01))
+        threshold["reference"] = _options_value(options, "sparsity_reference", "rms")
+        threshold["exact"] = False
+    summary: dict[str, Any] = {
+        "site": site,
+        "ranking": _names(profile, scores.ranking),
+        "ranking_order": "ascending AVSS: first = least important = first pruning candidate",
+        "prune_layers": _names(profile, prune_pos),
+        "prune_fraction": fraction,
+        "threshold": threshold,
+        "variance_mode": mode,
+        "delta": float(_options_value(options, "delta", 1e-6)),
+        "degraded_to_variance": scores.degraded,
+        "guarded_layers": _names(profile, scores.guarded),
+        "skip_positions": profile.skip_positions,
+        "massive_activation_layers": _names(profile, massive),
+        "leading_positions": {
+            "skip_positions": profile.alternative_skip,
+            "variance_mode": alt_mode,
+            "ranking": _names(profile, alt_scores.ranking) if alt_available else None,
+            "prune_layers": _names(profile, alt_prune) if alt_available else None,
+            "spearman": finite_or_none(rho),
+        },
+        "n_examples": profile.n_profiled_examples,
+        "n_tokens": profile.n_tokens,
+        "answer_only": profile.answer_only,
+    }
+    metrics = [
+        MetricRow("avss", "layers", float(n_layers), n=n_layers),
+        MetricRow("avss", "prune_count", float(k), n=n_layers),
+        MetricRow("avss", "zero_sparsity_layers", float(int(np.sum(scores.sparsity == 0))), n=n_layers),
+        MetricRow("avss", "mean_sparsity", finite_or_none(float(np.mean(scores.sparsity))), n=n_layers),
+        MetricRow("avss", "massive_activation_layers", float(len(massive)), n=n_layers),
+        MetricRow("avss", "rank_correlation_leading_positions", finite_or_none(rho), n=n_layers),
+        MetricRow("avss", "tokens", float(profile.n_tokens), n=profile.n_profiled_examples),
+    ]
+    result = StageResult(stage="avss", layers=rows, metrics=metrics, summary=summary, warnings=warnings)
+    result.warnings.extend(f"profile: {w}" for w in profile.warnings)
+    if _options_value(options, "plots", True):
+        from worker.plots import avss_figure
+
+        result.artifacts.extend(
+            avss_figure(
+                layers=profile.layer_indices,
+                variance=scores.variance,
+                l1=[s.l1_norm for s in stats],
+                l2=[s.l2_norm for s in stats],
+                frobenius=[s.frobenius_norm for s in stats],
+                sparsity=scores.sparsity,
+                avss=scores.avss,
+                prune=_names(profile, prune_pos),
+                title=f"AVSS per layer - {site}, variance: {mode}, threshold: {_threshold_label(threshold)}",
+                basename="avss_layers",
+            )
+        )
+    return result
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return finite_or_none(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _threshold_label(threshold: dict[str, Any]) -> str:
+    if threshold["mode"] == "absolute":
+        return f"|a| < {threshold['value']:g}"
+    return f"|a| < {threshold['value']:g} x {threshold['reference']}"
+
+
+PROFILE_KEYS = (
+    "count",
+    "tokens",
+    "examples",
+    "mean",
+    "variance",
+    "std",
+    "pooled_variance",
+    "rms",
+    "mean_abs",
+    "max_abs",
+    "median_abs",
+    "max_median_ratio",
+    "underflow_fraction",
+    "l1",
+    "l2",
+    "frobenius",
+)
+
+
+def run_profile_stage(profile: Profile, *, plots: bool = False) -> StageResult:
+    """The raw statistics: one LayerRow per block (scorer "profile"), values keyed
+    "<site>.<statistic>" for every profiled site, plus "<site>.sparsity_eps" (|a| < 1e-5,
+    the reference threshold) and "<site>.sparsity_rel" (|a| < 0.01 x RMS). The whole
+    profile (histograms included) is attached as `profile.json`."""
+    import json
+
+    rows: list[LayerRow] = []
+    for i in range(profile.n_layers):
+        values: dict[str, float | None] = {}
+        for site in profile.sites:
+            s = profile.stats[(i, site)]
+            summary = s.summary()
+            for key in PROFILE_KEYS:
+                values[f"{site}.{key}"] = finite_or_none(summary[key])
+            values[f"{site}.sparsity_eps"] = finite_or_none(s.sparsity(PROFILE_SPARSITY_EPS))
+            values[f"{site}.sparsity_rel"] = finite_or_none(s.sparsity(PROFILE_SPARSITY_REL_EPS * s.rms))
+        rows.append(LayerRow(profile.layer_indices[i], profile.block_names[i], "profile", values))
+
+    massive: dict[str, list[int]] = {}
+    for site in profile.sites:
+        ratios = [s.max_median_ratio for s in profile.site_stats(site)]
+        massive[site] = _names(profile, massive_activation_layers(ratios))
+    warnings = [f"profile: {w}" for w in profile.warnings]
+    for site, layers in massive.items():
+        if layers:
+            warnings.append(
+                f"profile: massive activations (max|a| / median|a| > {MASSIVE_RATIO:g}) at {site} in layers {layers}"
+            )
+    summary = {
+        "sites": list(profile.sites),
+        "n_examples": profile.n_examples,
+        "n_profiled_examples": profile.n_profiled_examples,
+        "n_tokens": profile.n_tokens,
+        "n_batches": profile.n_batches,
+        "skip_positions": profile.skip_positions,
+        "answer_only": profile.answer_only,
+        "histogram": {
+            "bins": profile.spec.bins,
+            "per_octave": profile.spec.per_octave,
+            "lo": profile.spec.lo,
+            "hi": profile.spec.hi,
+        },
+        "sparsity_eps": PROFILE_SPARSITY_EPS,
+        "sparsity_rel_eps": PROFILE_SPARSITY_REL_EPS,
+        "massive_activation_layers": massive,
+    }
+    metrics = [
+        MetricRow("profile", "tokens", float(profile.n_tokens), n=profile.n_profiled_examples),
+        MetricRow("profile", "examples", float(profile.n_profiled_examples), n=profile.n_examples),
+        MetricRow("profile", "batches", float(profile.n_batches)),
+    ]
+    result = StageResult(stage="profile", layers=rows, metrics=metrics, summary=summary, warnings=warnings)
+    from worker.stage import ArtifactFile
+
+    result.artifacts.append(
+        ArtifactFile(
+            "profile.json",
+            "application/json",
+            json.dumps(_json_safe(profile.to_dict()), allow_nan=False).encode(),
+        )
+    )
+    if plots:
+        from worker.plots import profile_figure
+
+        for site in profile.sites:
+            result.artifacts.extend(profile_figure(profile, site))
+    return result
