@@ -81,7 +81,8 @@ def run_demo(model: str, dataset: str, limit: int) -> int:
             typer.echo(f"\nlayers AVSS would prune ({len(avss.get('prune_layers', []))}): {avss.get('prune_layers')}")
             for warning in job["warnings"]:
                 typer.echo(f"warning: {warning}")
-            typer.echo(f"\nfull results: {base}{location}/layers (the server stops when the demo ends)")
+            typer.echo(f"\nstored in {settings.resolved_database_url}; browse it with `layerscope serve` "
+                       f"(LAYERSCOPE_AUTH_DISABLED=true) at http://127.0.0.1:8000{location}")
             return 0
     finally:
         server.should_exit = True

@@ -51,6 +51,9 @@ from app.schemas import ModelSpec
 from worker.modelzoo.adapters import ArchitectureAdapter, adapter_for
 from worker.stage import JobFailed
 
+# A worker logs JSON lines; transformers' tqdm bars would only garble them.
+transformers.utils.logging.disable_progress_bar()
+
 CACHE_FORMAT = "v1"  # bump when the cache layout changes
 _OOM_ERRORS: tuple[type[BaseException], ...] = (
     getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
