@@ -149,11 +149,145 @@ class AvssOptions(Strict):
     plots: bool = Field(True, description="Render per-layer plots (PNG and SVG) as artifacts.")
 
 
+ScorerName = Literal["avss", "gbis", "lrp", "cim", "block_influence", "angular_distance"]
+TaskName = Literal["perplexity", "qa", "classification"]
+ALL_SCORERS: tuple[str, ...] = ("avss", "gbis", "lrp", "cim", "block_influence", "angular_distance")
+
+
+class PruneOptions(Strict):
+    """Layer pruning with retained performance against baseline scorers (METHOD.md section 3)."""
+
+    scorers: list[ScorerName] = Field(
+        default_factory=lambda: list(ALL_SCORERS),
+        min_length=1,
+        description="Rankings to prune by: `avss` (from the avss stage) and baselines computed here.",
+    )
+    strategy: Literal["fraction", "cumulative", "iterative"] = Field(
+        "fraction",
+        description="`fraction`: drop floor(fraction x L) lowest-ranked; `cumulative`: drop while C_l <= tau; "
+        "`iterative`: appendix H (remove, re-evaluate, restore if the drop exceeds the tolerance).",
+    )
+    fraction: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="Share of layers dropped (`fraction`); the default layer budget of `iterative`.",
+    )
+    tau: float = Field(0.25, gt=0, lt=1, description="Cumulative normalized-score threshold (`cumulative`).")
+    delta: float | None = Field(
+        None,
+        ge=0,
+        description="`iterative`: absolute tolerated degradation per step, "
+        "in metric units; unset = lam x initial metric.",
+    )
+    lam: float = Field(
+        0.05, ge=0, le=10, description="`iterative`: tolerance as a share of the initial metric (eq. 58)."
+    )
+    budget: int | None = Field(
+        None, ge=1, le=10_000, description="`iterative`: most layers removed; default floor(fraction x L)."
+    )
+    epsilon: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="`iterative`: stop when the relative change between "
+        "iterations is below epsilon (eq. 59); off by default.",
+    )
+    tasks: list[TaskName] = Field(
+        default_factory=lambda: ["perplexity", "qa"],
+        min_length=1,
+        description="Tasks measured; one the data cannot support (qa without question/answer fields, "
+        "classification without labels) is skipped with a warning.",
+    )
+    qa_dataset: DatasetSpec | None = Field(
+        None,
+        description='Question/answer set for the qa task (e.g. {"name": "chatterbot-trivia"}), loaded by '
+        "the pipeline; default: the examples of the analysis dataset that have question and answer fields.",
+    )
+    random_seeds: int = Field(
+        5, ge=0, le=100, description="Seeds of the random-layer baseline (mean reported)."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="First random seed; also the bootstrap seed.")
+    scoring_examples: int = Field(
+        32,
+        ge=1,
+        le=100_000,
+        description="Texts the baseline scorers run on "
+        "(the first ones of the dataset; gbis/lrp need a backward pass, cim L+1 passes).",
+    )
+    eval_examples: int | None = Field(
+        None, ge=1, le=100_000, description="Examples evaluated per task (default all)."
+    )
+    batch_size: int = Field(8, ge=1, le=256)
+    ppl_window: int | None = Field(
+        None,
+        ge=2,
+        le=MAX_TOKENS,
+        description="Perplexity window in tokens (default: the model's max positions, at most 1024).",
+    )
+    ppl_stride: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="Window stride (default window // 2)."
+    )
+    qa_prompt: str = Field("Question: {question}\nAnswer:", max_length=2000)
+    qa_max_new_tokens: int = Field(24, ge=1, le=512)
+    qa_chat_template: bool = Field(
+        False, description="Wrap QA prompts in the tokenizer's chat template (instruct models)."
+    )
+    classification_prompt: str = Field("{text}\nSentiment:", max_length=2000)
+    label_words: list[str] | None = Field(
+        None,
+        min_length=2,
+        max_length=100,
+        description="Class words a causal LM scores by log-likelihood (class i = word i).",
+    )
+    angular_positions: Literal["last", "all"] = Field(
+        "last",
+        description="Tokens angular_distance compares: the "
+        "last real token (Gromov et al.) or every real token.",
+    )
+    lrp_epsilon: float = Field(1e-2, gt=0, le=10, description="Stabilizer of the LRP epsilon rule.")
+    timing_runs: int = Field(
+        5,
+        ge=0,
+        le=100,
+        description="Timed forward passes per model for the speed-up (median; 0 = do not measure).",
+    )
+    timing_batch_size: int = Field(4, ge=1, le=256)
+    n_boot: int = Field(1000, ge=0, le=100_000, description="Bootstrap resamples of each 95% interval.")
+    export: bool = Field(
+        False, description="Attach the pruned model (save_pretrained, .tar.gz) as an artifact."
+    )
+    export_scorer: ScorerName = Field("avss", description="Whose pruned model is exported.")
+    export_max_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Skip the export (with a warning) above this estimated size."
+    )
+
+    @field_validator("scorers", "tasks")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not repeat")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneOptions:
+        if "{question}" not in self.qa_prompt:
+            raise ValueError("qa_prompt must contain {question}")
+        if "{text}" not in self.classification_prompt:
+            raise ValueError("classification_prompt must contain {text}")
+        if self.ppl_window is not None and self.ppl_stride is not None and self.ppl_stride > self.ppl_window:
+            raise ValueError("ppl_stride must not exceed ppl_window")
+        if self.export and self.export_scorer not in self.scorers:
+            raise ValueError("export_scorer must be one of scorers")
+        return self
+
+
 class StagesSpec(Strict):
     """Which analyses to run; a stage pulls in the stages it needs (avss runs the profiler)."""
 
     profile: ProfileOptions | None = None
     avss: AvssOptions | None = None
+    prune: PruneOptions | None = None
 
     @model_validator(mode="after")
     def _at_least_one(self) -> StagesSpec:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from app.config import Settings
-from app.schemas import AnalysisSpec, ProfileOptions
+from app.schemas import AnalysisSpec, AvssOptions, ProfileOptions
 from worker.stage import JobContext, StageResult
 
 
@@ -20,9 +20,19 @@ def profile_options(spec: AnalysisSpec) -> ProfileOptions:
     """The profiler options, with every site a later stage needs added."""
     options = spec.stages.profile or ProfileOptions()
     sites = list(options.sites)
-    if spec.stages.avss and spec.stages.avss.site not in sites:
-        sites.append(spec.stages.avss.site)
+    avss = avss_options(spec)
+    if avss and avss.site not in sites:
+        sites.append(avss.site)
     return options.model_copy(update={"sites": sites})
+
+
+def avss_options(spec: AnalysisSpec) -> AvssOptions | None:
+    """AVSS runs when asked for, or when pruning ranks layers by it (with default options)."""
+    if spec.stages.avss:
+        return spec.stages.avss
+    if spec.stages.prune and "avss" in spec.stages.prune.scorers:
+        return AvssOptions(plots=False)
+    return None
 
 
 def run_pipeline(
@@ -47,9 +57,10 @@ def run_pipeline(
         save(result)
 
     stages = spec.stages
-    if stages.profile or stages.avss:
+    avss = avss_options(spec)
+    avss_result: StageResult | None = None
+    if stages.profile or avss:
         started = time.monotonic()
-        avss = stages.avss
         # An absolute threshold is counted exactly during the pass instead of read off the histogram.
         exact = [avss.sparsity_eps] if avss and avss.sparsity_threshold == "absolute" else []
         prof = profile(
@@ -57,5 +68,27 @@ def run_pipeline(
         )
         if stages.profile:
             timed_save(run_profile_stage(prof), started)
-        if stages.avss:
-            timed_save(run_avss_stage(prof, stages.avss), time.monotonic())
+        if avss:
+            started = time.monotonic()
+            avss_result = run_avss_stage(prof, avss)
+            timed_save(avss_result, started)
+        del prof
+
+    if stages.prune:
+        from worker.pruning import run_prune_stage
+
+        started = time.monotonic()
+        rankings: dict[str, list[int]] = {}
+        scores: dict[str, list[float]] = {}
+        if avss_result is not None:
+            rankings["avss"] = list(avss_result.summary["ranking"])
+            by_layer = sorted(avss_result.layers, key=lambda r: r.layer)
+            scores["avss"] = [float(r.values.get("navss") or 0.0) for r in by_layer]
+        qa_examples = None
+        if stages.prune.qa_dataset is not None:
+            qa_examples = load_examples(stages.prune.qa_dataset, settings)
+        result = run_prune_stage(
+            loaded, examples, stages.prune, ctx, rankings,
+            scores=scores, qa_examples=qa_examples, max_tokens=spec.dataset.max_tokens,
+        )
+        timed_save(result, started)

@@ -1,0 +1,39 @@
+"""The pipeline end to end on a tiny random model: stages in order, each result handed to `save`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.config import Settings
+from app.schemas import AnalysisSpec
+from worker.pipeline import run_pipeline
+from worker.stage import JobContext, StageResult
+
+ROWS = [{"text": f"sentence number {i} about the layers of a small model"} for i in range(8)]
+QA = [{"question": f"What is {i} plus one?", "answer": str(i + 1)} for i in range(4)]
+
+
+def run(spec: dict, tmp_path: Path) -> dict[str, StageResult]:
+    saved: dict[str, StageResult] = {}
+    progress: list[str] = []
+    ctx = JobContext(progress=lambda stage, done, total: progress.append(stage))
+    run_pipeline(AnalysisSpec.model_validate(spec), ctx, Settings(data_dir=tmp_path),
+                 lambda r: saved.__setitem__(r.stage, r))
+    assert progress[0] == "load_model"
+    return saved
+
+
+def test_prune_stage_ranks_by_avss_and_baselines(tmp_path: Path) -> None:
+    spec = {
+        "model": {"name": "tiny-random-llama"},
+        "dataset": {"rows": ROWS + QA, "limit": 12, "max_tokens": 32},
+        "stages": {"prune": {"scorers": ["avss", "block_influence", "cim"], "tasks": ["perplexity"],
+                             "random_seeds": 2, "timing_runs": 1, "n_boot": 50, "scoring_examples": 4}},
+    }
+    saved = run(spec, tmp_path)
+    assert set(saved) == {"avss", "prune"}  # avss pulled in because prune ranks by it
+    prune = saved["prune"]
+    scopes = {m.scope for m in prune.metrics}
+    assert any("scorer=avss" in s for s in scopes) and any("scorer=block_influence" in s for s in scopes)
+    assert {r.scorer for r in prune.layers} >= {"block_influence", "cim"}
+    assert prune.summary["seconds"] >= 0
