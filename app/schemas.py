@@ -282,12 +282,125 @@ class PruneOptions(Strict):
         return self
 
 
+Detector = Literal["sequence_likelihood", "p_ik", "verbalized", "self_consistency", "length", "eavss_probe"]
+CorrectnessRule = Literal["exact", "contains", "token_f1", "rouge_l", "judge"]
+
+ALL_DETECTORS: list[str] = ["sequence_likelihood", "p_ik", "verbalized", "self_consistency", "length", "eavss_probe"]
+
+
+class JudgeOptions(Strict):
+    """An OpenAI-compatible chat-completions endpoint that judges semantic equivalence."""
+
+    base_url: str = Field(
+        ..., min_length=8, max_length=512, pattern=r"^https?://\S+$",
+        description="e.g. `https://api.openai.com/v1` (the judge posts to `{base_url}/chat/completions`).",
+    )
+    model: str = Field(..., min_length=1, max_length=256)
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="Name of the worker's environment variable holding the API key (never the key itself).",
+    )
+    timeout_s: float = Field(30.0, gt=0, le=600)
+    retries: int = Field(1, ge=0, le=5)
+
+
+class HallucinationOptions(Strict):
+    """Hallucination analysis, METHOD.md sections 4-6 (equations 9-12, paper table 2, appendix A)."""
+
+    # data split and prompt
+    test_fraction: float = Field(
+        0.5, gt=0, lt=1,
+        description="Share of the dataset's distinct questions held out for scoring detectors; "
+        "the rest (training split) gives the few-shot prompt and trains the probes.",
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Split, shots, sampling, CV folds and bootstrap.")
+    n_shots: int = Field(15, ge=0, le=64, description="Few-shot examples from the training split (LitCab: 15).")
+    instruction: str = Field(
+        "Answer each question with a short answer.", max_length=1000,
+        description="First line of the prompt (empty: none).",
+    )
+    use_chat_template: bool = Field(
+        False, description="Format the shots as chat turns when the tokenizer has a chat template."
+    )
+    max_new_tokens: int = Field(32, ge=1, le=256, description="Answer cap; answers also stop at a newline.")
+    batch_size: int = Field(8, ge=1, le=256, description="Generation batch (rows).")
+    # correctness (METHOD.md section 6)
+    correctness_rules: list[CorrectnessRule] = Field(
+        default_factory=lambda: ["exact", "contains", "token_f1"], min_length=1,
+        description="Tried in order; an answer is correct when one of them says so.",
+    )
+    contains_max_tokens: int = Field(5, ge=1, le=64)
+    f1_threshold: float = Field(0.5, gt=0, le=1)
+    rouge_threshold: float = Field(0.3, ge=0, lt=1)
+    judge: JudgeOptions | None = Field(None, description="Off unless given; adds the `judge` rule.")
+    # detectors (METHOD.md section 5)
+    detectors: list[Detector] = Field(default_factory=lambda: list(ALL_DETECTORS), min_length=1)
+    self_consistency_k: int = Field(5, ge=2, le=32)
+    self_consistency_temperature: float = Field(1.0, gt=0, le=5)
+    verbalized_max_new_tokens: int = Field(8, ge=1, le=32)
+    probe_l2: float | None = Field(
+        None, gt=0, le=1e6, description="L2 strength of every probe; null: chosen by 3-fold CV on the training split."
+    )
+    # layer scores (METHOD.md section 4)
+    site: Site = Field("block_output", description="Capture site of the layer scores and the layer probes.")
+    token_scope: Literal["answer", "all"] = Field(
+        "answer", description="Profile the answer tokens only, or every token of prompt + answer."
+    )
+    profile_context: Literal["prompt", "question"] = Field(
+        "prompt",
+        description="What precedes the answer when profiling: the full generation prompt (the context the "
+        "model answered in; one forward pass over the few-shot prompt per answer) or only "
+        "`Question: q\\nAnswer:` (about n_shots times cheaper, answer tokens read out of their context).",
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="HCS = alpha nHSAV + (1 - alpha) nHSS (eq. 11).")
+    beta: float = Field(0.5, ge=0, le=1, description="Weight of nAVSS when combine = weighted_sum.")
+    combine: Literal["product", "weighted_sum"] = "product"
+    zero_sum: Literal["uniform", "zeros"] = "uniform"
+    min_group: int = Field(20, ge=1, le=100_000, description="Warn when a group has fewer answers.")
+    top_k_layers: int = Field(3, ge=1, le=256, description="Layers (by EAVSS) behind the eavss_probe.")
+    layer_probes: bool = Field(True, description="The per-layer probe table (appendix A).")
+    # metrics (METHOD.md section 5)
+    p_values: list[float] = Field(default_factory=lambda: [0.5], min_length=1, max_length=10)
+    q_values: list[float] = Field(default_factory=lambda: [0.5], min_length=1, max_length=10)
+    n_boot: int = Field(1000, ge=0, le=10_000)
+
+    @field_validator("correctness_rules", "detectors")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not repeat")
+        return value
+
+    @field_validator("p_values")
+    @classmethod
+    def _p_range(cls, value: list[float]) -> list[float]:
+        if any(not (0.0 <= p <= 1.0) for p in value):
+            raise ValueError("every p must be in [0, 1]")
+        return value
+
+    @field_validator("q_values")
+    @classmethod
+    def _q_range(cls, value: list[float]) -> list[float]:
+        if any(not (0.0 < q <= 1.0) for q in value):
+            raise ValueError("every q must be in (0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _judge_rule(self) -> HallucinationOptions:
+        if "judge" in self.correctness_rules and self.judge is None:
+            raise ValueError("correctness rule 'judge' needs a judge configuration (judge.base_url, judge.model)")
+        if self.judge is not None and "judge" not in self.correctness_rules:
+            self.correctness_rules = [*self.correctness_rules, "judge"]
+        return self
+
+
 class StagesSpec(Strict):
     """Which analyses to run; a stage pulls in the stages it needs (avss runs the profiler)."""
 
     profile: ProfileOptions | None = None
     avss: AvssOptions | None = None
     prune: PruneOptions | None = None
+    hallucination: HallucinationOptions | None = None
 
     @model_validator(mode="after")
     def _at_least_one(self) -> StagesSpec:

@@ -37,3 +37,19 @@ def test_prune_stage_ranks_by_avss_and_baselines(tmp_path: Path) -> None:
     assert any("scorer=avss" in s for s in scopes) and any("scorer=block_influence" in s for s in scopes)
     assert {r.scorer for r in prune.layers} >= {"block_influence", "cim"}
     assert prune.summary["seconds"] >= 0
+
+
+def test_hallucination_stage_through_the_pipeline(tmp_path: Path) -> None:
+    qa = [{"question": f"What number comes after {i}?", "answer": str(i + 1)} for i in range(16)]
+    spec = {
+        "model": {"name": "tiny-random-llama"},
+        "dataset": {"rows": qa, "limit": 16, "max_tokens": 64},
+        "stages": {"hallucination": {"n_shots": 2, "max_new_tokens": 3, "n_boot": 20, "probe_l2": 1.0,
+                                     "detectors": ["sequence_likelihood", "length", "p_ik"],
+                                     "layer_probes": False}},
+    }
+    saved = run(spec, tmp_path)
+    result = saved["hallucination"]
+    assert {m.scope for m in result.metrics} >= {"detector=sequence_likelihood", "detector=length"}
+    assert {r.scorer for r in result.layers} == {"eavss"} and len(result.layers) == 4
+    assert {a.name for a in result.artifacts} >= {"answers.jsonl", "answers.csv"}

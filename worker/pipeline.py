@@ -92,3 +92,16 @@ def run_pipeline(
             scores=scores, qa_examples=qa_examples, max_tokens=spec.dataset.max_tokens,
         )
         timed_save(result, started)
+
+    if stages.hallucination:
+        from worker.hallucination.stage import run_hallucination_stage, split_examples
+
+        started = time.monotonic()
+        options = stages.hallucination
+        train, test = split_examples(examples, options.test_fraction, options.seed)
+        result = run_hallucination_stage(
+            loaded, train, test, options, ctx,
+            profile_options=stages.profile, avss_options=stages.avss,
+            dataset_name=spec.dataset.name or spec.dataset.path or spec.dataset.hub or "inline",
+        )
+        timed_save(result, started)
