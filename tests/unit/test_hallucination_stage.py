@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from app.config import Settings
-from app.schemas import ModelSpec
+from app.schemas import HallucinationOptions, ModelSpec
 from worker.hallucination import stage as stage_mod
-from worker.hallucination.options import HallucinationOptions
 from worker.hallucination.stage import analyze_hallucination, run_hallucination_stage, split_examples
 from worker.modelzoo import load_model
 from worker.stage import JobCancelled, JobContext, JobFailed
