@@ -6,12 +6,15 @@ import hashlib
 import hmac
 import math
 import secrets
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.deps import get_session, get_settings_dep
@@ -52,31 +55,106 @@ def create_key(session: Session, settings: Settings, project: str, name: str, sc
     return key
 
 
-def authenticate(session: Session, settings: Settings, authorization: str | None) -> Principal:
-    if settings.auth_disabled:
-        return Principal(settings.default_project, frozenset(SCOPES), None)
-    challenge = {"WWW-Authenticate": "Bearer"}
+@dataclass(frozen=True)
+class _KeyRecord:
+    key_hash: str
+    project: str
+    scopes: frozenset[str]
+    key_id: str
+    revoked: bool
+
+
+class KeyCache:
+    """Recent key lookups by prefix, in this API process, for `ttl` seconds (0: off).
+
+    Spares a status poll its key query. Revoking a key through this process drops it at once;
+    another API replica stops accepting it within `ttl` seconds. The secret itself is never
+    cached: every request still compares its HMAC with the stored one (constant time).
+    """
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self.entries: dict[str, tuple[float, _KeyRecord]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, prefix: str) -> _KeyRecord | None:
+        with self.lock:
+            found = self.entries.get(prefix)
+        return found[1] if found and found[0] > time.monotonic() else None
+
+    def put(self, prefix: str, record: _KeyRecord) -> None:
+        if self.ttl > 0:
+            with self.lock:
+                if len(self.entries) > 10_000:
+                    self.entries.clear()
+                self.entries[prefix] = (time.monotonic() + self.ttl, record)
+
+    def drop(self, key_id: str) -> None:
+        with self.lock:
+            for prefix in [p for p, (_, r) in self.entries.items() if r.key_id == key_id]:
+                del self.entries[prefix]
+
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def _parse(authorization: str | None) -> tuple[str, str]:
+    """The key and its prefix, or 401."""
     if not authorization or not authorization.lower().startswith("bearer "):
-        raise Problem(401, "Send an API key as `Authorization: Bearer <key>`.", headers=challenge)
+        raise Problem(401, "Send an API key as `Authorization: Bearer <key>`.", headers=_CHALLENGE)
     key = authorization[7:].strip()
     parts = key.split("_", 2)
     if len(parts) != 3 or parts[0] != "ls":
-        raise Problem(401, "Malformed API key.", headers=challenge)
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
-    expected = row.key_hash if row else hash_key("missing", settings.key_pepper)
+        raise Problem(401, "Malformed API key.", headers=_CHALLENGE)
+    return key, parts[1]
+
+
+def _check(record: _KeyRecord | None, key: str, settings: Settings) -> Principal:
+    expected = record.key_hash if record else hash_key("missing", settings.key_pepper)
     valid = hmac.compare_digest(expected, hash_key(key, settings.key_pepper))
-    if row is None or not valid or row.revoked_at is not None:
-        raise Problem(401, "Unknown or revoked API key.", headers=challenge)
-    return Principal(row.project, frozenset(row.scopes.split(",")), row.id)
+    if record is None or not valid or record.revoked:
+        raise Problem(401, "Unknown or revoked API key.", headers=_CHALLENGE)
+    return Principal(record.project, record.scopes, record.key_id)
+
+
+def authenticate(
+    session: Session, settings: Settings, authorization: str | None, cache: KeyCache | None = None
+) -> Principal:
+    if settings.auth_disabled:
+        return Principal(settings.default_project, frozenset(SCOPES), None)
+    key, prefix = _parse(authorization)
+    record = cache.get(prefix) if cache is not None else None
+    if record is None:
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        if row is not None:
+            record = _KeyRecord(row.key_hash, row.project, frozenset(row.scopes.split(",")), row.id,
+                                row.revoked_at is not None)
+            if cache is not None:
+                cache.put(prefix, record)
+    return _check(record, key, settings)
+
+
+def _authenticate_from_cache(settings: Settings, authorization: str | None, cache: KeyCache | None) -> Principal | None:
+    """The principal when no database is needed (auth off, malformed header, cached key), else None."""
+    if settings.auth_disabled:
+        return Principal(settings.default_project, frozenset(SCOPES), None)
+    key, prefix = _parse(authorization)
+    record = cache.get(prefix) if cache is not None else None
+    return _check(record, key, settings) if record is not None else None
 
 
 def require(scope: str):  # noqa: ANN201 - FastAPI dependency factory
-    def dependency(
+    # async: a cached key is checked on the event loop; only a key lookup goes to a worker thread.
+    async def dependency(
         request: Request,
         session: Session = Depends(get_session),
         settings: Settings = Depends(get_settings_dep),
     ) -> Principal:
-        principal = authenticate(session, settings, request.headers.get("authorization"))
+        header = request.headers.get("authorization")
+        cache = getattr(request.app.state, "key_cache", None)
+        principal = _authenticate_from_cache(settings, header, cache) or await run_in_threadpool(
+            authenticate, session, settings, header, cache
+        )
         limiter = request.app.state.rate_limiter
         if limiter is not None:
             wait = limiter.take(principal.key_id or principal.project)

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     # Security. Auth is on unless switched off explicitly for local use.
     auth_disabled: bool = False
     key_pepper: str = Field("layerscope-dev-pepper", description="HMAC key for stored API-key hashes.")
+    key_cache_seconds: float = Field(
+        5.0, description="An API process reuses a key lookup this long; another replica sees a revocation "
+        "within it (the one that revoked, at once). 0: look the key up on every request.",
+    )
     default_project: str = "default"
 
     # Where local models and data files may come from (no `../` escapes).
@@ -47,6 +51,10 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = 1200
     max_page_size: int = 200
     max_body_bytes: int = 8 * 1024 * 1024
+    # Requests worked on at once per API process (the rest wait in order). At most the database pool's
+    # 10 steady connections, so a burst neither times out on the pool nor churns overflow connections.
+    # 0 switches the limit off.
+    max_inflight_requests: int = 10
 
     # Webhooks (SSRF: the service POSTs to URLs that admin keys register). With an allow-list only those
     # hosts (`example.com`, `*.example.com`, an IP) are accepted; without one any host is, except those

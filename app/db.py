@@ -47,6 +47,14 @@ def session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=engine_for(url), expire_on_commit=False)
 
 
+@lru_cache(maxsize=8)
+def read_session_factory(url: str) -> sessionmaker[Session]:
+    """Sessions for read-only requests (GET): autocommit, so a read sends no BEGIN and no ROLLBACK,
+    two database round trips fewer per request. Same pool; each statement sees committed data,
+    as under READ COMMITTED inside a transaction."""
+    return sessionmaker(bind=engine_for(url).execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+
+
 @contextmanager
 def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A transaction: commit on success, roll back on error."""

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from app import problems
 from app.api import analyses, dashboard, gates, health, keys, metrics, webhooks
+from app.auth import KeyCache
 from app.config import Settings, get_settings
-from app.db import session_factory
+from app.db import read_session_factory, session_factory
 from app.queue import Enqueuer, make_enqueuer
 from app.ratelimit import TokenBucket
 
@@ -26,12 +30,81 @@ and `/artifacts`. Every route but `/healthz` and `/readyz` needs
 """
 
 
+ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
+
+
+class _ContentLengthLimit:
+    """A declared Content-Length over the limit is a 413 before any of the body is read."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                response = problems.problem_response(
+                    413, f"Request body over the limit of {self.max_body_bytes} bytes."
+                )
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _InflightLimit:
+    """At most `limit` requests are worked on at once; the rest wait here, in the event loop, in order.
+
+    Each request in progress may hold a database connection, so with `limit` at most the pool's 10
+    steady connections a burst waits for its turn instead of timing out on the pool (503) or opening
+    and closing overflow connections, and fewer threads contend for the GIL. `/healthz` is never held
+    back: liveness must not queue.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.slots = asyncio.Semaphore(limit) if limit > 0 else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if self.slots is None or scope["type"] != "http" or scope["path"] == "/healthz":
+            return await self.app(scope, receive, send)
+        async with self.slots:
+            await self.app(scope, receive, send)
+
+
+class _Measure:
+    """HTTP latency by method, route template and status (Prometheus), waiting time included."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            metrics.HTTP_LATENCY.labels(
+                scope["method"], getattr(route, "path", "unmatched"), str(status)
+            ).observe(time.perf_counter() - started)
+
+
 def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(title="layerscope", version="0.1.0", description=DESCRIPTION)
     app.state.settings = settings
     app.state.session_factory = session_factory(settings.resolved_database_url)
+    app.state.read_session_factory = read_session_factory(settings.resolved_database_url)
     app.state.enqueuer = enqueuer or make_enqueuer(settings)
+    app.state.key_cache = KeyCache(settings.key_cache_seconds)
     app.state.rate_limiter = TokenBucket(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
     if settings.auth_disabled:
         logging.getLogger("layerscope.api").warning(
@@ -39,24 +112,14 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
             settings.default_project,
         )
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return problems.problem_response(
-                413, f"Request body over the limit of {settings.max_body_bytes} bytes."
-            )
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def measure(request: Request, call_next):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.HTTP_LATENCY.labels(
-            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
-        ).observe(time.perf_counter() - started)
-        return response
+    # Plain ASGI middlewares (no per-request task group and body streams as with @app.middleware).
+    # Outermost first: measure -> in-flight limit -> Content-Length limit -> streamed-body limit -> app.
+    # The streamed (chunked) body is counted as it arrives; FastAPI turns its overflow into a 413
+    # that problems.py renders.
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
+    app.add_middleware(_ContentLengthLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(_InflightLimit, limit=settings.max_inflight_requests)
+    app.add_middleware(_Measure)
 
     problems.install(app)
     app.include_router(health.router)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("layerscope.api")
 
@@ -56,6 +57,20 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """Every method some route serves at this path. Starlette names only the first matching
+    route's methods, so `OPTIONS /v1/analyses` said `Allow: POST` although GET is served too."""
+    allowed = [
+        method for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+               for route in request.app.router.routes)
+    ]
+    return ", ".join(allowed) or None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
@@ -72,9 +87,14 @@ def install(app: FastAPI) -> None:
         return problem_response(422, f"Invalid request: {detail}", errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return problem_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            headers["Allow"] = allowed
+        if exc.status_code == 413:  # a streamed (chunked) body over the limit, from the body-limit middleware
+            detail = f"Request body over the limit of {request.app.state.settings.max_body_bytes} bytes."
+        return problem_response(exc.status_code, detail, headers=headers or None)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)

@@ -104,7 +104,6 @@ __all__ = [
     "block_count",
     "count_parameters",
     "export_pruned_model",
-    "measure_forward_time",
     "measure_speedup",
     "pruning_order",
     "pruned_view",
@@ -267,28 +266,6 @@ def retained_pct(original: float | None, pruned: float | None, higher_is_better:
     if den == 0 or not math.isfinite(num) or not math.isfinite(den):
         return None
     return 100.0 * num / den
-
-
-def measure_forward_time(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, runs: int = 5
-) -> list[float]:
-    """Seconds of `runs` timed forward passes of the same batch (after one warm-up)."""
-    device = input_ids.device
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times: list[float] = []
-    with torch.inference_mode():
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        for _ in range(max(1, runs)):
-            sync()
-            start = time.perf_counter()
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            sync()
-            times.append(time.perf_counter() - start)
-    return times
 
 
 def median(values: Sequence[float]) -> float:

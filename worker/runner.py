@@ -43,7 +43,17 @@ class _Heartbeat(threading.Thread):
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+    """MemoryError and torch's OutOfMemoryError, and the allocation failures torch reports as a
+    RuntimeError (`DefaultCPUAllocator: can't allocate memory`, `unable to mmap ... Cannot allocate
+    memory (12)`) or the OS as ENOMEM, e.g. under a container's or RLIMIT_AS memory limit."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(exc, OSError) and exc.errno == 12:  # ENOMEM
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError | OSError) and any(
+        m in text for m in ("out of memory", "can't allocate memory", "cannot allocate memory")
+    )
 
 
 def run_job(

@@ -47,6 +47,9 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         403: "The key lacks the needed scope",
         404: "No such analysis in this key's project",
         422: "Invalid request (the body names the field)",
+        400: "The body could not be read (e.g. JSON that is not UTF-8)",
+        413: "Request body over the size limit",
+        429: "Rate limit of this API key exceeded (see Retry-After)",
         503: "Database unavailable",
     }.items()
 }
@@ -251,7 +254,15 @@ def get_analysis(
     principal: Principal = Depends(require("read")),
     session: Session = Depends(get_session),
 ) -> AnalysisOut:
-    return _one_out(session, _get_owned(session, principal, analysis_id))
+    # The status poll, the hottest route: the row and its labels in one query, without ORM objects.
+    rows = session.execute(
+        select(Analysis.__table__, AnalysisLabel.key.label("label_key"), AnalysisLabel.value.label("label_value"))
+        .outerjoin(AnalysisLabel, AnalysisLabel.analysis_id == Analysis.id)
+        .where(Analysis.id == analysis_id, Analysis.project == principal.project)
+    ).all()
+    if not rows:  # another project's analysis is indistinguishable from a missing one
+        raise Problem(404, f"No analysis {analysis_id!r} in this project.")
+    return to_out(rows[0], {r.label_key: r.label_value for r in rows if r.label_key is not None})  # type: ignore[arg-type]
 
 
 @router.post(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -16,7 +17,20 @@ from app.models import ApiKey, utcnow
 from app.problems import Problem
 from app.schemas import Strict
 
-router = APIRouter(prefix="/v1/keys", tags=["keys"])
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    code: {"description": desc, "content": {"application/problem+json": {}}}
+    for code, desc in {
+        401: "Missing or invalid API key",
+        403: "The key lacks the admin scope",
+        404: "No such key in this key's project",
+        400: "The body could not be read (e.g. JSON that is not UTF-8)",
+        413: "Request body over the size limit",
+        422: "Invalid request (the body names the field)",
+        429: "Rate limit of this API key exceeded (see Retry-After)",
+        503: "Database unavailable",
+    }.items()
+}
+router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=PROBLEMS)
 
 
 class KeyCreate(Strict):
@@ -70,7 +84,10 @@ def list_keys(
 
 @router.delete("/{key_id}", status_code=204, summary="Revoke an API key")
 def revoke(
-    key_id: str, principal: Principal = Depends(require("admin")), session: Session = Depends(get_session)
+    key_id: str,
+    request: Request,
+    principal: Principal = Depends(require("admin")),
+    session: Session = Depends(get_session),
 ) -> None:
     done = session.execute(
         update(ApiKey).where(ApiKey.id == key_id, ApiKey.project == principal.project).values(revoked_at=utcnow())
@@ -78,3 +95,4 @@ def revoke(
     if not done:
         raise Problem(404, f"No API key {key_id!r} in this project.")
     session.commit()
+    request.app.state.key_cache.drop(key_id)  # this process stops accepting it at once

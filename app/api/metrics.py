@@ -27,7 +27,16 @@ STAGE_SECONDS = Gauge(
 )
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics", summary="Prometheus metrics", response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}},
+        **{code: {"description": desc, "content": {"application/problem+json": {}}} for code, desc in {
+            401: "Missing or invalid API key", 403: "The key lacks the admin scope",
+            429: "Rate limit of this API key exceeded (see Retry-After)", 503: "Database unavailable",
+        }.items()},
+    },
+)
 def metrics(request: Request, principal: Principal = Depends(require("admin"))) -> Response:
     settings = request.app.state.settings
     with request.app.state.session_factory() as session:

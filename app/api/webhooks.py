@@ -32,6 +32,9 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
         403: "The key lacks the admin scope",
         404: "No such webhook in this key's project",
         422: "Invalid request, or a URL this server refuses to call",
+        400: "The body could not be read (e.g. JSON that is not UTF-8)",
+        413: "Request body over the size limit",
+        429: "Rate limit of this API key exceeded (see Retry-After)",
         503: "Database unavailable",
     }.items()
 }

@@ -72,6 +72,7 @@ __all__ = [
     "evaluate_perplexity",
     "evaluate_qa",
     "example_field",
+    "generate_answers",
     "has_classification_head",
     "is_causal_lm",
     "iter_batches",

@@ -82,13 +82,13 @@ from worker.stage import ArtifactFile, JobContext, JobFailed, LayerRow, MetricRo
 
 __all__ = [
     "STAGE",
-    "TABLE_METRICS",
     "AnswerRecord",
     "HallucinationRun",
     "QAItem",
     "analyze_hallucination",
     "run_hallucination_stage",
     "split_examples",
+    "table_markdown",
 ]
 
 STAGE = "hallucination"
@@ -320,9 +320,6 @@ def table_markdown(table: dict[str, Any]) -> str:
     for m in table["rows"]:
         lines.append(f"| {m} | " + " | ".join(_fmt(table["values"][m].get(d)) for d in cols) + " |")
     return "\n".join(lines) + "\n"
-
-
-TABLE_METRICS = ("acc@50", "cov@50", "ece", "ece_litcab", "brier", "auroc")
 
 
 def _answers_csv(records: Sequence[AnswerRecord], detectors: Sequence[str]) -> bytes:

@@ -1,0 +1,465 @@
+"""Hostile and oversized input, and the security promises, on a real SQLite database.
+
+Limits (body size, examples per job, tokens per example, page sizes) are refused at the
+API. Paths that escape the configured roots, `trust_remote_code`, and malformed data files
+go through the real worker code path (`worker.runner.run_job` with the real pipeline), end
+FAILED with an error a person can act on, and a file outside the roots is never opened
+(checked with a Python audit hook on every `open`). Keys are stored as an HMAC and compared
+in constant time; secrets never reach the logs; another project's resources are 404.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app import auth as auth_module
+from app.auth import create_key
+from app.config import Settings
+from app.db import session_factory, session_scope
+from app.logs import JsonFormatter
+from app.main import create_app
+from app.models import Analysis, ApiKey
+from app.schemas import MAX_EXAMPLES, MAX_TOKENS, JobState
+from tests.conftest import free_port, make_settings
+from worker import jobstore
+from worker.runner import run_job
+from worker.stage import ArtifactFile, LayerRow, StageResult
+
+# ------------------------------------------------------------------ file-open audit
+
+_WATCHED: list[str] = []  # substrings of paths that must never be opened while set
+_OPENED: list[str] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event != "open" or not _WATCHED:
+        return
+    path = args[0] if args else None
+    if isinstance(path, (str, bytes, os.PathLike)):
+        text = os.fsdecode(path)
+        if any(w in text for w in _WATCHED):
+            _OPENED.append(text)
+
+
+sys.addaudithook(_audit)  # process-wide and permanent; it does nothing while _WATCHED is empty
+
+
+@pytest.fixture
+def never_opened() -> Iterator[list[str]]:
+    """Add path fragments to the yielded list; the test fails if any matching path is opened."""
+    _OPENED.clear()
+    yield _WATCHED
+    watched = list(_WATCHED)
+    _WATCHED.clear()
+    assert not _OPENED, f"opened files that must never be read: {_OPENED} (watching {watched})"
+
+
+def test_the_open_audit_sees_every_read(tmp_path: Path) -> None:
+    """The control for the checks below: the audit hook does see Python- and os-level opens."""
+    token = uuid.uuid4().hex
+    probe = tmp_path / f"probe-{token}.txt"
+    probe.write_text("x")
+    _WATCHED.append(token)
+    _OPENED.clear()
+    try:
+        probe.read_text()
+        os.close(os.open(probe, os.O_RDONLY))
+        assert len(_OPENED) == 2, _OPENED
+    finally:
+        _WATCHED.clear()
+        _OPENED.clear()
+
+
+# ------------------------------------------------------------------ environment
+
+
+@dataclass
+class Env:
+    settings: Settings
+    sf: object
+    client: TestClient
+    key: str
+    token: str  # unique marker in the names of files outside the roots
+    outside: Path
+    model_root: Path
+    data_root: Path
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def submit(self, spec: dict) -> str:
+        resp = self.client.post("/v1/analyses", json=spec, headers=self.auth)
+        assert resp.status_code == 201, resp.text
+        return resp.json()["id"]
+
+    def run(self, spec: dict, settings: Settings | None = None) -> Analysis:
+        """Submit over the API, then run it as a worker would: real runner, real pipeline."""
+        analysis_id = self.submit(spec)
+        run_job(analysis_id, self.sf, settings or self.settings, "reliability-worker")
+        with self.sf() as s:
+            return s.get(Analysis, analysis_id)
+
+
+@pytest.fixture
+def env(sqlite_url: str, tmp_path: Path) -> Env:
+    token = uuid.uuid4().hex[:12]
+    model_root, data_root, outside = tmp_path / "roots" / "models", tmp_path / "roots" / "data", tmp_path / "outside"
+    for d in (model_root, data_root, outside):
+        d.mkdir(parents=True)
+    # Outside the roots: a data file and a model folder (its config.json must never be read) ...
+    (outside / f"secret-{token}.jsonl").write_text('{"text": "must never be read"}\n')
+    (outside / f"model-{token}").mkdir()
+    (outside / f"model-{token}" / "config.json").write_text('{"model_type": "llama"}')
+    # ... and links inside the roots that point there.
+    (data_root / f"escape-{token}.jsonl").symlink_to(outside / f"secret-{token}.jsonl")
+    (model_root / f"escape-{token}").symlink_to(outside / f"model-{token}")
+    settings = make_settings(
+        sqlite_url, tmp_path, model_roots=[model_root], data_roots=[data_root],
+        max_body_bytes=256 * 1024, rate_limit_per_minute=0,
+    )
+    sf = session_factory(settings.resolved_database_url)
+    with session_scope(sf) as s:
+        key = create_key(s, settings, "sec", "sec", ["read", "submit", "admin"])
+    return Env(settings, sf, TestClient(create_app(settings)), key, token, outside, model_root, data_root)
+
+
+def spec(model: str = "tiny-random-llama", **dataset: object) -> dict:
+    return {
+        "model": {"name": model},
+        "dataset": dataset or {"rows": [{"text": "hello world"}, {"text": "a second text"}], "limit": 2},
+        "stages": {"avss": {"plots": False}},
+    }
+
+
+def assert_problem(resp, status: int) -> dict:  # noqa: ANN001
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    body = resp.json()
+    assert body["status"] == status and body["detail"]
+    return body
+
+
+def fields(body: dict) -> set[str]:
+    return {e["field"] for e in body.get("errors", [])}
+
+
+# ------------------------------------------------------------------ limits
+
+
+def test_body_over_the_limit_is_413_with_or_without_content_length(env: Env) -> None:
+    limit = env.settings.max_body_bytes
+    big = json.dumps(spec(rows=[{"text": "x" * 1000}] * (limit // 1000 + 10), limit=2)).encode()
+    headers = {**env.auth, "content-type": "application/json"}
+    body = assert_problem(env.client.post("/v1/analyses", content=big, headers=headers), 413)
+    assert str(limit) in body["detail"]
+
+    def chunked(data: bytes, size: int = 16 * 1024) -> Iterator[bytes]:
+        for i in range(0, len(data), size):
+            yield data[i : i + size]
+
+    # A chunked body has no Content-Length; it is counted while it streams in.
+    body = assert_problem(env.client.post("/v1/analyses", content=chunked(big), headers=headers), 413)
+    assert str(limit) in body["detail"]
+    # A lying Content-Length is refused before the body is read.
+    assert_problem(env.client.post("/v1/analyses", content=b"{}", headers={**headers, "content-length": str(limit + 1)}), 413)
+    # Under the limit, chunked or not, the same body is accepted.
+    small = json.dumps(spec()).encode()
+    assert env.client.post("/v1/analyses", content=chunked(small, 64), headers=headers).status_code == 201
+    with env.sf() as s:
+        assert len(list(s.scalars(select(Analysis.id)))) == 1  # nothing of the refused bodies was stored
+
+
+def test_the_body_limit_holds_over_real_http(env: Env) -> None:
+    """The same through uvicorn on a real socket, where a chunked body is decoded by the server."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(env.settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        big = json.dumps(spec(rows=[{"text": "x" * 1000}] * 300, limit=2)).encode()
+        headers = {**env.auth, "content-type": "application/json"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for content in (big, iter([big[i : i + 8192] for i in range(0, len(big), 8192)])):
+                resp = client.post("/v1/analyses", content=content, headers=headers)
+                assert_problem(resp, 413)
+            assert client.post("/v1/analyses", json=spec(), headers=env.auth).status_code == 201
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "field", "ok"),
+    [
+        ({"name": "chatterbot-trivia", "limit": MAX_EXAMPLES + 1}, "dataset.limit", {"limit": MAX_EXAMPLES}),
+        ({"name": "chatterbot-trivia", "limit": 0}, "dataset.limit", {"limit": 1}),
+        ({"rows": [{"text": "x"}] * 10_001}, "dataset.rows", {"rows": [{"text": "x"}] * 10_000}),
+        ({"name": "chatterbot-trivia", "max_tokens": MAX_TOKENS + 1}, "dataset.max_tokens", {"max_tokens": MAX_TOKENS}),
+        ({"name": "chatterbot-trivia", "max_tokens": 7}, "dataset.max_tokens", {"max_tokens": 8}),
+    ],
+)
+def test_examples_and_tokens_per_job_are_capped(env: Env, dataset: dict, field: str, ok: dict) -> None:
+    body = assert_problem(env.client.post("/v1/analyses", json=spec(**dataset), headers=env.auth), 422)
+    assert field in fields(body), body
+    accepted = {**dataset, **ok}
+    assert env.client.post("/v1/analyses", json=spec(**accepted), headers=env.auth).status_code == 201
+
+
+def test_page_sizes_are_capped(env: Env) -> None:
+    analysis_id = env.submit(spec())
+    hook = env.client.post("/v1/webhooks", json={"url": "https://example.com/h"}, headers=env.auth).json()["id"]
+    for path, name, top in [
+        ("/v1/analyses", "page_size", 200),
+        ("/v1/gates/verdicts", "page_size", 200),
+        (f"/v1/analyses/{analysis_id}/verdicts", "page_size", 200),
+        (f"/v1/webhooks/{hook}/deliveries", "limit", 200),
+    ]:
+        for bad in (top + 1, 0, -1, "many", 10**30):
+            body = assert_problem(env.client.get(path, params={name: bad}, headers=env.auth), 422)
+            assert f"query.{name}" in fields(body), (path, bad, body)
+        assert env.client.get(path, params={name: top}, headers=env.auth).status_code == 200
+    body = assert_problem(env.client.get("/v1/analyses", params={"page_token": "not-a-token"}, headers=env.auth), 422)
+    assert "page_token" in fields(body)
+
+
+# ------------------------------------------------------------------ paths
+
+
+def _model_escapes(env: Env) -> list[str]:
+    t = env.token
+    return [
+        "../../etc/passwd",
+        "/etc/passwd",
+        str(env.outside / f"model-{t}"),  # absolute, outside the roots
+        f"../../outside/model-{t}",  # relative, climbing out of the root
+        f"escape-{t}",  # a symlink inside the root that points outside
+        f"./escape-{t}/.",
+    ]
+
+
+def _data_escapes(env: Env) -> list[str]:
+    t = env.token
+    return [
+        "../../etc/passwd",
+        "/etc/passwd",
+        str(env.outside / f"secret-{t}.jsonl"),
+        f"../../outside/secret-{t}.jsonl",
+        f"escape-{t}.jsonl",
+        f"{env.data_root}/escape-{t}.jsonl",  # absolute, spelled inside the root, resolving outside
+    ]
+
+
+def test_model_paths_outside_the_roots_end_failed_unread(env: Env, never_opened: list[str]) -> None:
+    never_opened += ["passwd", env.token]
+    for name in _model_escapes(env):
+        row = env.run(spec(model=name))
+        assert (row.state, row.error_type) == (JobState.FAILED.value, "path_not_allowed"), (name, row.error_detail)
+        assert "model roots" in row.error_detail
+
+
+def test_data_paths_outside_the_roots_end_failed_unread(env: Env, never_opened: list[str]) -> None:
+    never_opened += ["passwd", env.token]
+    for path in _data_escapes(env):
+        row = env.run(spec(path=path, limit=2))
+        assert (row.state, row.error_type) == (JobState.FAILED.value, "path_not_allowed"), (path, row.error_detail)
+        assert "data roots" in row.error_detail
+
+
+def test_local_files_are_refused_when_no_roots_are_configured(env: Env, never_opened: list[str]) -> None:
+    never_opened += ["passwd"]
+    closed = env.settings.model_copy(update={"model_roots": [], "data_roots": []})
+    for job in (spec(model="/etc/passwd"), spec(path="/etc/passwd", limit=2)):
+        row = env.run(job, settings=closed)
+        assert (row.state, row.error_type) == (JobState.FAILED.value, "path_not_allowed"), row.error_detail
+
+
+def test_trust_remote_code_is_refused_at_submit_and_by_the_worker(env: Env) -> None:
+    job = spec()
+    job["model"]["trust_remote_code"] = True
+    body = assert_problem(env.client.post("/v1/analyses", json=job, headers=env.auth), 422)
+    assert "model.trust_remote_code" in fields(body)
+    # Allow-listed at submit time, then taken off the list before a worker runs it: the worker refuses.
+    allowing = env.settings.model_copy(update={"trust_remote_code_allowlist": ["tiny-random-llama"]})
+    client = TestClient(create_app(allowing))
+    resp = client.post("/v1/analyses", json=job, headers=env.auth)
+    assert resp.status_code == 201, resp.text
+    run_job(resp.json()["id"], env.sf, env.settings, "reliability-worker")
+    with env.sf() as s:
+        row = s.get(Analysis, resp.json()["id"])
+    assert (row.state, row.error_type) == (JobState.FAILED.value, "trust_remote_code_refused"), row.error_detail
+
+
+# ------------------------------------------------------------------ malformed data files
+
+MALFORMED = {
+    "broken.jsonl": (b'{"text": "one"}\n{"text": "two"}\n{"text": "three"\n{"text": "four"}\n', "line 3"),
+    "not-an-object.jsonl": (b'{"text": "one"}\n{"text": "two"}\n["three"]\n', "line 3"),
+    "bad-utf8.jsonl": (b'{"text": "one"}\n{"text": "two"}\n{"text": "\xff\xfe"}\n', "line 3"),
+    "bad-row.csv": (b"text,label\nfirst,a\nsecond,b,extra\nthird,c\n", "line 3"),
+    "no-text.csv": (b"text,label\nfirst,a\n,b\n", "line 3"),
+    "broken.json": (b'[\n  {"text": "one"},\n  {"text": "two"\n]\n', "line 4"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_data_files_end_failed_naming_file_and_line(env: Env, name: str) -> None:
+    content, where = MALFORMED[name]
+    (env.data_root / name).write_bytes(content)
+    row = env.run(spec(path=name, limit=2))
+    assert (row.state, row.error_type) == (JobState.FAILED.value, "dataset_invalid"), row.error_detail
+    assert name in row.error_detail and where in row.error_detail, row.error_detail
+
+
+# ------------------------------------------------------------------ keys
+
+
+def test_keys_are_stored_as_an_hmac_of_the_server_pepper(env: Env) -> None:
+    with env.sf() as s:
+        row = s.scalar(select(ApiKey).where(ApiKey.prefix == env.key.split("_")[1]))
+    expected = hmac.new(env.settings.key_pepper.encode(), env.key.encode(), hashlib.sha256).hexdigest()
+    assert row.key_hash == expected
+    assert env.key.split("_", 2)[2] not in json.dumps({c.name: str(getattr(row, c.name)) for c in row.__table__.columns})
+    # The pepper is part of the hash: the same key is unknown to a server with another pepper.
+    other = TestClient(create_app(env.settings.model_copy(update={"key_pepper": "another-pepper"})))
+    assert_problem(other.get("/v1/analyses", headers=env.auth), 401)
+    assert env.client.get("/v1/analyses", headers=env.auth).status_code == 200
+
+
+def test_keys_are_compared_in_constant_time(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = inspect.getsource(auth_module)  # the one digest comparison of the key path is compare_digest
+    assert source.count("hmac.compare_digest(") == 1 and "key_hash ==" not in source and "== hash_key" not in source
+    calls: list[tuple[str, str]] = []
+    real = hmac.compare_digest
+
+    def spy(a, b):  # noqa: ANN001, ANN202
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    prefix = env.key.split("_")[1]
+    wrong_secret = f"ls_{prefix}_{'A' * 43}"
+    unknown_prefix = f"ls_{'0' * 12}_{'A' * 43}"
+    for key, status in ((env.key, 200), (wrong_secret, 401), (unknown_prefix, 401)):
+        calls.clear()
+        assert env.client.get("/v1/analyses", headers={"Authorization": f"Bearer {key}"}).status_code == status
+        # One digest comparison per request, also for an unknown prefix (no early return that times it).
+        assert len(calls) == 1, (key, calls)
+        assert all(len(a) == len(b) == 64 for a, b in calls)
+
+
+# ------------------------------------------------------------------ secrets and logs
+
+
+def test_secrets_never_reach_the_logs(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger, every level
+    settings = env.settings
+    settings.webhook_allow_private_networks = True  # the receiver below is a closed loopback port
+    secrets_seen: list[str] = [env.key, env.key.split("_", 2)[2]]
+
+    made = env.client.post("/v1/keys", json={"name": "ci", "scopes": ["read"]}, headers=env.auth)
+    assert made.status_code == 201
+    new_key = made.json()["key"]
+    secrets_seen += [new_key, new_key.split("_", 2)[2]]
+    assert env.client.get("/v1/analyses", headers={"Authorization": f"Bearer {new_key}"}).status_code == 200
+    prefix = new_key.split("_")[1]
+    wrong = f"ls_{prefix}_wrong-secret-{uuid.uuid4().hex}"
+    secrets_seen.append(wrong)
+    assert_problem(env.client.get("/v1/analyses", headers={"Authorization": f"Bearer {wrong}"}), 401)
+    assert_problem(env.client.post("/v1/analyses", json=spec(), headers={"Authorization": f"Bearer {new_key}"}), 403)
+
+    hook_secret = f"whsec-test-{uuid.uuid4().hex}"
+    secrets_seen.append(hook_secret)
+    url = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: the delivery fails and is logged
+    made = env.client.post("/v1/webhooks", json={"url": url, "secret": hook_secret}, headers=env.auth)
+    assert made.status_code == 201, made.text
+    refused = env.client.post("/v1/webhooks", json={"url": "ftp://x/y", "secret": hook_secret}, headers=env.auth)
+    assert_problem(refused, 422)
+    generated = env.client.post("/v1/webhooks", json={"url": url}, headers=env.auth).json()["secret"]
+    secrets_seen.append(generated)
+
+    # A finished job emits an event; the delivery attempt to the dead receiver logs a warning.
+    from worker import webhooks
+
+    analysis_id = env.submit(spec())
+    token = jobstore.claim(env.sf, analysis_id, "w")
+    jobstore.save_stage(env.sf, settings, analysis_id, token, StageResult(
+        stage="avss", layers=[LayerRow(0, "model.layers.0", "avss", {"avss": 1.0})],
+        artifacts=[ArtifactFile("a.svg", "image/svg+xml", b"<svg/>")],
+    ))
+    jobstore.finish(env.sf, analysis_id, token, JobState.SUCCEEDED)
+    webhooks.on_finished(env.sf, settings, analysis_id, JobState.SUCCEEDED)
+    assert webhooks.deliver_due(env.sf, settings, budget_s=10) == 2
+    assert any("webhook" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+    formatter = JsonFormatter()
+    lines = [formatter.format(r) for r in caplog.records]
+    assert len(lines) >= 3, lines
+    leaked = [(s, line) for s in secrets_seen for line in lines if s in line]
+    assert not leaked, leaked
+
+
+# ------------------------------------------------------------------ projects
+
+
+def test_another_projects_resources_are_404_on_every_route(env: Env) -> None:
+    auth = env.auth
+    analysis_id = env.submit(spec())
+    token = jobstore.claim(env.sf, analysis_id, "w")
+    jobstore.save_stage(env.sf, env.settings, analysis_id, token, StageResult(
+        stage="avss", layers=[LayerRow(0, "model.layers.0", "avss", {"avss": 1.0})],
+        artifacts=[ArtifactFile("a.svg", "image/svg+xml", b"<svg/>")],
+    ))
+    jobstore.finish(env.sf, analysis_id, token, JobState.SUCCEEDED)
+    c = env.client
+    assert c.post("/v1/gates", json={"name": "mine", "rules": ["layers.avss.warnings == 0"]}, headers=auth).status_code == 201
+    verdict = c.post(f"/v1/analyses/{analysis_id}/gate", params={"policy": "mine"}, headers=auth).json()["id"]
+    hook = c.post("/v1/webhooks", json={"url": "https://example.com/h"}, headers=auth).json()["id"]
+    with env.sf() as s:
+        key_id = s.scalar(select(ApiKey.id).where(ApiKey.prefix == env.key.split("_")[1]))
+    with session_scope(env.sf) as s:
+        intruder = {"Authorization": f"Bearer {create_key(s, env.settings, 'intruder', 'x', ['read', 'submit', 'admin'])}"}
+
+    a = f"/v1/analyses/{analysis_id}"
+    probes = [
+        ("GET", a), ("GET", f"{a}/layers"), ("GET", f"{a}/metrics"), ("GET", f"{a}/artifacts"),
+        ("GET", f"{a}/artifacts/a.svg"), ("GET", f"{a}/verdicts"), ("POST", f"{a}/cancel"),
+        ("POST", f"{a}/gate?policy=mine"), ("DELETE", a),
+        ("GET", "/v1/gates/mine"), ("GET", "/v1/gates/mine/versions"), ("GET", f"/v1/gates/verdicts/{verdict}"),
+        ("GET", f"/v1/webhooks/{hook}"), ("GET", f"/v1/webhooks/{hook}/deliveries"), ("DELETE", f"/v1/webhooks/{hook}"),
+        ("DELETE", f"/v1/keys/{key_id}"),
+    ]
+    for method, path in probes:
+        assert_problem(c.request(method, path, headers=intruder), 404)
+    for path in ("/v1/analyses", "/v1/gates", "/v1/webhooks"):
+        assert c.get(path, headers=intruder).json() in ([], {"items": [], "next_page_token": None})
+    assert c.get("/v1/gates/verdicts", headers=intruder).json()["items"] == []
+    assert [k["name"] for k in c.get("/v1/keys", headers=intruder).json()] == ["x"]
+    # Nothing of the owner's was touched.
+    for method, path in probes:
+        if method == "GET":
+            assert c.get(path, headers=auth).status_code == 200, path
