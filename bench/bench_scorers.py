@@ -95,7 +95,8 @@ def main() -> None:
     )
 
     # Warm-up (allocator, lazy init) and the bare forward reference.
-    encoded = encode_texts(loaded.tokenizer, texts, args.max_tokens)
+    # Sorted by length, as the profiler and the scorers batch (least padding).
+    encoded = sorted(encode_texts(loaded.tokenizer, texts, args.max_tokens), key=len, reverse=True)
     pad = loaded.tokenizer.pad_token_id or 0
     batches = [
         pad_batch(encoded[i : i + args.batch_size], pad) for i in range(0, len(encoded), args.batch_size)
