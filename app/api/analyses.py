@@ -63,7 +63,8 @@ def spec_hash(spec: AnalysisSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _labels(session: Session, ids: list[str]) -> dict[str, dict[str, str]]:
+def labels_for(session: Session, ids: list[str]) -> dict[str, dict[str, str]]:
+    """Labels of each analysis id (every id present, possibly with none)."""
     out: dict[str, dict[str, str]] = {i: {} for i in ids}
     if ids:
         for lab in session.scalars(select(AnalysisLabel).where(AnalysisLabel.analysis_id.in_(ids))):
@@ -106,7 +107,7 @@ def _get_owned(session: Session, principal: Principal, analysis_id: str) -> Anal
 
 
 def _one_out(session: Session, row: Analysis) -> AnalysisOut:
-    return to_out(row, _labels(session, [row.id])[row.id])
+    return to_out(row, labels_for(session, [row.id])[row.id])
 
 
 @router.post(
@@ -241,7 +242,7 @@ def list_analyses(
     rows = list(session.scalars(query.order_by(Analysis.created_at.desc(), Analysis.id.desc()).limit(page_size + 1)))
     more = len(rows) > page_size
     rows = rows[:page_size]
-    labels = _labels(session, [r.id for r in rows])
+    labels = labels_for(session, [r.id for r in rows])
     return AnalysisPage(
         items=[to_out(r, labels[r.id]) for r in rows],
         next_page_token=_encode_cursor(rows[-1]) if more else None,

@@ -21,6 +21,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.api.analyses import labels_for
 from app.api.webhooks import enqueue_event
 from app.auth import Principal, require
 from app.deps import get_session
@@ -142,14 +143,6 @@ def load_snapshot(session: Session, analysis: Analysis) -> Snapshot:
     return Snapshot(metrics, layers, list(analysis.warnings or []), dict(analysis.summary or {}))
 
 
-def _labels(session: Session, ids: list[str]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {i: {} for i in ids}
-    if ids:
-        for lab in session.scalars(select(AnalysisLabel).where(AnalysisLabel.analysis_id.in_(ids))):
-            out[lab.analysis_id][lab.key] = lab.value
-    return out
-
-
 def verdict_out(row: GateVerdict, labels: dict[str, str]) -> VerdictOut:
     return VerdictOut(
         id=row.id, analysis_id=row.analysis_id, model=row.model_name, labels=labels, policy=row.policy_name,
@@ -192,7 +185,7 @@ def evaluate_and_store(
     )
     session.add(row)
     session.flush()
-    out = verdict_out(row, _labels(session, [analysis.id])[analysis.id])
+    out = verdict_out(row, labels_for(session, [analysis.id])[analysis.id])
     enqueue_event(session, analysis.project, "gate.verdict", out.model_dump(mode="json"), analysis_id=analysis.id)
     return row
 
@@ -336,7 +329,7 @@ def _page(session: Session, query: Any, page_size: int, page_token: str | None) 
     rows = list(session.scalars(query.order_by(GateVerdict.created_at.desc(), GateVerdict.id.desc())
                                 .limit(page_size + 1)))
     more, rows = len(rows) > page_size, rows[:page_size]
-    labels = _labels(session, list({r.analysis_id for r in rows}))
+    labels = labels_for(session, list({r.analysis_id for r in rows}))
     return VerdictPage(items=[verdict_out(r, labels[r.analysis_id]) for r in rows],
                        next_page_token=_encode_cursor(rows[-1]) if more else None)
 
@@ -380,7 +373,7 @@ def get_verdict(
     row = session.get(GateVerdict, verdict_id)
     if row is None or row.project != principal.project:
         raise Problem(404, f"No verdict {verdict_id!r} in this project.")
-    return verdict_out(row, _labels(session, [row.analysis_id])[row.analysis_id])
+    return verdict_out(row, labels_for(session, [row.analysis_id])[row.analysis_id])
 
 
 @router.get("/v1/gates/{name}", response_model=PolicyOut, summary="Get a policy (latest or `?version=`)")
@@ -449,7 +442,7 @@ def gate_analysis(
     verdict = evaluate_and_store(session, analysis, policy, row, "api")
     session.commit()
     response.headers["Location"] = f"/v1/gates/verdicts/{verdict.id}"
-    return verdict_out(verdict, _labels(session, [analysis.id])[analysis.id])
+    return verdict_out(verdict, labels_for(session, [analysis.id])[analysis.id])
 
 
 @router.get(
