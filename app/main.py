@@ -60,12 +60,17 @@ class _InflightLimit:
     """
 
     def __init__(self, app: ASGIApp, limit: int):
-        self.app = app
-        self.slots = asyncio.Semaphore(limit) if limit > 0 else None
+        self.app, self.limit = app, limit
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.slots: asyncio.Semaphore | None = None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if self.slots is None or scope["type"] != "http" or scope["path"] == "/healthz":
+        if self.limit <= 0 or scope["type"] != "http" or scope["path"] == "/healthz":
             return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:  # one semaphore per event loop (test clients start their own)
+            self.loop, self.slots = loop, asyncio.Semaphore(self.limit)
+        assert self.slots is not None
         async with self.slots:
             await self.app(scope, receive, send)
 

@@ -1,26 +1,34 @@
 """Load on the HTTP API over Postgres: status polls and submissions from many concurrent clients.
 
     python bench/bench_load.py [--pollers 100] [--requests 40] [--interval 1.0] [--submitters 10]
-                               [--submits 10] [--pg-admin postgresql://postgres@127.0.0.1:5432/postgres]
+                               [--submits 10] [--client raw|httpx] [--workers 1]
+                               [--pg-admin postgresql://postgres@127.0.0.1:5432/postgres]
 
-Starts its own `redis-server` (loopback, free port) and `layerscope serve` (subprocess, loopback)
-on a Postgres database it creates and drops; no worker runs, so submitted jobs stay QUEUED (the
-API's work is all that is measured). The per-key rate limit is set very high
-(LAYERSCOPE_RATE_LIMIT_PER_MINUTE=100000000) so it stays in the request path but never answers 429.
+Starts its own `redis-server` (loopback, free port) and `layerscope serve` (subprocess, loopback;
+`--workers N` > 1 starts `uvicorn --workers N` on the same app factory instead) on a Postgres
+database it creates and drops. No worker runs, so submitted jobs stay QUEUED: the API's work is
+all that is measured. The per-key rate limit is set very high (LAYERSCOPE_RATE_LIMIT_PER_MINUTE=
+100000000) so it stays in the request path but never answers 429.
 
-Phases, each with `--pollers` concurrent asyncio + httpx clients (one connection each):
+Phases, each with `--pollers` concurrent asyncio clients (one keep-alive connection each):
 
 - `healthz` / `poll` (closed loop): every client sends `--requests` requests back to back, to
-  `/healthz` (the in-run baseline: the same server, process and client, no auth, no database) and
-  to `GET /v1/analyses/{id}` (auth lookup + row + labels). Latency here is mostly queueing: with
-  N clients always waiting, latency ~= N / throughput (Little's law);
+  `/healthz` (the in-run baseline: same server, process and client, no auth, no database) and to
+  `GET /v1/analyses/{id}` (key check, row + labels, JSON). Latency here is mostly queueing: with
+  N clients always waiting, latency ~= N / throughput (Little's law), so read it as capacity;
 - `healthz paced` / `poll paced`: every client polls every `--interval` seconds (a status poller;
-  the CLI's `wait` polls every 1 s), `--requests` times, start times spread over one interval;
+  `layerscope wait` polls every 1 s), `--requests` times, start times spread over one interval;
 - `submit`: `--submitters` clients each POST `--submits` analyses back to back.
 
 Prints p50 / p99 / max latency (ms), throughput (requests/s), error responses (anything but the
-expected status, or a transport error: must be 0), and each poll phase's ratio to its healthz
-phase. Target: `poll paced` p99 < 25 ms at 100 pollers. Exit status 1 when any request failed.
+expected status, or a transport error: must be 0), the CPU time per request of the API
+process(es) and of this load generator, and each poll phase's ratio to its healthz phase.
+Target: `poll paced` p99 < 25 ms at 100 pollers. Exit status 1 when any request failed.
+
+`--client raw` (default) is a minimal HTTP/1.1 client on asyncio streams; `--client httpx` uses
+one `httpx.AsyncClient` per client. httpx costs ~3-4 ms of CPU per request on a small machine,
+as much as the server's status poll: on 2 shared cores the httpx run measures mostly the load
+generator (its own `healthz paced` line shows it), the raw run measures the server.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ from app.config import Settings  # noqa: E402
 from app.db import engine_for, session_factory, session_scope  # noqa: E402
 from app.migrate import upgrade  # noqa: E402
 
-CLIENT = "httpx"  # or "raw" (--client)
+CLIENT = "raw"  # or "httpx" (--client)
 API_PID = 0
 SPEC = {
     "model": {"name": "tiny-random-llama"},
@@ -249,7 +257,7 @@ def main() -> int:
     parser.add_argument("--submits", type=int, default=10, help="submissions per submitter")
     parser.add_argument("--workers", type=int, default=1,
                         help="API processes: 1 is `layerscope serve`; more start uvicorn --workers on the app factory")
-    parser.add_argument("--client", choices=["httpx", "raw"], default="httpx",
+    parser.add_argument("--client", choices=["httpx", "raw"], default="raw",
                         help="load generator: httpx.AsyncClient per client, or a minimal asyncio HTTP/1.1 client")
     parser.add_argument("--jobs", type=int, default=20, help="analyses created before polling (polled round robin)")
     parser.add_argument("--pg-admin", default=os.environ.get("LAYERSCOPE_TEST_PG",

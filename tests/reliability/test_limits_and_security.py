@@ -247,6 +247,36 @@ def test_page_sizes_are_capped(env: Env) -> None:
     assert "page_token" in fields(body)
 
 
+def test_requests_in_progress_are_capped_and_health_is_never_held_back() -> None:
+    """The API works on at most `max_inflight_requests` at once (each may hold a pooled database
+    connection); the rest wait their turn instead of timing out on the pool."""
+    import asyncio
+
+    from app.main import _InflightLimit
+
+    inside, peak, health_waited = 0, 0, []
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        nonlocal inside, peak
+        if scope["path"] == "/healthz":
+            health_waited.append(inside)
+            return
+        inside += 1
+        peak = max(peak, inside)
+        await asyncio.sleep(0.01)
+        inside -= 1
+
+    async def burst() -> None:
+        limited = _InflightLimit(app, 3)
+        calls = [limited({"type": "http", "path": f"/v1/analyses/{i}"}, None, None) for i in range(40)]
+        calls.insert(20, limited({"type": "http", "path": "/healthz"}, None, None))
+        await asyncio.gather(*calls)
+
+    asyncio.run(burst())
+    assert peak == 3
+    assert health_waited == [3]  # answered while three requests were in progress, not after them
+
+
 # ------------------------------------------------------------------ paths
 
 
@@ -348,6 +378,29 @@ def test_keys_are_stored_as_an_hmac_of_the_server_pepper(env: Env) -> None:
     other = TestClient(create_app(env.settings.model_copy(update={"key_pepper": "another-pepper"})))
     assert_problem(other.get("/v1/analyses", headers=env.auth), 401)
     assert env.client.get("/v1/analyses", headers=env.auth).status_code == 200
+
+
+def test_a_revoked_key_stops_working_at_once_here_and_within_the_cache_time_elsewhere(env: Env) -> None:
+    made = env.client.post("/v1/keys", json={"name": "short-lived", "scopes": ["read"]}, headers=env.auth).json()
+    key = {"Authorization": f"Bearer {made['key']}"}
+    assert env.client.get("/v1/analyses", headers=key).status_code == 200  # now in the key cache
+    assert env.client.delete(f"/v1/keys/{made['id']}", headers=env.auth).status_code == 204
+    assert_problem(env.client.get("/v1/analyses", headers=key), 401)  # the revoking process: at once
+    # Revoked by another replica (here: straight in the database): accepted until the cache entry expires.
+    import time
+
+    from sqlalchemy import update
+
+    from app.models import utcnow
+
+    replica = TestClient(create_app(env.settings.model_copy(update={"key_cache_seconds": 0.5})))
+    made = env.client.post("/v1/keys", json={"name": "elsewhere", "scopes": ["read"]}, headers=env.auth).json()
+    key = {"Authorization": f"Bearer {made['key']}"}
+    assert replica.get("/v1/analyses", headers=key).status_code == 200
+    with session_scope(env.sf) as s:
+        s.execute(update(ApiKey).where(ApiKey.id == made["id"]).values(revoked_at=utcnow()))
+    time.sleep(0.6)
+    assert_problem(replica.get("/v1/analyses", headers=key), 401)
 
 
 def test_keys_are_compared_in_constant_time(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
