@@ -82,6 +82,7 @@ class Phase:
     name: str
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)  # status code or exception name -> count
     wall: float = 0.0
     server_cpu: float = 0.0  # CPU seconds the API process used during the phase
     client_cpu: float = 0.0  # CPU seconds this (load generator) process used
@@ -100,7 +101,8 @@ class Phase:
             ratio = (f"   x{self.pct(0.5) / baseline.pct(0.5):.2f} p50, x{self.pct(0.99) / baseline.pct(0.99):.2f} p99"
                      f" vs {baseline.name}")
         return (f"{self.name:<14} {self.count:>6} req  p50 {self.pct(0.5):7.2f} ms  p99 {self.pct(0.99):7.2f} ms  "
-                f"max {self.pct(1.0):7.2f} ms  {self.count / self.wall:7.1f} req/s  errors {self.errors}  "
+                f"max {self.pct(1.0):7.2f} ms  {self.count / self.wall:7.1f} req/s  errors {self.errors}"
+                f"{' ' + str(self.error_kinds) if self.error_kinds else ''}  "
                 f"CPU/req server {self.server_cpu / self.count * 1000:.2f} ms client {self.client_cpu / self.count * 1000:.2f} ms"
                 f"{ratio}")
 
@@ -153,13 +155,14 @@ async def _client(kind: str, base: str, headers: dict, phase: Phase, method: str
             started = time.perf_counter()
             try:
                 resp = await client.request(method, paths[i % len(paths)], json=body)
-                ok = (resp if kind == "raw" else resp.status_code) == expect
-            except (httpx.HTTPError, OSError, ValueError, asyncio.IncompleteReadError):
-                ok = False
-            if ok:
+                outcome = str(resp if kind == "raw" else resp.status_code)
+            except (httpx.HTTPError, OSError, ValueError, asyncio.IncompleteReadError) as exc:
+                outcome = type(exc).__name__
+            if outcome == str(expect):
                 phase.latencies.append(time.perf_counter() - started)
             else:
                 phase.errors += 1
+                phase.error_kinds[outcome] = phase.error_kinds.get(outcome, 0) + 1
             if interval:
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
