@@ -135,7 +135,12 @@ class Cluster:
         deadline = time.monotonic() + timeout
         job: dict = {}
         while time.monotonic() < deadline:
-            job = client.get(f"/v1/analyses/{analysis_id}").json()
+            resp = client.get(f"/v1/analyses/{analysis_id}")
+            if resp.status_code == 429:  # a polite client honours the rate limit
+                time.sleep(float(resp.headers.get("retry-after", "1")))
+                continue
+            assert resp.status_code == 200, resp.text
+            job = resp.json()
             if job["state"] in states:
                 return job
             time.sleep(0.3)

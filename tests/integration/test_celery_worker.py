@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -54,6 +56,7 @@ def test_kill9_worker_mid_job_a_new_worker_finishes_it_once(cluster: Cluster, pg
         analysis_id = client.post("/v1/analyses", json=spec(1500, batch_size=1)).json()["id"]
         job = cluster.wait_for(client, analysis_id, {"RUNNING"})
         while not (job["progress"]["stage"] == "profile" and job["progress"]["done"] > 0):
+            time.sleep(0.2)
             job = cluster.wait_for(client, analysis_id, {"RUNNING"})
         first.kill9()
         assert client.get(f"/v1/analyses/{analysis_id}").json()["state"] == "RUNNING"
