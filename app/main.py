@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from app import problems
-from app.api import analyses, dashboard, gates, health, keys, metrics, webhooks
+from app.api import analyses, answers, dashboard, gates, health, keys, metrics, webhooks
 from app.auth import KeyCache
 from app.config import Settings, get_settings
 from app.db import read_session_factory, session_factory
@@ -24,8 +24,8 @@ Layer analysis of transformer language models: which layers matter (AVSS),
 which can be pruned, and which drive hallucination.
 
 Submit an analysis with `POST /v1/analyses`, poll `GET /v1/analyses/{id}` until
-its `state` is SUCCEEDED, FAILED or CANCELLED, then read `/layers`, `/metrics`
-and `/artifacts`. Every route but `/healthz` and `/readyz` needs
+its `state` is SUCCEEDED, FAILED or CANCELLED, then read `/layers`, `/metrics`,
+`/answers` and `/artifacts`. Every route but `/healthz` and `/readyz` needs
 `Authorization: Bearer <key>`. Errors are `application/problem+json`.
 """
 
@@ -129,6 +129,7 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     problems.install(app)
     app.include_router(health.router)
     app.include_router(analyses.router)
+    app.include_router(answers.router)
     app.include_router(keys.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)

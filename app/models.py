@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -140,6 +141,35 @@ class Metric(Base):
     n: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
+class Answer(Base):
+    """One answered question of a stage (the per-answer table of `hallucination`, and of
+    `mitigate` per model variant, told apart by `scope`); the natural key makes writes idempotent."""
+
+    __tablename__ = "answers"
+    __table_args__ = (
+        Index("ix_answers_analysis_stage_split_correct", "analysis_id", "stage", "split", "correct"),
+    )
+
+    analysis_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("analyses.id", ondelete="CASCADE"), primary_key=True
+    )
+    stage: Mapped[str] = mapped_column(String(32), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(255), primary_key=True)
+    answer_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    split: Mapped[str] = mapped_column(String(16))
+    question: Mapped[str] = mapped_column(Text)
+    gold: Mapped[list[str]] = mapped_column(JSONType)
+    answer: Mapped[str] = mapped_column(Text)
+    correct: Mapped[bool] = mapped_column(Boolean)
+    rule: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    n_tokens: Mapped[int] = mapped_column(Integer)
+    stop: Mapped[str] = mapped_column(String(32))
+    confidence: Mapped[dict[str, float | None]] = mapped_column(JSONType)
+    verbalized_reply: Mapped[str | None] = mapped_column(Text, nullable=True)
+    samples: Mapped[list[str] | None] = mapped_column(JSONType, nullable=True)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONType)
+
+
 class Artifact(Base):
     """A file a stage produced: small ones live in the row, large ones on the artifact volume."""
 
@@ -158,8 +188,6 @@ class Artifact(Base):
 
 
 # ------------------------------------------------------------ gates and webhooks
-
-from sqlalchemy import Boolean  # noqa: E402
 
 
 class GatePolicy(Base):

@@ -16,12 +16,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db import session_scope, upsert
-from app.models import Analysis, Artifact, LayerScore, Metric, utcnow
+from app.models import Analysis, Answer, Artifact, LayerScore, Metric, utcnow
 from app.schemas import JobState
-from worker.stage import StageResult, finite_or_none
+from worker.stage import AnswerRecord, StageResult, finite_or_none
 
 SessionFactory = sessionmaker[Session]
 INLINE_ARTIFACT_BYTES = 16 * 1024 * 1024
+# Rows per INSERT of the answers table: 16 columns x 500 rows stays far below SQLite's 32,766 and
+# Postgres' 65,535 bound parameters per statement, for any number of answers.
+ANSWER_CHUNK = 500
 
 
 class LostOwnership(Exception):
@@ -119,6 +122,7 @@ def save_stage(sf: SessionFactory, settings: Settings, analysis_id: str, token: 
         }
         for m in result.metrics
     ]
+    answer_rows = _answer_rows(analysis_id, result.stage, result.answers)
     artifact_rows = []
     for art in result.artifacts:
         row: dict[str, Any] = {
@@ -150,12 +154,43 @@ def save_stage(sf: SessionFactory, settings: Settings, analysis_id: str, token: 
         upsert(s, LayerScore.__table__, layer_rows, ["analysis_id", "stage", "scorer", "layer"])
         upsert(s, Metric.__table__, metric_rows, ["analysis_id", "stage", "scope", "name"])
         upsert(s, Artifact.__table__, artifact_rows, ["analysis_id", "name"])
+        for i in range(0, len(answer_rows), ANSWER_CHUNK):
+            upsert(s, Answer.__table__, answer_rows[i : i + ANSWER_CHUNK],
+                   ["analysis_id", "stage", "scope", "answer_id"])
         summary = dict(job.summary or {})
         summary[result.stage] = _json_safe(result.summary)
         warnings = [w for w in (job.warnings or []) if not w.startswith(f"[{result.stage}] ")]
         warnings += [f"[{result.stage}] {w}" for w in result.warnings]
         job.summary = summary
         job.warnings = warnings
+
+
+def _answer_rows(analysis_id: str, stage: str, answers: list[AnswerRecord]) -> list[dict[str, Any]]:
+    """The answers table's rows, JSON-safe (non-finite confidences are null, no NUL characters).
+    One row per (scope, id), the last record winning: a single upsert statement may not
+    touch the same row twice (Postgres refuses)."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for a in answers:
+        scope = _json_safe(a.scope)
+        rows[(scope, int(a.id))] = {
+            "analysis_id": analysis_id,
+            "stage": stage,
+            "scope": scope,
+            "answer_id": int(a.id),
+            "split": _json_safe(a.split),
+            "question": _json_safe(a.question),
+            "gold": _json_safe(list(a.gold)),
+            "answer": _json_safe(a.answer),
+            "correct": bool(a.correct),
+            "rule": _json_safe(a.rule),
+            "n_tokens": int(a.n_tokens),
+            "stop": _json_safe(a.stop),
+            "confidence": {str(k): finite_or_none(v) for k, v in a.confidence.items()},
+            "verbalized_reply": _json_safe(a.verbalized_reply),
+            "samples": _json_safe(list(a.samples)) if a.samples is not None else None,
+            "meta": _json_safe(dict(a.meta or {})),
+        }
+    return list(rows.values())
 
 
 def finish(
@@ -183,12 +218,15 @@ def finish(
 
 
 def _json_safe(value: Any) -> Any:
-    """Summaries go to JSON columns and clients: no NaN/inf, no numpy scalars."""
+    """Summaries go to JSON columns and clients: no NaN/inf, no numpy scalars, and no NUL
+    characters (Postgres text and JSONB refuse them; they become U+FFFD)."""
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {_json_safe(str(k)): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):
         return value

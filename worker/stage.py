@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +81,40 @@ class ArtifactFile:
 
 
 @dataclass
+class AnswerRecord:
+    """One answered question (a row of the per-answer table, stored keyed by stage, scope, id).
+
+    `scope` tells apart answers of one stage that belong to different things, e.g. the model
+    variants of `mitigate` ("variant=base", "variant=eavss"); "" when there is one set."""
+
+    id: int
+    split: str  # "train" | "test"
+    question: str
+    gold: list[str]
+    answer: str
+    correct: bool
+    rule: str | None  # the rule that decided it correct; None when incorrect
+    n_tokens: int
+    stop: str  # "newline" | "eos" | "max_tokens"
+    confidence: dict[str, float | None]
+    verbalized_reply: str | None = None
+    samples: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    scope: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["confidence"] = {k: finite_or_none(v) for k, v in self.confidence.items()}
+        return d
+
+
+@dataclass
 class StageResult:
     stage: str
     layers: list[LayerRow] = field(default_factory=list)
     metrics: list[MetricRow] = field(default_factory=list)
     artifacts: list[ArtifactFile] = field(default_factory=list)
+    answers: list[AnswerRecord] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 

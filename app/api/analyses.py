@@ -9,8 +9,9 @@ import hashlib
 import io
 import json
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
@@ -56,6 +57,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 FINISHED = [s.value for s in JobState if s.finished]
 
 Format = Literal["json", "csv"]
+T = TypeVar("T")
 
 
 def spec_hash(spec: AnalysisSpec) -> str:
@@ -93,6 +95,7 @@ def to_out(row: Analysis, labels: dict[str, str]) -> AnalysisOut:
             "layers": f"{base}/layers",
             "metrics": f"{base}/metrics",
             "artifacts": f"{base}/artifacts",
+            "answers": f"{base}/answers",
             "cancel": f"{base}/cancel",
         },
     )
@@ -191,21 +194,39 @@ def submit(
     return _one_out(session, row)
 
 
-def _encode_cursor(row: Analysis) -> str:
-    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
+def encode_cursor(values: Sequence[Any]) -> str:
+    """An opaque `page_token`: the sort key of the last row of a page (JSON, base64url)."""
+    raw = json.dumps(list(values)).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(token: str) -> tuple[dt.datetime, str]:
+def decode_cursor(token: str, parse: Callable[[list[Any]], T]) -> T:
+    """The sort key of an `encode_cursor` token, checked by `parse` (which raises on anything
+    unexpected); a token this API did not issue is a 422 naming `page_token`."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        created, ident = json.loads(raw)
-        return dt.datetime.fromisoformat(created), str(ident)
+        values = json.loads(raw)
+        if not isinstance(values, list):
+            raise ValueError("not a list")
+        return parse(values)
     except Exception:
         raise Problem(
             422, "page_token is not a token this API issued; start again without it.",
             errors=[{"field": "page_token", "message": "invalid"}],
         ) from None
+
+
+def _encode_cursor(row: Analysis) -> str:
+    return encode_cursor([row.created_at.isoformat(), row.id])
+
+
+def _parse_analysis_cursor(values: list[Any]) -> tuple[dt.datetime, str]:
+    created, ident = values
+    return dt.datetime.fromisoformat(created), str(ident)
+
+
+def _decode_cursor(token: str) -> tuple[dt.datetime, str]:
+    return decode_cursor(token, _parse_analysis_cursor)
 
 
 @router.get("", response_model=AnalysisPage, summary="List analyses", responses=PROBLEM_RESPONSES)

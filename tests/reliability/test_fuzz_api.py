@@ -6,7 +6,7 @@ checks), for valid and invalid (negative) inputs. Without a key: every documente
 but `/healthz` and `/readyz` answers 401 problem+json.
 
 The app runs on a fresh SQLite database seeded with one finished analysis (layers,
-metrics, an artifact), a gate policy and verdict, and a webhook; path parameters are
+metrics, answers, an artifact), a gate policy and verdict, and a webhook; path parameters are
 sometimes replaced by those ids (valid cases only) so the fuzzer reaches the found-resource code paths, not
 only 404s. Bounded: `MAX_EXAMPLES` per operation, derandomized, so the file runs in well
 under two minutes and the same cases run every time.
@@ -38,7 +38,7 @@ from app.main import create_app
 from app.migrate import upgrade
 from app.schemas import JobState
 from worker import jobstore
-from worker.stage import ArtifactFile, LayerRow, MetricRow, StageResult
+from worker.stage import AnswerRecord, ArtifactFile, LayerRow, MetricRow, StageResult
 
 MAX_EXAMPLES = 25
 PUBLIC = {"/healthz", "/readyz"}  # and /dashboard*, which is not in the OpenAPI document
@@ -136,6 +136,8 @@ def seeded() -> Iterator[None]:
             layers=[LayerRow(i, f"model.layers.{i}", "avss", {"avss": 0.1 * i}) for i in range(4)],
             metrics=[MetricRow("avss", "prune_count", 1.0, n=4)],
             artifacts=[ArtifactFile("avss.svg", "image/svg+xml", b"<svg/>")],
+            answers=[AnswerRecord(i, "test", f"q{i}?", [f"a{i}"], "a0", i == 0, "exact" if i == 0 else None, 1,
+                                  "newline", {"length": 0.5}, scope=f"variant={i % 2}") for i in range(3)],
         ))
         jobstore.finish(sf, analysis_id, token, JobState.SUCCEEDED)
         policy = client.post("/v1/gates", headers=auth, json={"name": "fuzz-policy", "rules": ["layers.avss.warnings == 0"]})

@@ -500,7 +500,7 @@ def test_another_projects_resources_are_404_on_every_route(env: Env) -> None:
     a = f"/v1/analyses/{analysis_id}"
     probes = [
         ("GET", a), ("GET", f"{a}/layers"), ("GET", f"{a}/metrics"), ("GET", f"{a}/artifacts"),
-        ("GET", f"{a}/artifacts/a.svg"), ("GET", f"{a}/verdicts"), ("POST", f"{a}/cancel"),
+        ("GET", f"{a}/answers"), ("GET", f"{a}/artifacts/a.svg"), ("GET", f"{a}/verdicts"), ("POST", f"{a}/cancel"),
         ("POST", f"{a}/gate?policy=mine"), ("DELETE", a),
         ("GET", "/v1/gates/mine"), ("GET", "/v1/gates/mine/versions"), ("GET", f"/v1/gates/verdicts/{verdict}"),
         ("GET", f"/v1/webhooks/{hook}"), ("GET", f"/v1/webhooks/{hook}/deliveries"), ("DELETE", f"/v1/webhooks/{hook}"),

@@ -20,7 +20,12 @@ import torch
 from app.config import Settings
 from app.schemas import HallucinationOptions, ModelSpec
 from worker.hallucination import stage as stage_mod
-from worker.hallucination.stage import analyze_hallucination, run_hallucination_stage, split_examples
+from worker.hallucination.stage import (
+    AnswerRecord,
+    analyze_hallucination,
+    run_hallucination_stage,
+    split_examples,
+)
 from worker.modelzoo import load_model
 from worker.stage import JobCancelled, JobContext, JobFailed
 
@@ -115,6 +120,10 @@ def test_answers_splits_and_labels(run) -> None:
     c = res.summary["counts"]
     assert c["shots"] == 2 and c["train_answered"] == len(train) - 2 and c["test_answered"] == len(test)
     assert len(out.answers) == c["train_answered"] + c["test_answered"]
+    # The same records, one per answered question, go to the StageResult (stored as the answers table).
+    assert res.answers == out.answers and all(isinstance(r, AnswerRecord) for r in res.answers)
+    assert len({r.id for r in res.answers}) == len(res.answers) and {r.scope for r in res.answers} == {""}
+    assert sum(r.split == "test" for r in res.answers) == c["test_answered"]
     shot_q = {s[0] for s in out.shots}
     train_q = {r.question for r in out.answers if r.split == "train"}
     test_q = {r.question for r in out.answers if r.split == "test"}

@@ -36,8 +36,9 @@ Data flow (`analyze_hallucination`; `run_hallucination_stage` returns its StageR
    ece_litcab, Brier, AUROC, accuracy, each with a bootstrap 95% interval and N) as
    MetricRows with scope `detector=<name>`, the per-layer table as LayerRows
    (scorer `layer_probe`), EAVSS as LayerRows (scorer `eavss`), the table-2 layout in
-   `summary["table"]`, and the per-answer table as `answers.jsonl` / `answers.csv`
-   (also returned as `HallucinationRun.answers` for a database).
+   `summary["table"]`, and the per-answer table as `answers.jsonl` / `answers.csv` and
+   as `StageResult.answers` (stored as rows of the `answers` table; also
+   `HallucinationRun.answers`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import io
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,16 @@ from worker.hallucination.generation import (
     verbalized_prompt,
 )
 from worker.scoring.eavss import EAVSSResult, compute_eavss, to_layer_rows
-from worker.stage import ArtifactFile, JobContext, JobFailed, LayerRow, MetricRow, StageResult, finite_or_none
+from worker.stage import (  # AnswerRecord lives in worker.stage; re-exported here for existing imports
+    AnswerRecord,
+    ArtifactFile,
+    JobContext,
+    JobFailed,
+    LayerRow,
+    MetricRow,
+    StageResult,
+    finite_or_none,
+)
 
 __all__ = [
     "STAGE",
@@ -112,7 +122,7 @@ def _field(example: Any, name: str) -> Any:
     return getattr(example, name, None)
 
 
-def _qa(example: Any, where: str) -> QAItem:
+def qa_item(example: Any, where: str) -> QAItem:
     question = _field(example, "question")
     gold = _field(example, "answer")
     if not isinstance(question, str) or not question.strip():
@@ -133,7 +143,7 @@ def _qa(example: Any, where: str) -> QAItem:
     return QAItem(question.strip(), "; ".join(aliases), aliases, dict(meta) if isinstance(meta, dict) else {})
 
 
-def _question_key(question: str) -> str:
+def question_key(question: str) -> str:
     return normalize_answer(question) or question.strip().lower()
 
 
@@ -146,7 +156,7 @@ def split_examples(examples: Sequence[Any], test_fraction: float, seed: int) -> 
     keys: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
         q = _field(ex, "question")
-        keys.setdefault(_question_key(q) if isinstance(q, str) else f"\x00{i}", []).append(i)
+        keys.setdefault(question_key(q) if isinstance(q, str) else f"\x00{i}", []).append(i)
     groups = sorted(keys)
     if len(groups) < 2:
         raise JobFailed("dataset_too_small", "the hallucination stage needs at least 2 distinct questions")
@@ -157,30 +167,6 @@ def split_examples(examples: Sequence[Any], test_fraction: float, seed: int) -> 
     train = [ex for i, ex in enumerate(examples) if i not in test_idx]
     test = [ex for i, ex in enumerate(examples) if i in test_idx]
     return train, test
-
-
-@dataclass
-class AnswerRecord:
-    """One answered question (a row of the per-answer table)."""
-
-    id: int
-    split: str  # "train" | "test"
-    question: str
-    gold: list[str]
-    answer: str
-    correct: bool
-    rule: str | None  # the rule that decided it correct; None when incorrect
-    n_tokens: int
-    stop: str  # "newline" | "eos" | "max_tokens"
-    confidence: dict[str, float | None]
-    verbalized_reply: str | None = None
-    samples: list[str] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["confidence"] = {k: finite_or_none(v) for k, v in self.confidence.items()}
-        return d
 
 
 @dataclass
@@ -421,10 +407,10 @@ def analyze_hallucination(
     profile_context = str(_opt(options, "profile_context"))
 
     # ---------------------------------------------------------------- split and shots
-    train = [_qa(e, f"training example {i}") for i, e in enumerate(train_examples)]
-    test_all = [_qa(e, f"test example {i}") for i, e in enumerate(test_examples)]
-    train_keys = {_question_key(x.question) for x in train}
-    test = [x for x in test_all if _question_key(x.question) not in train_keys]
+    train = [qa_item(e, f"training example {i}") for i, e in enumerate(train_examples)]
+    test_all = [qa_item(e, f"test example {i}") for i, e in enumerate(test_examples)]
+    train_keys = {question_key(x.question) for x in train}
+    test = [x for x in test_all if question_key(x.question) not in train_keys]
     if len(test) < len(test_all):
         warnings.append(
             f"{len(test_all) - len(test)} test questions also occur in the training split and were dropped "
@@ -433,7 +419,7 @@ def analyze_hallucination(
     n_shots = int(_opt(options, "n_shots"))
     # Shots are drawn from the training questions in a canonical order, so the same split
     # gives the same prompt whatever order the examples came in.
-    canon = sorted(range(len(train)), key=lambda i: (_question_key(train[i].question), i))
+    canon = sorted(range(len(train)), key=lambda i: (question_key(train[i].question), i))
     picked = pick_shots(len(canon), n_shots, seed, eligible=[bool(first_alias(train[i].gold)) for i in canon])
     shot_idx = [canon[k] for k in picked]
     shots = [(train[i].question, first_alias(train[i].gold)) for i in shot_idx]
@@ -835,6 +821,7 @@ def analyze_hallucination(
         layers=layer_rows + probe_rows,
         metrics=metrics,
         artifacts=artifacts,
+        answers=records,
         summary=summary,
         warnings=warnings,
     )

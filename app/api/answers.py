@@ -1,0 +1,162 @@
+"""The per-answer table of an analysis: one row per question a stage answered, filtered and paged."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, Field
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from app.api.analyses import (
+    PROBLEM_RESPONSES,
+    Format,
+    _csv_response,
+    _get_owned,
+    decode_cursor,
+    encode_cursor,
+)
+from app.auth import Principal, require
+from app.deps import get_session
+from app.models import Answer
+
+router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
+
+NEXT_PAGE_HEADER = "Next-Page-Token"
+NO_NUL = r"^[^\x00]*$"  # Postgres text cannot hold NUL: such a filter is a 422, not a database error
+
+
+class AnswerOut(BaseModel):
+    """One answered question: what the model said, whether it was right, how confident each detector was."""
+
+    stage: str = Field(description="The stage that asked the question (`hallucination`, `mitigate`).")
+    scope: str = Field(description='What the answer belongs to inside the stage, e.g. `variant=eavss`; "" when one set.')
+    id: int = Field(description="The answer's number in its stage and scope (as in `answers.jsonl`).")
+    split: str = Field(description="`train` (the probes learn from it) or `test` (the metrics are computed on it).")
+    question: str
+    gold: list[str] = Field(description="The accepted answers (aliases).")
+    answer: str = Field(description="The model's greedy answer.")
+    correct: bool
+    rule: str | None = Field(description="The correctness rule that accepted the answer; null when it is wrong.")
+    n_tokens: int = Field(description="Answer length in tokens.")
+    stop: str = Field(description="Why generation stopped: `newline`, `eos` or `max_tokens`.")
+    confidence: dict[str, float | None] = Field(
+        description="Each detector's confidence that the answer is correct (null where it has none)."
+    )
+    verbalized_reply: str | None = Field(description="The model's reply when asked for its confidence (test split).")
+    samples: list[str] | None = Field(description="The sampled answers of self-consistency (test split).")
+    meta: dict[str, Any] = Field(description="The dataset row's `meta`.")
+
+
+class AnswerPage(BaseModel):
+    analysis_id: str
+    items: list[AnswerOut]
+    next_page_token: str | None
+
+
+def _parse_cursor(values: list[Any]) -> tuple[str, str, int]:
+    stage, scope, answer_id = values
+    if not (isinstance(stage, str) and isinstance(scope, str) and type(answer_id) is int):
+        raise ValueError("wrong types")
+    if "\x00" in stage + scope or abs(answer_id) >= 2**31:
+        raise ValueError("out of range")
+    return stage, scope, answer_id
+
+
+def _out(a: Answer) -> AnswerOut:
+    return AnswerOut(
+        stage=a.stage, scope=a.scope, id=a.answer_id, split=a.split, question=a.question, gold=list(a.gold or []),
+        answer=a.answer, correct=a.correct, rule=a.rule, n_tokens=a.n_tokens, stop=a.stop,
+        confidence=dict(a.confidence or {}), verbalized_reply=a.verbalized_reply, samples=a.samples,
+        meta=dict(a.meta or {}),
+    )
+
+
+def _csv(items: list[AnswerOut], next_token: str | None) -> Any:
+    detectors = sorted({d for a in items for d in a.confidence})
+    head = ["stage", "scope", "id", "split", "question", "gold", "answer", "correct", "rule", "n_tokens", "stop"]
+    response = _csv_response(
+        [*head, *(f"confidence_{d}" for d in detectors), "verbalized_reply", "samples", "meta"],
+        [
+            [
+                a.stage, a.scope, a.id, a.split, a.question, "; ".join(a.gold), a.answer, int(a.correct), a.rule,
+                a.n_tokens, a.stop, *(a.confidence.get(d) for d in detectors), a.verbalized_reply,
+                None if a.samples is None else json.dumps(a.samples, ensure_ascii=False),
+                json.dumps(a.meta, ensure_ascii=False),
+            ]
+            for a in items
+        ],
+    )
+    if next_token:
+        response.headers[NEXT_PAGE_HEADER] = next_token
+    return response
+
+
+@router.get(
+    "/{analysis_id}/answers",
+    response_model=AnswerPage,
+    summary="Per-answer table: every question a stage answered",
+    description=(
+        "One row per answered question of the `hallucination` stage (and of `mitigate`, one `scope` per model "
+        "variant): the question, its gold aliases, the model's answer, whether a correctness rule accepted it "
+        "(and which), its length and why generation stopped, each detector's confidence (null where it has "
+        "none), the verbalized-confidence reply and self-consistency samples (test split). Filter by `stage`, "
+        "`scope`, `split` and `correct`; rows come in (stage, scope, id) order, at most `page_size` at a time, "
+        "with `next_page_token` for the next page. `?format=csv` gives the same page as CSV (one "
+        "`confidence_<detector>` column per detector, `correct` as 1/0, `samples` and `meta` as JSON) and the "
+        f"next page's token in the `{NEXT_PAGE_HEADER}` header."
+    ),
+    responses={
+        200: {
+            "content": {"text/csv": {}},
+            "headers": {NEXT_PAGE_HEADER: {"description": "CSV only: the token of the next page, when there is one",
+                                           "schema": {"type": "string"}}},
+        },
+        **PROBLEM_RESPONSES,
+    },
+)
+def list_answers(
+    analysis_id: str,
+    stage: Annotated[
+        str | None, Query(max_length=32, pattern=NO_NUL, description="Only this stage's answers.")
+    ] = None,
+    scope: Annotated[
+        str | None, Query(max_length=255, pattern=NO_NUL, description="Only this scope (e.g. `variant=base`).")
+    ] = None,
+    split: Annotated[Literal["train", "test"] | None, Query(description="Only this split.")] = None,
+    correct: Annotated[bool | None, Query(description="Only correct (true) or only wrong (false) answers.")] = None,
+    page_size: Annotated[int, Query(ge=1, le=1000)] = 100,
+    page_token: Annotated[str | None, Query(max_length=8192)] = None,
+    format: Format = "json",
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> Any:
+    row = _get_owned(session, principal, analysis_id)
+    query = select(Answer).where(Answer.analysis_id == row.id)
+    if stage is not None:
+        query = query.where(Answer.stage == stage)
+    if scope is not None:
+        query = query.where(Answer.scope == scope)
+    if split is not None:
+        query = query.where(Answer.split == split)
+    if correct is not None:
+        query = query.where(Answer.correct == correct)
+    if page_token:
+        after_stage, after_scope, after_id = decode_cursor(page_token, _parse_cursor)
+        query = query.where(
+            or_(
+                Answer.stage > after_stage,
+                and_(Answer.stage == after_stage, Answer.scope > after_scope),
+                and_(Answer.stage == after_stage, Answer.scope == after_scope, Answer.answer_id > after_id),
+            )
+        )
+    rows = list(session.scalars(query.order_by(Answer.stage, Answer.scope, Answer.answer_id).limit(page_size + 1)))
+    more = len(rows) > page_size
+    rows = rows[:page_size]
+    next_token = encode_cursor([rows[-1].stage, rows[-1].scope, rows[-1].answer_id]) if more else None
+    items = [_out(a) for a in rows]
+    if format == "csv":
+        return _csv(items, next_token)
+    return AnswerPage(analysis_id=row.id, items=items, next_page_token=next_token)
