@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_EXAMPLES = 100_000
+PATCH_ARTIFACT = "mitigation.safetensors"  # the mitigate stage's patch; `model.patch` applies it
 MAX_TOKENS = 8192
 
 
@@ -47,6 +48,31 @@ class ModelSpec(Strict):
     trust_remote_code: bool = Field(
         False, description="Refused unless the model is on the server's allow-list."
     )
+    patch: PatchSpec | None = Field(
+        None,
+        description=(
+            "Tuned layer weights to apply after loading: the `mitigation.safetensors` artifact of a `mitigate` "
+            "stage. The patch records the base weights it was made from and is refused on any other base."
+        ),
+    )
+
+
+class PatchSpec(Strict):
+    """Where a mitigation patch comes from. Exactly one of `analysis_id` and `path`."""
+
+    analysis_id: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F-]{36}$",
+        description="A succeeded analysis of the same project whose `mitigate` stage wrote the patch.",
+    )
+    path: str | None = Field(
+        None, max_length=1024, description="A `.safetensors` patch file under the configured model roots."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PatchSpec:
+        if (self.analysis_id is None) == (self.path is None):
+            raise ValueError("give exactly one of patch.analysis_id and patch.path")
+        return self
 
 
 # ------------------------------------------------------------------- dataset
@@ -394,6 +420,68 @@ class HallucinationOptions(Strict):
         return self
 
 
+class MitigateOptions(Strict):
+    """Contrastive fine-tuning of the most hallucination-prone layers, METHOD.md section 7.
+
+    Data: the hallucination stage's split (same `test_fraction` and `seed`). The training
+    split's distinct questions are divided into a tuning part (`tune_fraction`, of which
+    `validation_fraction` decides early stopping) and a probe part that trains the detectors
+    of the before/after evaluation; the test split is never trained on."""
+
+    layers: list[Annotated[int, Field(ge=0, le=4095)]] | None = Field(
+        None, min_length=1, max_length=256,
+        description="Block indices to tune; null: the top `top_k` layers by EAVSS.",
+    )
+    top_k: int = Field(2, ge=1, le=256, description="Layers to tune when `layers` is null.")
+    temperature: float = Field(0.1, gt=0, le=10, description="InfoNCE temperature tau.")
+    lm_weight: float = Field(
+        1.0, ge=0, le=100, description="Weight beta of the language-modeling loss on the gold answer."
+    )
+    learning_rate: float = Field(5e-5, gt=0, le=1.0)
+    epochs: int = Field(3, ge=1, le=100, description="At most this many passes over the tuning questions.")
+    patience: int = Field(
+        1, ge=1, le=100, description="Stop after this many epochs without a lower validation loss."
+    )
+    batch_size: int = Field(8, ge=1, le=256, description="Questions per optimizer step.")
+    negatives: int = Field(
+        3, ge=1, le=32,
+        description="Wrong answers sampled from other questions per question, besides the model's own "
+        "hallucinated answer when it gave one.",
+    )
+    tune_fraction: float = Field(0.5, gt=0, lt=1, description="Share of the training questions used for tuning.")
+    validation_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of the tuning questions held out for early stopping."
+    )
+    max_tokens: int = Field(128, ge=8, le=MAX_TOKENS, description="Cap on a training sequence (question + answer).")
+    control: bool = Field(
+        True, description="Also tune the same number of randomly chosen other layers with the same budget."
+    )
+    eval_detectors: list[Detector] = Field(
+        default_factory=lambda: ["sequence_likelihood", "p_ik", "verbalized"], min_length=1,
+        description="Detectors scored before and after tuning (the hallucination stage's definitions).",
+    )
+    perplexity_dataset: DatasetSpec = Field(
+        default_factory=lambda: DatasetSpec(name="chatterbot-conversations", limit=64),
+        description="General text whose perplexity shows damage done by tuning.",
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Data order, sampled negatives, control layers, bootstrap.")
+    n_boot: int = Field(1000, ge=0, le=10_000)
+
+    @field_validator("layers")
+    @classmethod
+    def _unique_layers(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("must not repeat")
+        return value
+
+    @field_validator("eval_detectors")
+    @classmethod
+    def _unique_detectors(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not repeat")
+        return value
+
+
 class StagesSpec(Strict):
     """Which analyses to run; a stage pulls in the stages it needs (avss runs the profiler)."""
 
@@ -401,6 +489,7 @@ class StagesSpec(Strict):
     avss: AvssOptions | None = None
     prune: PruneOptions | None = None
     hallucination: HallucinationOptions | None = None
+    mitigate: MitigateOptions | None = None
 
     @model_validator(mode="after")
     def _at_least_one(self) -> StagesSpec:

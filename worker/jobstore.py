@@ -217,6 +217,28 @@ def finish(
         )
 
 
+def read_artifact(sf: SessionFactory, settings: Settings, job_id: str, analysis_id: str, name: str) -> bytes | None:
+    """Artifact `name` of `analysis_id`, for the running job `job_id`: only a succeeded analysis
+    of the job's own project is readable (None otherwise, as for a missing one)."""
+    with session_scope(sf) as s:
+        job = s.get(Analysis, job_id)
+        source = s.get(Analysis, analysis_id)
+        if job is None or source is None or source.project != job.project:
+            return None
+        if source.state != JobState.SUCCEEDED.value:
+            return None
+        art = s.get(Artifact, (analysis_id, name))
+        if art is None:
+            return None
+        if art.content is not None:
+            return bytes(art.content)
+        root = settings.artifacts_dir.resolve()
+        path = (root / (art.path or "")).resolve()
+        if not path.is_file() or root not in path.parents:
+            return None
+        return path.read_bytes()
+
+
 def _json_safe(value: Any) -> Any:
     """Summaries go to JSON columns and clients: no NaN/inf, no numpy scalars, and no NUL
     characters (Postgres text and JSONB refuse them; they become U+FFFD)."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from app.config import Settings
-from app.schemas import AnalysisSpec, AvssOptions, ProfileOptions
-from worker.stage import JobContext, StageResult
+from app.schemas import PATCH_ARTIFACT, AnalysisSpec, AvssOptions, PatchSpec, ProfileOptions
+from worker.stage import JobContext, JobFailed, StageResult
 
 
 def profile_options(spec: AnalysisSpec) -> ProfileOptions:
@@ -44,7 +45,13 @@ def run_pipeline(
     from worker.scoring.avss import run_avss_stage, run_profile_stage
 
     ctx.progress("load_model", 0, 1)
-    loaded = load_model(spec.model, settings)
+    patch = spec.model.patch
+    # A patched model is loaded apart from the process cache, which keeps only base weights.
+    loaded = load_model(spec.model, settings, use_cache=patch is None)
+    if patch is not None:
+        from worker.mitigation.patch import apply_patch
+
+        apply_patch(loaded, read_patch_bytes(patch, settings, ctx))
     ctx.progress("load_model", 1, 1)
     ctx.check_cancelled()
     ctx.progress("load_dataset", 0, 1)
@@ -93,6 +100,8 @@ def run_pipeline(
         )
         timed_save(result, started)
 
+    dataset_name = spec.dataset.name or spec.dataset.path or spec.dataset.hub or "inline"
+    eavss_ranking: list[int] | None = None
     if stages.hallucination:
         from worker.hallucination.stage import run_hallucination_stage, split_examples
 
@@ -101,7 +110,51 @@ def run_pipeline(
         train, test = split_examples(examples, options.test_fraction, options.seed)
         result = run_hallucination_stage(
             loaded, train, test, options, ctx,
-            profile_options=stages.profile, avss_options=stages.avss,
-            dataset_name=spec.dataset.name or spec.dataset.path or spec.dataset.hub or "inline",
+            profile_options=stages.profile, avss_options=stages.avss, dataset_name=dataset_name,
+        )
+        eavss_ranking = list(result.summary["layer_scores"]["ranking"])
+        timed_save(result, started)
+        del result
+
+    if stages.mitigate:
+        from app.schemas import HallucinationOptions
+        from worker.hallucination.stage import split_examples
+        from worker.mitigation.stage import run_mitigate_stage
+
+        started = time.monotonic()
+        hopts = stages.hallucination or HallucinationOptions()
+        train, test = split_examples(examples, hopts.test_fraction, hopts.seed)
+        general = load_examples(stages.mitigate.perplexity_dataset, settings)
+        result = run_mitigate_stage(
+            loaded, train, test, stages.mitigate, ctx,
+            hallucination_options=hopts, eavss_ranking=eavss_ranking,
+            perplexity_texts=[e.as_text() for e in general], dataset_name=dataset_name,
         )
         timed_save(result, started)
+
+
+def read_patch_bytes(patch: PatchSpec, settings: Settings, ctx: JobContext) -> bytes:
+    """The patch file a model spec points at: an artifact of another analysis (read through
+    `ctx.read_artifact`, which only sees the job's own project) or a file under the model roots."""
+    from worker.modelzoo.loading import check_under_roots
+
+    if patch.analysis_id is not None:
+        if ctx.read_artifact is None:
+            raise JobFailed("patch_not_found", "this worker cannot read other analyses' artifacts")
+        data = ctx.read_artifact(patch.analysis_id, PATCH_ARTIFACT)
+        if data is None:
+            raise JobFailed(
+                "patch_not_found",
+                f"analysis {patch.analysis_id} has no {PATCH_ARTIFACT} artifact in this project "
+                "(it must be a succeeded analysis with a mitigate stage)",
+            )
+        return data
+    assert patch.path is not None
+    path = Path(patch.path).expanduser()
+    if not path.is_absolute():  # relative to the first model root that has it
+        path = next((Path(r).expanduser() / path for r in settings.model_roots
+                     if (Path(r).expanduser() / path).exists()), path)
+    path = check_under_roots(patch.path, path, settings.model_roots)
+    if not path.is_file():
+        raise JobFailed("patch_not_found", f"no patch file at {patch.path!r}")
+    return path.read_bytes()

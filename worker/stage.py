@@ -41,6 +41,8 @@ class JobContext:
     is_cancelled: Callable[[], bool] = lambda: False
     artifacts_dir: Path | None = None
     deadline: float | None = None  # time.monotonic() after which the job fails with a timeout
+    # (analysis_id, artifact name) -> bytes, or None when the job's project has no such artifact
+    read_artifact: Callable[[str, str], bytes | None] | None = None
 
     def check_cancelled(self) -> None:
         """Call between batches: stops a cancelled job, fails one past its time limit."""

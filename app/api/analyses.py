@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,7 @@ from app.deps import get_session, get_settings_dep
 from app.models import Analysis, AnalysisLabel, Artifact, LayerScore, Metric, utcnow
 from app.problems import Problem
 from app.schemas import (
+    PATCH_ARTIFACT,
     AnalysisOut,
     AnalysisPage,
     AnalysisSpec,
@@ -140,6 +141,8 @@ def submit(
             "allow-list (LAYERSCOPE_TRUST_REMOTE_CODE_ALLOWLIST); running its code is refused.",
             errors=[{"field": "model.trust_remote_code", "message": "not allow-listed"}],
         )
+    if spec.model.patch is not None and spec.model.patch.analysis_id is not None:
+        _check_patch_source(session, principal, spec.model.patch.analysis_id)
     digest = spec_hash(spec)
 
     def existing_for_key() -> AnalysisOut | None:
@@ -192,6 +195,27 @@ def submit(
         session.commit()
     response.headers["Location"] = f"/v1/analyses/{row.id}"
     return _one_out(session, row)
+
+
+def _check_patch_source(session: Session, principal: Principal, analysis_id: str) -> None:
+    """`model.patch.analysis_id` must name a succeeded analysis of this project with a patch."""
+    field = "model.patch.analysis_id"
+    source = session.get(Analysis, analysis_id)
+    if source is None or source.project != principal.project:
+        raise Problem(422, f"{field}: no analysis {analysis_id!r} in this project.",
+                      errors=[{"field": field, "message": "not found"}])
+    has_patch = session.scalar(
+        select(func.count()).select_from(Artifact).where(
+            Artifact.analysis_id == analysis_id, Artifact.name == PATCH_ARTIFACT
+        )
+    )
+    if source.state != JobState.SUCCEEDED.value or not has_patch:
+        raise Problem(
+            422,
+            f"{field}: analysis {analysis_id} ({source.state}) has no {PATCH_ARTIFACT}; a patch comes from a "
+            "succeeded analysis with a mitigate stage.",
+            errors=[{"field": field, "message": "no mitigation patch"}],
+        )
 
 
 def encode_cursor(values: Sequence[Any]) -> str:

@@ -47,7 +47,7 @@ import csv
 import io
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,7 @@ from worker.hallucination.generation import (
     pick_shots,
     verbalized_prompt,
 )
+from worker.progress import PhasedProgress
 from worker.scoring.eavss import EAVSSResult, compute_eavss, to_layer_rows
 from worker.stage import (  # AnswerRecord lives in worker.stage; re-exported here for existing imports
     AnswerRecord,
@@ -178,38 +179,6 @@ class HallucinationRun:
 
 
 # ------------------------------------------------------------------ progress
-
-
-class _Progress:
-    """One monotonic `ctx.progress("hallucination", done, total)` over all phases."""
-
-    def __init__(self, ctx: JobContext, total: int) -> None:
-        self.ctx = ctx
-        self.total = max(1, int(total))
-        self.base = 0
-        self.ctx.progress(STAGE, 0, self.total)
-
-    def phase(self, units: int) -> Callable[[int, int], None]:
-        base = self.base
-        self.base += units
-
-        def report(done: int, total: int) -> None:
-            frac = 1.0 if total <= 0 else min(max(done / total, 0.0), 1.0)
-            self.ctx.progress(STAGE, min(self.total, base + int(round(frac * units))), self.total)
-
-        return report
-
-    def sub_context(self, units: int) -> JobContext:
-        report = self.phase(units)
-        return JobContext(
-            progress=lambda _stage, done, total: report(done, total),
-            is_cancelled=self.ctx.is_cancelled,
-            artifacts_dir=self.ctx.artifacts_dir,
-            deadline=self.ctx.deadline,
-        )
-
-    def finish(self) -> None:
-        self.ctx.progress(STAGE, self.total, self.total)
 
 
 def _batches(n: int, size: int) -> int:
@@ -458,7 +427,7 @@ def analyze_hallucination(
     units_sc = _batches(n_test * sc_k, batch_size * sc_k) if want_sc else 0
     units_prof = _batches(n_train, profile_bs) + _batches(n_test, profile_bs) + 2
     units_probe = 2 + 1 + (1 if _opt(options, "layer_probes") else 0)
-    progress = _Progress(ctx, units_gen + units_verbal + units_sc + units_prof + units_probe + 1)
+    progress = PhasedProgress(ctx, STAGE, units_gen + units_verbal + units_sc + units_prof + units_probe + 1)
 
     # ---------------------------------------------------------------- greedy answers
     t0 = time.monotonic()

@@ -295,7 +295,7 @@ def _plan(name: str, spec: ModelSpec, settings: Settings) -> _Plan:
         return _builtin_plan(name, settings)
     local = _local_candidate(name, settings)
     if local is not None:
-        path = _check_under_roots(name, local, settings.model_roots)
+        path = check_under_roots(name, local, settings.model_roots)
         if not path.exists():
             raise JobFailed("model_not_found", f"no model at {name!r} (nothing there under the model roots)")
         gguf = _gguf_in(path)
@@ -355,7 +355,7 @@ def _local_candidate(name: str, settings: Settings) -> Path | None:
     return None
 
 
-def _check_under_roots(name: str, path: Path, roots: list[Path]) -> Path:
+def check_under_roots(name: str, path: Path, roots: list[Path]) -> Path:
     if not roots:
         raise JobFailed(
             "path_not_allowed",

@@ -1,0 +1,280 @@
+"""Contrastive fine-tuning of chosen blocks (METHOD.md section 7).
+
+Every training question gives one candidate group: the positive `Question: q\\nAnswer: gold`
+and negatives `Question: q\\nAnswer: wrong` (the model's own hallucinated answer, when it
+gave one, and answers sampled from other questions). At each tuned block's output:
+
+- anchor a = mean hidden state over the question tokens of the positive sequence;
+- candidate c_j = mean hidden state over the answer tokens of candidate j;
+- InfoNCE = -log softmax_j(cos(a, c_j) / tau)[positive], averaged over questions and
+  tuned blocks **(choice: METHOD.md does not name the anchor; the question is what the
+  model holds when it commits to an answer)**;
+- plus `lm_weight` x the mean token cross-entropy of the gold answer given the question,
+  so the model keeps generating.
+
+Only the tuned blocks' parameters get gradients (everything else has requires_grad off
+for the duration and is left bit-identical). Early stopping keeps the weights of the epoch
+with the lowest validation loss, counting the untouched weights as epoch 0: when no epoch
+beats them the tuned weights are the base weights, and the report says so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from worker.evaluation.tasks import model_device
+from worker.mitigation.patch import block_parameters, restore, snapshot
+from worker.stage import JobContext, JobFailed
+
+__all__ = ["CandidateGroup", "TrainReport", "candidate_prefix", "group_losses", "train_blocks"]
+
+
+@dataclass
+class CandidateGroup:
+    question: str
+    positive: str
+    negatives: list[str]
+
+
+@dataclass
+class TrainReport:
+    layers: list[int]
+    epochs_run: int
+    steps: int
+    best_epoch: int  # 0: no epoch beat the untouched weights, which were kept
+    initial_val_loss: float
+    best_val_loss: float
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: train/val losses
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": self.layers,
+            "epochs_run": self.epochs_run,
+            "steps": self.steps,
+            "best_epoch": self.best_epoch,
+            "initial_val_loss": _round(self.initial_val_loss),
+            "best_val_loss": _round(self.best_val_loss),
+            "history": [{k: _round(v) for k, v in h.items()} for h in self.history],
+            "stopped_early": self.stopped_early,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _round(x: float) -> float | None:
+    return round(float(x), 6) if math.isfinite(x) else None
+
+
+def candidate_prefix(question: str) -> str:
+    return f"Question: {' '.join(question.split())}\nAnswer:"
+
+
+@dataclass
+class _Encoded:
+    ids: torch.Tensor  # [S, T]
+    mask: torch.Tensor  # [S, T]
+    question: torch.Tensor  # [S, T] bool: question tokens
+    answer: torch.Tensor  # [S, T] bool: answer tokens
+    groups: list[list[int]]  # rows of each group, positive first
+
+
+def _encode(tokenizer: Any, groups: Sequence[CandidateGroup], max_tokens: int) -> _Encoded:
+    rows: list[tuple[list[int], int]] = []
+    members: list[list[int]] = []
+    for g in groups:
+        prefix = candidate_prefix(g.question)
+        n_prefix = len(tokenizer(prefix, add_special_tokens=True)["input_ids"])
+        texts = [f"{prefix} {' '.join(a.split())}" for a in [g.positive, *g.negatives]]
+        encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        mine = []
+        for ids in encoded:
+            ids = list(ids)[:max_tokens]
+            if len(ids) <= n_prefix:
+                raise JobFailed(
+                    "sequence_too_long",
+                    f"question {g.question[:80]!r} leaves no room for an answer within mitigate.max_tokens="
+                    f"{max_tokens}; raise max_tokens",
+                )
+            mine.append(len(rows))
+            rows.append((ids, n_prefix))
+        members.append(mine)
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    question = torch.zeros((len(rows), width), dtype=torch.bool)
+    answer = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, (ids, n_prefix) in enumerate(rows):
+        ids_t[r, : len(ids)] = torch.tensor(ids)
+        mask[r, : len(ids)] = 1
+        question[r, :n_prefix] = True
+        answer[r, n_prefix : len(ids)] = True
+    return _Encoded(ids_t, mask, question, answer, members)
+
+
+def _masked_mean(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    w = m.to(h.dtype).unsqueeze(-1)
+    return (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
+def group_losses(
+    loaded: Any, layers: Sequence[int], groups: Sequence[CandidateGroup], *, temperature: float, max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(InfoNCE, LM loss) of `groups` at blocks `layers`, differentiable in the tuned weights."""
+    model = loaded.model
+    device = model_device(model)
+    enc = _encode(loaded.tokenizer, groups, max_tokens)
+    ids, mask = enc.ids.to(device), enc.mask.to(device)
+    blocks = loaded.adapter.blocks(model)
+    captured: dict[int, list[torch.Tensor]] = {li: [] for li in layers}
+    handles = [
+        blocks[li].sites["block_output"].register(lambda t, li=li: captured[li].append(t)) for li in layers
+    ]
+    positives = [g[0] for g in enc.groups]
+    pos_set = set(positives)
+    negatives = [r for r in range(ids.shape[0]) if r not in pos_set]
+    try:
+        # Positives through the whole model (their logits give the LM loss); negatives only
+        # need hidden states, so they skip the output head.
+        logits = model(input_ids=ids[positives], attention_mask=mask[positives]).logits
+        if negatives:
+            model.base_model(input_ids=ids[negatives], attention_mask=mask[negatives])
+    finally:
+        for h in handles:
+            h.remove()
+    order = positives + negatives
+    where = {row: k for k, row in enumerate(order)}
+    q_mask = enc.question.to(device)[order]
+    a_mask = enc.answer.to(device)[order]
+    nce_terms = []
+    for li in layers:
+        h = torch.cat(captured[li], dim=0)  # rows in `order`
+        anchor = F.normalize(_masked_mean(h, q_mask), dim=-1)
+        cand = F.normalize(_masked_mean(h, a_mask), dim=-1)
+        for g in enc.groups:
+            idx = torch.tensor([where[r] for r in g], device=device)
+            sims = (cand[idx] @ anchor[where[g[0]]]) / temperature
+            nce_terms.append(F.cross_entropy(sims.unsqueeze(0), torch.zeros(1, dtype=torch.long, device=device)))
+    nce = torch.stack(nce_terms).mean()
+    # LM loss on the gold answer tokens: logits at t-1 predict token t.
+    target = enc.answer[positives].to(device)[:, 1:]
+    lm = F.cross_entropy(logits[:, :-1][target].float(), ids[positives][:, 1:][target])
+    return nce, lm
+
+
+def _chunks(order: Sequence[int], size: int) -> list[list[int]]:
+    return [list(order[i : i + size]) for i in range(0, len(order), size)]
+
+
+def _validation_loss(loaded: Any, layers: Sequence[int], groups: Sequence[CandidateGroup], options: Any) -> float:
+    total, weight = 0.0, 0
+    with torch.no_grad():
+        for chunk in _chunks(range(len(groups)), options.batch_size):
+            nce, lm = group_losses(
+                loaded, layers, [groups[i] for i in chunk],
+                temperature=options.temperature, max_tokens=options.max_tokens,
+            )
+            total += float(nce + options.lm_weight * lm) * len(chunk)
+            weight += len(chunk)
+    return total / max(weight, 1)
+
+
+def train_blocks(
+    loaded: Any,
+    layers: Sequence[int],
+    train_groups: Sequence[CandidateGroup],
+    val_groups: Sequence[CandidateGroup],
+    options: Any,
+    ctx: JobContext | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> TrainReport:
+    """Tune blocks `layers` of `loaded.model` in place (see module doc); the model keeps the
+    best epoch's weights. `options`: `app.schemas.MitigateOptions`."""
+    if not train_groups or not val_groups:
+        raise JobFailed("dataset_too_small", "contrastive tuning needs at least one training and one validation question")
+    ctx = ctx or JobContext()
+    model = loaded.model
+    layers = sorted(set(int(i) for i in layers))
+    params = block_parameters(loaded, layers)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    started = time.monotonic()
+    steps_per_epoch = math.ceil(len(train_groups) / options.batch_size)
+    total_steps = steps_per_epoch * options.epochs
+    rng = np.random.default_rng(options.seed)
+    torch.manual_seed(options.seed)
+    step = 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(list(params.values()), lr=options.learning_rate, weight_decay=0.0)
+        model.eval()
+        best = initial = _validation_loss(loaded, layers, val_groups, options)
+        if not math.isfinite(initial):
+            raise JobFailed("training_diverged", "the validation loss of the untouched model is not finite")
+        best_state, best_epoch, bad, history, stopped = snapshot(params), 0, 0, [], False
+        for epoch in range(1, options.epochs + 1):
+            model.train()
+            losses: list[tuple[float, float]] = []
+            for chunk in _chunks(rng.permutation(len(train_groups)).tolist(), options.batch_size):
+                ctx.check_cancelled()
+                with torch.enable_grad():
+                    nce, lm = group_losses(
+                        loaded, layers, [train_groups[i] for i in chunk],
+                        temperature=options.temperature, max_tokens=options.max_tokens,
+                    )
+                    loss = nce + options.lm_weight * lm
+                    if not torch.isfinite(loss):
+                        raise JobFailed(
+                            "training_diverged",
+                            f"the training loss became {float(loss)} at step {step + 1}; lower learning_rate",
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+                    optimizer.step()
+                losses.append((float(nce.detach()), float(lm.detach())))
+                step += 1
+                if on_step:
+                    on_step(step, total_steps)
+            model.eval()
+            val = _validation_loss(loaded, layers, val_groups, options)
+            history.append({
+                "epoch": float(epoch),
+                "train_infonce": float(np.mean([a for a, _ in losses])),
+                "train_lm": float(np.mean([b for _, b in losses])),
+                "val_loss": val,
+            })
+            if math.isfinite(val) and val < best:
+                best, best_epoch, bad = val, epoch, 0
+                best_state = snapshot(params)
+            else:
+                bad += 1
+                if bad >= options.patience:
+                    stopped = epoch < options.epochs
+                    break
+        restore(params, best_state)
+    finally:
+        optimizer = None
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = None
+        model.train(was_training)
+    if on_step:
+        on_step(total_steps, total_steps)
+    return TrainReport(
+        layers=list(layers), epochs_run=len(history), steps=step, best_epoch=best_epoch,
+        initial_val_loss=initial, best_val_loss=best, history=history, stopped_early=stopped,
+        seconds=time.monotonic() - started,
+    )

@@ -1,0 +1,136 @@
+"""A mitigation patch: the tuned blocks' weights as one safetensors file.
+
+The file holds every parameter of the tuned blocks under its full name in the model
+(`model.layers.28.mlp.down_proj.weight`) and, in the safetensors metadata, the recipe
+that produced it plus a SHA-256 of each parameter's *base* value. `apply_patch` checks
+those hashes against the model it is applied to, so a patch made from one base model is
+refused on another (a different checkpoint, revision or dtype) instead of silently
+producing a hybrid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from worker.stage import JobFailed
+
+FORMAT = "layerscope-mitigation/1"
+
+
+def block_parameters(loaded: Any, layers: Iterable[int]) -> dict[str, torch.nn.Parameter]:
+    """The parameters of blocks `layers`, by full name; raises JobFailed for a layer that is not there."""
+    model = loaded.model
+    path = loaded.adapter.block_list_path(model)
+    n_blocks = len(model.get_submodule(path))
+    wanted = sorted(set(int(i) for i in layers))
+    bad = [i for i in wanted if not 0 <= i < n_blocks]
+    if bad:
+        raise JobFailed("invalid_layers", f"layers {bad} do not exist: the model has blocks 0-{n_blocks - 1}")
+    prefixes = tuple(f"{path}.{i}." for i in wanted)
+    params = {name: p for name, p in model.named_parameters() if name.startswith(prefixes)}
+    if not params:
+        raise JobFailed("invalid_layers", f"blocks {wanted} have no parameters to tune")
+    return params
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (on CPU)."""
+    cpu = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{cpu.dtype}|{tuple(cpu.shape)}|".encode())
+    h.update(cpu.view(torch.uint8).numpy().tobytes() if cpu.numel() else b"")
+    return h.hexdigest()
+
+
+def snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A detached copy of `params` (to restore or to compare with later)."""
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+def restore(params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
+def save_patch(tuned: dict[str, torch.Tensor], base_digests: dict[str, str], recipe: dict[str, Any]) -> bytes:
+    """The patch file: `tuned` tensors, with the base digests and the recipe as metadata."""
+    from safetensors.torch import save
+
+    metadata = {
+        "format": FORMAT,
+        "recipe": json.dumps(recipe, sort_keys=True, default=str),
+        "base_sha256": json.dumps(base_digests, sort_keys=True),
+    }
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tuned.items()}, metadata=metadata)
+
+
+def read_patch(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """(tensors, recipe, base digests) of a patch file; JobFailed `patch_invalid` when it is not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        meta = _metadata(data)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+        raise JobFailed("patch_invalid", f"the patch is not a readable safetensors file: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise JobFailed(
+            "patch_invalid", f"the patch is not a layerscope mitigation patch (format {meta.get('format')!r})"
+        )
+    try:
+        recipe = json.loads(meta.get("recipe") or "{}")
+        digests = json.loads(meta.get("base_sha256") or "{}")
+    except json.JSONDecodeError as exc:
+        raise JobFailed("patch_invalid", f"the patch metadata is not valid JSON: {exc}") from exc
+    if set(digests) != set(tensors):
+        raise JobFailed("patch_invalid", "the patch metadata does not describe every tensor in it")
+    return tensors, recipe, digests
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise ValueError("file too short")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise ValueError("bad header length")
+    header = json.loads(data[8 : 8 + n])
+    return dict(header.get("__metadata__") or {})
+
+
+def apply_patch(loaded: Any, data: bytes) -> dict[str, Any]:
+    """Copy the patch's tensors into `loaded.model` after checking that every target exists
+    with the same shape and dtype and still holds the base weights the patch was made from.
+    Returns the patch's recipe. JobFailed `patch_mismatch` when the model is another base."""
+    tensors, recipe, digests = read_patch(data)
+    params = dict(loaded.model.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise JobFailed(
+            "patch_mismatch",
+            f"the patch has {len(missing)} weights this model lacks (first: {missing[0]}); "
+            f"it was made for {recipe.get('base_model', 'another model')!r}",
+        )
+    for name, t in tensors.items():
+        p = params[name]
+        if tuple(p.shape) != tuple(t.shape) or p.dtype != t.dtype:
+            raise JobFailed(
+                "patch_mismatch",
+                f"{name}: the patch holds {tuple(t.shape)} {t.dtype}, the model {tuple(p.shape)} {p.dtype} "
+                "(load the base with the dtype the patch was made with)",
+            )
+        if tensor_digest(p) != digests[name]:
+            raise JobFailed(
+                "patch_mismatch",
+                f"{name} differs from the base weights the patch was made from: it was made for "
+                f"{recipe.get('base_model', 'another model')!r} ({recipe.get('base_source', '?')})",
+            )
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].device))
+    return recipe
