@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.api.guard import check_request
 from app.config import Settings
 from app.deps import get_session, get_settings_dep
 from app.models import ApiKey
@@ -104,7 +105,8 @@ def _parse(authorization: str | None) -> tuple[str, str]:
         raise Problem(401, "Send an API key as `Authorization: Bearer <key>`.", headers=_CHALLENGE)
     key = authorization[7:].strip()
     parts = key.split("_", 2)
-    if len(parts) != 3 or parts[0] != "ls":
+    # The prefix is looked up in the database: only what `create_key` makes (hex) gets that far.
+    if len(parts) != 3 or parts[0] != "ls" or not (parts[1].isascii() and parts[1].isalnum()):
         raise Problem(401, "Malformed API key.", headers=_CHALLENGE)
     return key, parts[1]
 
@@ -163,6 +165,9 @@ def require(scope: str):  # noqa: ANN201 - FastAPI dependency factory
                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
         if scope not in principal.scopes and "admin" not in principal.scopes:
             raise Problem(403, f"This API key lacks the `{scope}` scope.")
+        # Every route with a key passes here: a NUL that Postgres cannot store (or a control character
+        # in a path id) is a 422 naming the field, once the key is accepted, like any invalid value.
+        await check_request(request)
         return principal
 
     return dependency

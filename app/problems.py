@@ -71,6 +71,15 @@ def _allowed_methods(request: Request) -> str | None:
     return ", ".join(allowed) or None
 
 
+# Postgres refusing NUL: psycopg for a text parameter, the server for a JSONB value.
+_NUL_REFUSALS = ("cannot contain NUL (0x00) bytes", "\\u0000 cannot be converted to text")
+
+
+def _is_nul_refusal(exc: DBAPIError) -> bool:
+    text = str(exc.orig)
+    return any(marker in text for marker in _NUL_REFUSALS)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
@@ -108,6 +117,13 @@ def install(app: FastAPI) -> None:
     async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated:
             return problem_response(503, "The database connection dropped; retry.", headers={"Retry-After": "2"})
+        if _is_nul_refusal(exc):  # a NUL the request checks (app/api/guard.py) did not see, e.g. in a page_token
+            log.warning("a NUL reached the database: %s", type(exc.orig).__name__)
+            return problem_response(
+                422, "Invalid request: a value contains a NUL character (U+0000), which cannot be stored; "
+                "remove it. The request was not applied.",
+                errors=[{"field": "request", "message": "a value contains a NUL character", "type": "string_nul"}],
+            )
         log.exception("database error")
         return problem_response(500, "Internal database error; the request was not applied.")
 

@@ -246,7 +246,9 @@ def _encode_cursor(row: Analysis) -> str:
 
 def _parse_analysis_cursor(values: list[Any]) -> tuple[dt.datetime, str]:
     created, ident = values
-    return dt.datetime.fromisoformat(created), str(ident)
+    if not (isinstance(created, str) and isinstance(ident, str)) or "\x00" in ident:
+        raise ValueError("not an analysis cursor")
+    return dt.datetime.fromisoformat(created), ident
 
 
 def _decode_cursor(token: str) -> tuple[dt.datetime, str]:

@@ -8,9 +8,7 @@ which evaluates a spec's `gate_policy` when the job succeeds.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
 import logging
 import uuid
 from typing import Annotated, Any, Literal
@@ -21,7 +19,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.api.analyses import labels_for
+from app.api.analyses import decode_cursor, encode_cursor, labels_for
 from app.api.webhooks import enqueue_event
 from app.auth import Principal, require
 from app.deps import get_session
@@ -307,17 +305,18 @@ def list_policies(
 
 
 def _encode_cursor(row: GateVerdict) -> str:
-    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return encode_cursor([row.created_at.isoformat(), row.id])
+
+
+def _parse_verdict_cursor(values: list[Any]) -> tuple[dt.datetime, str]:
+    created, ident = values
+    if not (isinstance(created, str) and isinstance(ident, str)) or "\x00" in ident:
+        raise ValueError("not a verdict cursor")
+    return dt.datetime.fromisoformat(created), ident
 
 
 def _decode_cursor(token: str) -> tuple[dt.datetime, str]:
-    try:
-        created, ident = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        return dt.datetime.fromisoformat(created), str(ident)
-    except Exception:
-        raise Problem(422, "page_token is not a token this API issued; start again without it.",
-                      errors=[{"field": "page_token", "message": "invalid"}]) from None
+    return decode_cursor(token, _parse_verdict_cursor)
 
 
 def _page(session: Session, query: Any, page_size: int, page_token: str | None) -> VerdictPage:
