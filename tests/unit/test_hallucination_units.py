@@ -199,6 +199,15 @@ def test_probe_learns_separable_case() -> None:
     assert np.array_equal(conf, again)  # deterministic
 
 
+def test_probe_flags_a_strength_at_the_end_of_the_grid() -> None:
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(90, 40)), (rng.random(90) < 0.4).astype(float)  # labels unrelated to x
+    _, noise = probe_confidence(x, y, x[:5], seed=0, l2_grid=(0.1, 1.0, 10.0))
+    assert noise.l2 == 10.0 and noise.at_grid_edge  # the strongest penalty wins on noise: an edge
+    _, fixed = probe_confidence(x, y, x[:5], l2=10.0)
+    assert not fixed.at_grid_edge  # a given strength is no choice
+
+
 def test_probe_regularization_and_degenerate() -> None:
     x, y = _separable(60, 5, 2)
     weak = LogisticProbe.fit(x, y, l2=0.1)

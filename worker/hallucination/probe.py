@@ -23,7 +23,9 @@ import torch
 
 __all__ = ["DEFAULT_L2_GRID", "LogisticProbe", "fit_probe"]
 
-DEFAULT_L2_GRID: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
+# Up to 1e5: with a few hundred answers and 576-1,728 features, CV chose the old top (1e3) with its
+# loss still falling. A choice at either end of the grid is flagged (`at_grid_edge`).
+DEFAULT_L2_GRID: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 
 
 def _as_xy(x: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -56,6 +58,7 @@ class LogisticProbe:
     degenerate: bool = False
     constant: float | None = None
     cv_losses: dict[float, float] | None = None
+    at_grid_edge: bool = False  # CV chose the smallest or largest strength of the grid
     converged: bool = True
 
     @classmethod
@@ -166,4 +169,5 @@ def fit_probe(
     best = min(grid, key=lambda s: (round(losses[s], 12), -s))
     probe = LogisticProbe.fit(xa, ya, l2=best, max_iter=max_iter)
     probe.cv_losses = losses
+    probe.at_grid_edge = best in (grid[0], grid[-1])
     return probe

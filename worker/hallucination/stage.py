@@ -643,11 +643,17 @@ def analyze_hallucination(
     def record_probe(name: str, probe: Any, **extra: Any) -> None:
         probes_info[name] = {
             "l2": probe.l2, "degenerate": probe.degenerate, "converged": probe.converged,
+            "at_grid_edge": probe.at_grid_edge,
             "cv_log_loss": None if probe.cv_losses is None else {str(k): v for k, v in probe.cv_losses.items()},
             **extra,
         }
         if not probe.converged:
             warnings.append(f"probe {name}: L-BFGS stopped at its iteration limit")
+        if probe.at_grid_edge:
+            warnings.append(
+                f"probe {name}: cross-validation chose L2 = {probe.l2:g}, an end of the grid; a value beyond it "
+                "might fit better (set probe_l2 to fix the strength)"
+            )
 
     phase = progress.phase(units_probe)
     if "p_ik" in detectors:
