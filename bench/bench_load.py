@@ -4,10 +4,10 @@
                                [--submits 10] [--client raw|httpx] [--workers 1]
                                [--pg-admin postgresql://postgres@127.0.0.1:5432/postgres]
 
-Starts its own `redis-server` (loopback, free port) and `layerscope serve` (subprocess, loopback;
-`--workers N` > 1 starts `uvicorn --workers N` on the same app factory instead) on a Postgres
-database it creates and drops. No worker runs, so submitted jobs stay QUEUED: the API's work is
-all that is measured. The per-key rate limit is set very high (LAYERSCOPE_RATE_LIMIT_PER_MINUTE=
+Starts its own `redis-server` (loopback, free port) and `layerscope serve --workers N` (subprocess,
+loopback; N > 1 is uvicorn's worker processes, each building the app from the environment) on a
+Postgres database it creates and drops. No worker runs, so submitted jobs stay QUEUED: the API's
+work is all that is measured. The per-key rate limit is set very high (LAYERSCOPE_RATE_LIMIT_PER_MINUTE=
 100000000) so it stays in the request path but never answers 429.
 
 Phases, each with `--pollers` concurrent asyncio clients (one keep-alive connection each):
@@ -207,11 +207,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
 
 def start_api(env: dict, log: Path, workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    if workers == 1:
-        command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port)]
-    else:  # `layerscope serve` runs one process; N processes are uvicorn's, on the same app factory
-        command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--workers", str(workers),
-                   "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--workers", str(workers)]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -259,7 +255,7 @@ def main() -> int:
     parser.add_argument("--submitters", type=int, default=10)
     parser.add_argument("--submits", type=int, default=10, help="submissions per submitter")
     parser.add_argument("--workers", type=int, default=1,
-                        help="API processes: 1 is `layerscope serve`; more start uvicorn --workers on the app factory")
+                        help="API processes (`layerscope serve --workers N`: uvicorn workers when N > 1)")
     parser.add_argument("--client", choices=["httpx", "raw"], default="raw",
                         help="load generator: httpx.AsyncClient per client, or a minimal asyncio HTTP/1.1 client")
     parser.add_argument("--jobs", type=int, default=20, help="analyses created before polling (polled round robin)")

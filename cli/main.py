@@ -41,22 +41,52 @@ def start_embedded_worker(api, settings: Settings):  # noqa: ANN001, ANN201
     return worker
 
 
+def api_factory():  # noqa: ANN201
+    """The app factory each API process of `serve --workers N` (N > 1) calls: logging as `serve`
+    configures it, settings from the environment (the same environment as the parent's)."""
+    from app.main import create_app
+
+    _logging()
+    return create_app(get_settings())
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, help="Port to bind."),
+    workers: int = typer.Option(
+        1, min=1,
+        help="API processes on the port (uvicorn workers). More than 1 needs served mode (REDIS_URL set; "
+        "`layerscope worker` runs the jobs). Each process has its own rate limits, API-key cache and "
+        "HTTP latency metrics.",
+    ),
     migrate: bool = typer.Option(
         None, help="Upgrade the database schema first (default: yes in embedded mode, no otherwise)."
     ),
 ) -> None:
-    """Run the HTTP API. With no DATABASE_URL/REDIS_URL: SQLite plus an in-process worker (embedded mode)."""
+    """Run the HTTP API. With no DATABASE_URL/REDIS_URL: SQLite plus an in-process worker (embedded mode,
+    one API process)."""
     import uvicorn
 
     from app.main import create_app
 
     _logging()
     settings = get_settings()
+    if workers > 1 and settings.embedded:
+        typer.echo(
+            f"--workers {workers}: embedded mode (no REDIS_URL) runs one API process only, since every process "
+            "would start its own in-process worker on the same database. Set REDIS_URL and DATABASE_URL "
+            "(served mode, jobs run by `layerscope worker`) to run several API processes.",
+            err=True,
+        )
+        raise typer.Exit(2)
     _prepare(settings, settings.embedded if migrate is None else migrate)
+    if workers > 1:
+        if settings.auth_disabled:
+            typer.echo("WARNING: authentication is OFF (LAYERSCOPE_AUTH_DISABLED=true); local use only.")
+        # uvicorn starts worker processes from an import string: each builds its own app (api_factory).
+        uvicorn.run("cli.main:api_factory", factory=True, workers=workers, host=host, port=port, log_level="info")
+        return
     api = create_app(settings)
     if settings.embedded:
         typer.echo(f"embedded mode: database {settings.resolved_database_url}, in-process worker")

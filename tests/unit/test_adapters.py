@@ -347,3 +347,55 @@ def test_unsupported_architecture() -> None:
         adapter_for(model)
     assert err.value.error_type == "unsupported_architecture"
     assert "nn.ModuleList" in err.value.detail
+
+
+class _Returns(torch.nn.Module):
+    """Returns whatever `make(x)` builds from its input."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.make = make
+
+    def forward(self, *args, **kwargs):
+        return self.make(args, kwargs)
+
+
+def _fired(site: CaptureSite, *args, **kwargs) -> list[torch.Tensor]:
+    got: list[torch.Tensor] = []
+    handle = site.register(got.append)
+    try:
+        site.module(*args, **kwargs)
+    finally:
+        handle.remove()
+    assert not site.module._forward_hooks and not site.module._forward_pre_hooks
+    return got
+
+
+def test_register_output_takes_the_first_tensor() -> None:
+    """One implementation for adapters and the profiler: a tensor, the first element of a
+    (nested) tuple or list, the first tensor of a mapping; no tensor, no call."""
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    cases = [
+        (lambda args, kw: a, a),
+        (lambda args, kw: (a, b), a),
+        (lambda args, kw: [(a, None), b], a),
+        (lambda args, kw: {"loss": None, "hidden": a, "other": b}, a),
+    ]
+    for make, expected in cases:
+        got = _fired(CaptureSite(_Returns(make)), b)
+        assert len(got) == 1 and got[0] is expected
+    assert _fired(CaptureSite(_Returns(lambda args, kw: (None, a))), b) == []
+    assert _fired(CaptureSite(_Returns(lambda args, kw: ())), b) == []
+
+
+def test_register_input_positional_then_keywords() -> None:
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    site = CaptureSite(_Returns(lambda args, kw: None), use_input=True)
+    assert [t is a for t in _fired(site, a, b)] == [True]
+    assert [t is a for t in _fired(site, (a, b))] == [True]
+    # keyword-only calls: hidden_states / input / x first, then the first tensor
+    assert [t is a for t in _fired(site, mask=b, hidden_states=a)] == [True]
+    assert [t is a for t in _fired(site, mask=b, x=a)] == [True]
+    assert [t is b for t in _fired(site, flag=True, mask=b)] == [True]
+    assert _fired(site, flag=True) == []
+    assert _fired(site, None, hidden_states=a) == []  # positional input given, not a tensor

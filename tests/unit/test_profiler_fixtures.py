@@ -9,11 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-
-@dataclass
-class Site:
-    module: torch.nn.Module
-    use_input: bool = False
+from worker.modelzoo.adapters import CaptureSite
 
 
 @dataclass
@@ -21,7 +17,7 @@ class Block:
     index: int
     name: str
     module: torch.nn.Module
-    sites: dict[str, Site] = field(default_factory=dict)
+    sites: dict[str, CaptureSite] = field(default_factory=dict)
 
 
 class HandAdapter:
@@ -37,9 +33,9 @@ class HandAdapter:
                     f"model.layers.{i}",
                     block,
                     {
-                        "block_output": Site(block),
-                        "mlp_activation": Site(block.mlp.down_proj, use_input=True),
-                        "attention_output": Site(block.self_attn),
+                        "block_output": CaptureSite(block),
+                        "mlp_activation": CaptureSite(block.mlp.down_proj, use_input=True),
+                        "attention_output": CaptureSite(block.self_attn),
                     },
                 )
             )

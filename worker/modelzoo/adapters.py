@@ -29,12 +29,13 @@ block's `sites`; callers must check the sites they need are there.
 
 OPT runs its MLP on flattened tokens, so its `mlp_activation` arrives as
 `[batch * pos, d_ff]`: `CaptureSite.flat_tokens` is True there. `CaptureSite.register`
-hooks a site and hands the tensor to a callback.
+hooks a site and hands the tensor to a callback; it is the one hook implementation (the
+profiler's `worker.profiler.hooks.capture` registers through it too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,25 +60,50 @@ class CaptureSite:
 
     def register(self, fn: Callable[[torch.Tensor], None]) -> torch.utils.hooks.RemovableHandle:
         """Hook the site: `fn` gets the captured tensor at every forward pass. Remove the
-        returned handle (in a `finally`) when done."""
+        returned handle (in a `finally`) when done.
+
+        Output sites get `first_tensor(output)`. Input sites get `first_tensor(args[0])`
+        when the module was called with positional arguments, else the keyword argument
+        `hidden_states`, `input` or `x` (the first of these that is a tensor), else the
+        first tensor among the keyword arguments. A forward pass where no tensor is found
+        does not call `fn`. The hook never changes what the model computes."""
         if self.use_input:
 
             def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                if args:
-                    fn(args[0])
-                    return
-                for key in ("hidden_states", "input", "x"):
-                    if isinstance(kwargs.get(key), torch.Tensor):
-                        fn(kwargs[key])
-                        return
-                fn(next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+                tensor = first_tensor(args) if args else _input_kwarg(kwargs)
+                if tensor is not None:
+                    fn(tensor)
 
             return self.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
         def hook(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-            fn(output[0] if isinstance(output, tuple | list) else output)
+            tensor = first_tensor(output)
+            if tensor is not None:
+                fn(tensor)
 
         return self.module.register_forward_hook(hook)
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The tensor a hook captures: the value itself, the first element of a tuple/list
+    (recursively), or the first tensor of a ModelOutput-like mapping; None otherwise."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, tuple | list):
+        return first_tensor(value[0]) if value else None
+    if isinstance(value, Mapping):
+        for item in value.values():
+            if isinstance(item, torch.Tensor):
+                return item
+    return None
+
+
+def _input_kwarg(kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The input tensor of a module called with keyword arguments only."""
+    for key in ("hidden_states", "input", "x"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    return first_tensor(kwargs)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 A capture site (from the architecture adapter) is a module plus whether to read its
 first positional input (forward pre-hook) or its output (forward hook; the first
-element when the output is a tuple). The hooks only hand the tensor to a callback;
-they never change what the model computes, and they are always removed on exit,
+element when the output is a tuple). The hook itself is registered by the site
+(`worker.modelzoo.adapters.CaptureSite.register`, the one implementation); here it
+only hands the tensor to a callback with the block position and site name. Hooks
+never change what the model computes, and they are always removed on exit,
 exceptions included.
 """
 
@@ -11,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from functools import partial
+from typing import Protocol
 
 import torch
 
@@ -21,29 +24,16 @@ Callback = Callable[[int, str, torch.Tensor], None]
 
 
 class _Site(Protocol):
-    module: torch.nn.Module
-    use_input: bool
+    """What `capture` needs of a site: `CaptureSite.register`."""
+
+    def register(self, fn: Callable[[torch.Tensor], None]) -> torch.utils.hooks.RemovableHandle: ...
 
 
 class _Block(Protocol):
     index: int
     name: str
     module: torch.nn.Module
-    sites: Mapping[str, Any]
-
-
-def first_tensor(value: Any) -> torch.Tensor | None:
-    """The tensor a hook captures: the value itself, the first element of a tuple/list,
-    or the first tensor of a ModelOutput-like mapping."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        return first_tensor(value[0]) if value else None
-    if isinstance(value, Mapping):
-        for item in value.values():
-            if isinstance(item, torch.Tensor):
-                return item
-    return None
+    sites: Mapping[str, _Site]
 
 
 class SiteUnavailable(LookupError):
@@ -67,26 +57,9 @@ def capture(blocks: Sequence[_Block], sites: Sequence[str], callback: Callback) 
                         f"capture site {site_name!r} is not available for block {block.name!r} "
                         f"(available: {sorted(block.sites)})"
                     )
-                handles.append(_register(site, position, site_name, callback))
+                handles.append(site.register(partial(callback, position, site_name)))
         yield len(handles)
     finally:
         for handle in handles:
             handle.remove()
 
-
-def _register(site: _Site, position: int, name: str, callback: Callback) -> torch.utils.hooks.RemovableHandle:
-    if site.use_input:
-
-        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            tensor = first_tensor(args) if args else first_tensor(kwargs)
-            if tensor is not None:
-                callback(position, name, tensor)
-
-        return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        tensor = first_tensor(output)
-        if tensor is not None:
-            callback(position, name, tensor)
-
-    return site.module.register_forward_hook(hook)

@@ -1,0 +1,81 @@
+"""`layerscope serve --workers N`: one process in embedded mode, uvicorn worker processes in served mode.
+
+No server is started: uvicorn.run is replaced, so these run in milliseconds without Postgres or Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from typer.testing import CliRunner
+
+import cli.main
+from app.config import get_settings
+
+
+@pytest.fixture
+def uvicorn_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[tuple[tuple, dict]]]:
+    """Settings from a clean environment (embedded until REDIS_URL is set), no logging reconfiguration,
+    no in-process worker thread, and a uvicorn.run that records its calls instead of serving."""
+    for name in ("DATABASE_URL", "REDIS_URL", "LAYERSCOPE_DATABASE_URL", "LAYERSCOPE_REDIS_URL",
+                 "LAYERSCOPE_AUTH_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LAYERSCOPE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(cli.main, "_logging", lambda: None)
+    calls: list[tuple[tuple, dict]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(cli.main, "start_embedded_worker", lambda api, settings: None)
+    get_settings.cache_clear()
+    yield calls
+    get_settings.cache_clear()
+
+
+def _serve(*args: str) -> Any:
+    return CliRunner().invoke(cli.main.app, ["serve", *args])
+
+
+def test_serve_help_lists_workers() -> None:
+    result = CliRunner().invoke(cli.main.app, ["serve", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--workers" in result.stdout
+
+
+def test_embedded_mode_refuses_several_workers(uvicorn_calls: list, tmp_path: Path) -> None:
+    result = _serve("--workers", "2")
+    assert result.exit_code == 2
+    assert "embedded mode" in result.stderr and "REDIS_URL" in result.stderr
+    assert uvicorn_calls == []
+    assert not (tmp_path / "data").exists()  # refused before the data directory or any migration
+
+    assert _serve("--workers", "0").exit_code == 2  # at least one
+
+
+def test_embedded_mode_one_worker_serves_the_app(uvicorn_calls: list) -> None:
+    result = _serve("--port", "8123")
+    assert result.exit_code == 0, result.output
+    [(args, kwargs)] = uvicorn_calls
+    assert not isinstance(args[0], str)  # the app object itself, with its in-process worker
+    assert kwargs == {"host": "127.0.0.1", "port": 8123, "log_level": "info"}
+
+
+def test_served_mode_runs_uvicorn_workers_on_the_factory(
+    uvicorn_calls: list, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'served.db'}")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    result = _serve("--workers", "3", "--host", "0.0.0.0", "--port", "8124")
+    assert result.exit_code == 0, result.output
+    [(args, kwargs)] = uvicorn_calls
+    assert args == ("cli.main:api_factory",)
+    assert kwargs == {"factory": True, "workers": 3, "host": "0.0.0.0", "port": 8124, "log_level": "info"}
+
+    # What each worker process does: import the factory, build the app from the environment.
+    factory = uvicorn.importer.import_from_string(args[0])
+    get_settings.cache_clear()
+    api = factory()
+    assert api.state.settings.redis_url == "redis://127.0.0.1:1/0"
+    assert api.state.settings.database_url == f"sqlite:///{tmp_path / 'served.db'}"
