@@ -240,19 +240,21 @@ def decode_cursor(token: str, parse: Callable[[list[Any]], T]) -> T:
         ) from None
 
 
-def _encode_cursor(row: Analysis) -> str:
+def encode_created_cursor(row: Any) -> str:
+    """The page token after `row` of a list ordered by (created_at, id), newest first."""
     return encode_cursor([row.created_at.isoformat(), row.id])
 
 
-def _parse_analysis_cursor(values: list[Any]) -> tuple[dt.datetime, str]:
+def _parse_created_cursor(values: list[Any]) -> tuple[dt.datetime, str]:
     created, ident = values
     if not (isinstance(created, str) and isinstance(ident, str)) or "\x00" in ident:
-        raise ValueError("not an analysis cursor")
+        raise ValueError("not a (created_at, id) cursor")
     return dt.datetime.fromisoformat(created), ident
 
 
-def _decode_cursor(token: str) -> tuple[dt.datetime, str]:
-    return decode_cursor(token, _parse_analysis_cursor)
+def decode_created_cursor(token: str) -> tuple[dt.datetime, str]:
+    """(created_at, id) of an `encode_created_cursor` token; a 422 Problem for anything else."""
+    return decode_cursor(token, _parse_created_cursor)
 
 
 @router.get("", response_model=AnalysisPage, summary="List analyses", responses=PROBLEM_RESPONSES)
@@ -282,7 +284,7 @@ def list_analyses(
             Analysis.id.in_(select(AnalysisLabel.analysis_id).where(AnalysisLabel.key == key, AnalysisLabel.value == value))
         )
     if page_token:
-        created, ident = _decode_cursor(page_token)
+        created, ident = decode_created_cursor(page_token)
         query = query.where(
             or_(Analysis.created_at < created, and_(Analysis.created_at == created, Analysis.id < ident))
         )
@@ -292,7 +294,7 @@ def list_analyses(
     labels = labels_for(session, [r.id for r in rows])
     return AnalysisPage(
         items=[to_out(r, labels[r.id]) for r in rows],
-        next_page_token=_encode_cursor(rows[-1]) if more else None,
+        next_page_token=encode_created_cursor(rows[-1]) if more else None,
     )
 
 

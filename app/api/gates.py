@@ -19,7 +19,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.api.analyses import decode_cursor, encode_cursor, labels_for
+from app.api.analyses import decode_created_cursor, encode_created_cursor, labels_for
 from app.api.webhooks import enqueue_event
 from app.auth import Principal, require
 from app.deps import get_session
@@ -301,27 +301,9 @@ def list_policies(
     return [policy_out(r) for r in rows]
 
 
-# Declared before /v1/gates/{name} so that `verdicts` is never read as a policy name.
-
-
-def _encode_cursor(row: GateVerdict) -> str:
-    return encode_cursor([row.created_at.isoformat(), row.id])
-
-
-def _parse_verdict_cursor(values: list[Any]) -> tuple[dt.datetime, str]:
-    created, ident = values
-    if not (isinstance(created, str) and isinstance(ident, str)) or "\x00" in ident:
-        raise ValueError("not a verdict cursor")
-    return dt.datetime.fromisoformat(created), ident
-
-
-def _decode_cursor(token: str) -> tuple[dt.datetime, str]:
-    return decode_cursor(token, _parse_verdict_cursor)
-
-
 def _page(session: Session, query: Any, page_size: int, page_token: str | None) -> VerdictPage:
     if page_token:
-        created, ident = _decode_cursor(page_token)
+        created, ident = decode_created_cursor(page_token)
         query = query.where(
             or_(GateVerdict.created_at < created, and_(GateVerdict.created_at == created, GateVerdict.id < ident))
         )
@@ -330,9 +312,10 @@ def _page(session: Session, query: Any, page_size: int, page_token: str | None) 
     more, rows = len(rows) > page_size, rows[:page_size]
     labels = labels_for(session, list({r.analysis_id for r in rows}))
     return VerdictPage(items=[verdict_out(r, labels[r.analysis_id]) for r in rows],
-                       next_page_token=_encode_cursor(rows[-1]) if more else None)
+                       next_page_token=encode_created_cursor(rows[-1]) if more else None)
 
 
+# Declared before /v1/gates/{name} so that `verdicts` is never read as a policy name.
 @router.get(
     "/v1/gates/verdicts", response_model=VerdictPage, summary="List verdicts by model, label and policy",
     description="Newest first. `label=key=value` is repeatable (all must match the analysis's labels).",
