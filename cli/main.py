@@ -100,6 +100,10 @@ def serve(
 def worker(
     concurrency: int = typer.Option(1, help="Jobs at once in this process (solo pool when 1)."),
     loglevel: str = typer.Option("INFO"),
+    name: str = typer.Option(
+        None, help="Celery node name (`%h` = host name). Default: layerscope-<pid>@<host>, unique per process, "
+        "so several workers on one host (one per GPU) are told apart.",
+    ),
 ) -> None:
     """Run a Celery worker (needs REDIS_URL and DATABASE_URL)."""
     settings = get_settings()
@@ -110,7 +114,8 @@ def worker(
     from worker.celery_app import celery
 
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
-    celery.worker_main(["worker", f"--loglevel={loglevel}", "-Q", "layerscope", *pool])
+    node = name or f"layerscope-{os.getpid()}@%h"
+    celery.worker_main(["worker", f"--loglevel={loglevel}", "-Q", "layerscope", f"--hostname={node}", *pool])
 
 
 @app.command()
