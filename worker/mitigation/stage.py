@@ -237,6 +237,50 @@ def before_after_table(metrics: Sequence[MetricRow], variants: Sequence[_Variant
     return "\n".join(lines) + "\n"
 
 
+def _choose_layers(
+    options: MitigateOptions, n_blocks: int, k: int, control: bool,
+    eavss_ranking: Sequence[int] | None, base_ranking: Sequence[int],
+) -> tuple[list[int], str, list[int]]:
+    """(tuned layers, where their choice came from, control layers drawn from the others)."""
+    if options.layers is not None:
+        chosen, source = sorted(options.layers), "explicit"
+    else:
+        ranking = list(eavss_ranking) if eavss_ranking else list(base_ranking)
+        source = "hallucination stage (training split)" if eavss_ranking else "base evaluation (probe part)"
+        chosen = sorted(int(i) for i in ranking[:k])
+    rng = np.random.default_rng(options.seed)
+    others = [i for i in range(n_blocks) if i not in chosen]
+    control_layers = sorted(int(i) for i in rng.choice(others, size=k, replace=False)) if control else []
+    return chosen, source, control_layers
+
+
+def _tuning_groups(
+    loaded: Any, fit_part: Sequence[Any], val_part: Sequence[Any], shots: Sequence[tuple[str, str]],
+    hopts: HallucinationOptions, options: MitigateOptions, ctx: JobContext, on_batch: Any,
+) -> tuple[list[CandidateGroup], list[CandidateGroup], int, list[CandidateGroup]]:
+    """Candidate groups of the tuning and validation questions, from the base model's own
+    greedy answers (same prompt as the evaluation) labelled by the lexical rules.
+    Returns (tuning groups, validation groups, own wrong answers, all groups)."""
+    fit_items = [qa_item(e, f"tuning example {i}") for i, e in enumerate(fit_part)]
+    val_items = [qa_item(e, f"validation example {i}") for i, e in enumerate(val_part)]
+    items = fit_items + val_items
+    prompts = [build_prompt(x.question, shots, instruction=hopts.instruction, tokenizer=loaded.tokenizer,
+                            use_chat_template=hopts.use_chat_template) for x in items]
+    own = generate(loaded, prompts, max_new_tokens=hopts.max_new_tokens, batch_size=hopts.batch_size,
+                   seed=options.seed, ctx=ctx, on_batch=on_batch).generations
+    rules = [r for r in hopts.correctness_rules if r in LEXICAL_RULES]
+    rule_kw = {"contains_max_tokens": hopts.contains_max_tokens, "f1_threshold": hopts.f1_threshold,
+               "rouge_threshold": hopts.rouge_threshold}
+    own_correct = [label_answer(x.question, g.text, x.aliases, rules, None, **rule_kw)[0]
+                   for x, g in zip(items, own, strict=True)]
+    groups = candidate_groups(items, [g.text for g in own], own_correct, options.negatives, options.seed,
+                              rules, **rule_kw)
+    fit_questions = {x.question for x in fit_items}
+    fit_groups = [g for g in groups if g.question in fit_questions]
+    val_groups = [g for g in groups if g.question not in fit_questions]
+    return fit_groups, val_groups, sum(1 for c in own_correct if not c), groups
+
+
 # ------------------------------------------------------------------ the stage
 
 
@@ -293,36 +337,12 @@ def run_mitigate_stage(
     for w in base.run.result.warnings:
         warnings.append(f"base evaluation: {w}")
 
-    # ---------------------------------------------------------------- layers
-    if options.layers is not None:
-        chosen, source = sorted(options.layers), "explicit"
-    else:
-        ranking = list(eavss_ranking) if eavss_ranking else list(base.run.result.summary["layer_scores"]["ranking"])
-        source = "hallucination stage (training split)" if eavss_ranking else "base evaluation (probe part)"
-        chosen = sorted(int(i) for i in ranking[:k])
-    rng = np.random.default_rng(options.seed)
-    others = [i for i in range(n_blocks) if i not in chosen]
-    control_layers = sorted(int(i) for i in rng.choice(others, size=k, replace=False)) if control else []
-
-    # ---------------------------------------------------------------- candidate groups
-    fit_items = [qa_item(e, f"tuning example {i}") for i, e in enumerate(fit_part)]
-    val_items = [qa_item(e, f"validation example {i}") for i, e in enumerate(val_part)]
-    tune_items = fit_items + val_items
-    shots = base.run.shots
-    prompts = [build_prompt(x.question, shots, instruction=hopts.instruction, tokenizer=loaded.tokenizer,
-                            use_chat_template=hopts.use_chat_template) for x in tune_items]
-    own = generate(loaded, prompts, max_new_tokens=hopts.max_new_tokens, batch_size=hopts.batch_size,
-                   seed=options.seed, ctx=ctx, on_batch=progress.phase(5)).generations
-    rules = [r for r in hopts.correctness_rules if r in LEXICAL_RULES]
-    rule_kw = {"contains_max_tokens": hopts.contains_max_tokens, "f1_threshold": hopts.f1_threshold,
-               "rouge_threshold": hopts.rouge_threshold}
-    own_correct = [label_answer(x.question, g.text, x.aliases, rules, None, **rule_kw)[0]
-                   for x, g in zip(tune_items, own, strict=True)]
-    groups = candidate_groups(tune_items, [g.text for g in own], own_correct, options.negatives, options.seed,
-                              rules, **rule_kw)
-    fit_questions = {x.question for x in fit_items}
-    fit_groups = [g for g in groups if g.question in fit_questions]
-    val_groups = [g for g in groups if g.question not in fit_questions]
+    chosen, source, control_layers = _choose_layers(
+        options, n_blocks, k, control, eavss_ranking, base.run.result.summary["layer_scores"]["ranking"]
+    )
+    fit_groups, val_groups, own_wrong, groups = _tuning_groups(
+        loaded, fit_part, val_part, base.run.shots, hopts, options, ctx, progress.phase(5)
+    )
 
     # ---------------------------------------------------------------- tune, evaluate, restore
     recipe_base = {
@@ -397,7 +417,7 @@ def run_mitigate_stage(
         "counts": {
             "probe_examples": len(probe_part), "tuning_questions": len(fit_groups),
             "validation_questions": len(val_groups), "test_answered": len(base.test_answers),
-            "own_wrong_answers_as_negatives": sum(1 for c in own_correct if not c),
+            "own_wrong_answers_as_negatives": own_wrong,
             "negatives_mean": float(np.mean([len(g.negatives) for g in groups])) if groups else 0.0,
         },
         "training": {v.name: v.train.to_dict() for v in variants if v.train is not None},
