@@ -176,6 +176,10 @@ def test_the_stage_restores_the_model_and_reports_every_variant(tiny) -> None:
     n_test = s["counts"]["test_answered"]
     assert sorted({a.scope for a in res.answers}) == ["variant=base", "variant=eavss", "variant=random"]
     assert len(res.answers) == 3 * n_test
+    by = {(m.scope, m.name): m for m in res.metrics}
+    assert by[("delta=eavss-base", "accuracy")].n == n_test and by[("delta=eavss-base", "perplexity")].n == 3
+    acc = by[("delta=eavss-base", "accuracy")]
+    assert acc.value == pytest.approx(by[("variant=eavss", "accuracy")].value - by[("variant=base", "accuracy")].value)
     tuned = [r for r in res.layers if r.values["tuned"] == 1.0]
     assert [r.layer for r in tuned] == s["layers"] and tuned[0].values["eavss_rank"] == 1.0
     assert [d for _, d, _ in events] == sorted(d for _, d, _ in events) and events[-1][1] == events[-1][2]

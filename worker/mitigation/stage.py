@@ -140,14 +140,14 @@ def _paired_deltas(a: _Variant, b: _Variant, detectors: Sequence[str], n_boot: i
     if a.keys != b.keys:
         raise JobFailed("internal_error", "variants were scored on different test questions")
     scope = f"delta={a.name}-{b.name}"
-    n = len(a.keys)
     rows: list[MetricRow] = []
 
     def add(scope_: str, name: str, fn: Any, *arrays: np.ndarray, batched: bool = False) -> None:
+        """A row for `fn(*arrays)` with a bootstrap interval over resampled rows of `arrays`."""
         value = fn(*(x[None, :] for x in arrays))[0] if batched else fn(*arrays)
         ci = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed, batched=batched)
         rows.append(MetricRow(scope=scope_, name=name, value=finite_or_none(value),
-                              ci_low=finite_or_none(ci.low), ci_high=finite_or_none(ci.high), n=n))
+                              ci_low=finite_or_none(ci.low), ci_high=finite_or_none(ci.high), n=len(arrays[0])))
 
     add(scope, "accuracy", lambda ya, yb: ya.mean(axis=1) - yb.mean(axis=1), a.correct, b.correct, batched=True)
     if a.ppl is not None and b.ppl is not None:
@@ -158,8 +158,7 @@ def _paired_deltas(a: _Variant, b: _Variant, detectors: Sequence[str], n_boot: i
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 return np.exp(na_.sum(1) / ca_.sum(1)) - np.exp(nb_.sum(1) / cb_.sum(1))
 
-        rows.append(MetricRow(scope=scope, name="perplexity", n=len(na), **_ci_fields(
-            ppl_delta, na, ca, nb, cb, n_boot=n_boot, seed=seed)))
+        add(scope, "perplexity", ppl_delta, na, ca, nb, cb, batched=True)  # resamples the general texts
     for d in detectors:
         ca_, cb_ = a.confidence(d), b.confidence(d)
         if np.isnan(ca_).any() or np.isnan(cb_).any():
@@ -177,12 +176,6 @@ def _paired_deltas(a: _Variant, b: _Variant, detectors: Sequence[str], n_boot: i
 
         add(f"{scope},detector={d}", "ece_relative", ece_relative, ca_, a.correct, cb_, b.correct)
     return rows
-
-
-def _ci_fields(fn: Any, *arrays: np.ndarray, n_boot: int, seed: int) -> dict[str, float | None]:
-    value = fn(*(x[None, :] for x in arrays))[0]
-    ci = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed, batched=True)
-    return {"value": finite_or_none(value), "ci_low": finite_or_none(ci.low), "ci_high": finite_or_none(ci.high)}
 
 
 def _variant_metrics(v: _Variant) -> list[MetricRow]:
