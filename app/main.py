@@ -21,7 +21,9 @@ from app.ratelimit import TokenBucket
 
 DESCRIPTION = """
 Layer analysis of transformer language models: which layers matter (AVSS),
-which can be pruned, and which drive hallucination.
+which can be pruned, which drive hallucination (EAVSS and calibrated detectors),
+and whether tuning those layers helps (`mitigate`, measured against a random-layer
+control; its patch is applied with `model.patch`).
 
 Submit an analysis with `POST /v1/analyses`, poll `GET /v1/analyses/{id}` until
 its `state` is SUCCEEDED, FAILED or CANCELLED, then read `/layers`, `/metrics`,
