@@ -24,6 +24,8 @@ Aliases for the common gates:
 | `retained_performance.<task>[.<scorer>]` | `metrics.prune."task=<task>,scorer=<scorer>".retained_pct / 100` (scorer default `avss`), a fraction |
 | `hallucination.<detector>.<metric>[.<field>]` | `metrics.hallucination."detector=<detector>".<metric>` |
 | `pruning.<scorer>.<name>` | `metrics.prune."scorer=<scorer>".<name>` (e.g. `speedup`, `parameter_reduction_pct`) |
+| `mitigation.<a>-<b>.<name>[.<field>]` | `metrics.mitigate."delta=<a>-<b>".<name>`, a paired difference (e.g. `mitigation.eavss-base.accuracy.ci_low > 0`) |
+| `mitigation.<variant>.<name>[.<field>]` | `metrics.mitigate."variant=<variant>".<name>` (`base`, `eavss`, `random`) |
 
 Missing data never passes: a path that finds nothing (the stage did not run, the
 metric is undefined, no layer has the value) gives an observed value of null
@@ -51,7 +53,7 @@ OPS: dict[str, Callable[[Any, Any], bool]] = {
 }
 METRIC_FIELDS = ("value", "ci_low", "ci_high", "n")
 AGGREGATES = ("max", "min", "mean", "sum", "count")
-ALIASES = ("retained_performance", "hallucination", "pruning")
+ALIASES = ("retained_performance", "hallucination", "pruning", "mitigation")
 ROOTS = ("metrics", "layers", "warnings", "summary", *ALIASES)
 
 _BARE = r"[A-Za-z0-9_@:,+\-/*#%]+(?:=[A-Za-z0-9_@:,+\-/*#%]+)*"
@@ -183,6 +185,7 @@ def _check_shape(path: tuple[str, ...]) -> None:
         "retained_performance": "retained_performance.<task>[.<scorer>]",
         "hallucination": "hallucination.<detector>.<metric>[.value|.ci_low|.ci_high|.n]",
         "pruning": "pruning.<scorer>.<name>",
+        "mitigation": "mitigation.<variant or a-b>.<name>[.value|.ci_low|.ci_high|.n]",
     }
     if root not in usage:
         raise RuleError(f"unknown path root {root!r}; paths start with one of {', '.join(ROOTS)}")
@@ -195,6 +198,7 @@ def _check_shape(path: tuple[str, ...]) -> None:
         "retained_performance": n in (1, 2),
         "hallucination": n == 2 or (n == 3 and rest[2] in METRIC_FIELDS),
         "pruning": n == 2,
+        "mitigation": n == 2 or (n == 3 and rest[2] in METRIC_FIELDS),
     }[root]
     if not ok:
         raise RuleError(f"path {format_path(path)!r} does not fit {usage[root]}")
@@ -370,6 +374,9 @@ def observe(path: Sequence[str], snap: Snapshot) -> Observation:
         return observe(target, snap)
     if root == "pruning":
         return observe(("metrics", "prune", f"scorer={rest[0]}", rest[1]), snap)
+    if root == "mitigation":
+        scope = f"delta={rest[0]}" if "-" in rest[0] else f"variant={rest[0]}"
+        return observe(("metrics", "mitigate", scope, *rest[1:]), snap)
     if root == "retained_performance":
         scorer = rest[1] if len(rest) == 2 else "avss"
         obs = observe(("metrics", "prune", f"task={rest[0]},scorer={scorer}", "retained_pct"), snap)

@@ -28,6 +28,8 @@ def snapshot() -> Snapshot:
             MetricRecord("hallucination", "detector=eavss_probe", "acc@12.5", 0.7, 0.6, 0.8, 200),
             MetricRecord("hallucination", "detector=length", "auroc", None, None, None, 200),
             MetricRecord("avss", "avss", "prune_count", 2.0, n=8),
+            MetricRecord("mitigate", "delta=eavss-base", "accuracy", -0.023, -0.05, 0.003, 300),
+            MetricRecord("mitigate", "variant=eavss", "perplexity", 73.1, 35.2, 174.9, 64),
         ],
         layers=[
             LayerRecord("avss", "avss", i, {"avss": float(i), "block_output.variance": 10.0 - i, "gap": None})
@@ -65,6 +67,9 @@ def check(rule: str, snap: Snapshot | None = None) -> dict:
         ("metrics.prune.task=perplexity,scorer=avss.perplexity.ci_low >= 20.5", 20.0, False),
         ("metrics.avss.avss.prune_count!=0", 2.0, True),
         ("pruning.avss.speedup > 1.2", 1.3, True),
+        ("mitigation.eavss-base.accuracy.ci_low > 0", -0.05, False),
+        ("mitigation.eavss-base.accuracy >= -0.03", -0.023, True),
+        ("mitigation.eavss.perplexity.n == 64", 64.0, True),
         ("layers.avss.avss.avss.max == 3", 3.0, True),
         ("layers.avss.avss.avss.min == 0", 0.0, True),
         ("layers.avss.avss.avss.mean == 1.5", 1.5, True),
@@ -111,6 +116,7 @@ def test_metric_rules_report_the_interval_and_n() -> None:
         ("summary.avss.missing == 1", "summary.avss has no 'missing'"),
         ("summary.avss.prune_layers == 2", "add .length"),
         ("summary.hallucination.x == 1", "summary has no 'hallucination'"),
+        ("mitigation.random-base.accuracy > 0", "no metric scope 'delta=random-base'"),
     ],
 )
 def test_missing_data_fails_with_a_reason(rule: str, reason: str) -> None:
@@ -149,6 +155,7 @@ def test_string_and_number_do_not_compare() -> None:
         ("metrics.prune.x > 1", "does not fit metrics.<stage>.<scope>.<name>"),
         ("metrics.prune.a.b.ci_mid > 1", "does not fit"),
         ("layers.avss.avss.avss.median > 1", "does not fit layers"),
+        ("mitigation.eavss > 0", "does not fit mitigation.<variant or a-b>.<name>"),
         ("layers.avss > 1", "does not fit"),
         ("hallucination.eavss_probe > 1", "does not fit"),
         ("summary.avss > 1", "does not fit"),
