@@ -12,14 +12,14 @@ import pytest
 from sqlalchemy import select, update
 
 from app.db import session_factory, session_scope
-from app.models import Analysis, LayerScore, utcnow
+from app.models import Analysis, Artifact, LayerScore, utcnow
 from app.schemas import AnalysisSpec, JobState
 from tests.api.conftest import SPEC
 from tests.conftest import make_settings
 from worker import jobstore
 from worker.jobstore import LostOwnership
 from worker.runner import run_job
-from worker.stage import JobFailed, LayerRow, StageResult
+from worker.stage import ArtifactFile, JobFailed, LayerRow, StageResult
 from worker.sweeper import enqueue_pending, reap
 
 
@@ -183,3 +183,26 @@ def test_sweeper_sends_jobs_whose_enqueue_failed(env) -> None:  # noqa: ANN001
     broker.sent.clear()
     enqueue_pending(sf, settings, broker)
     assert job not in broker.sent  # sent once, not again until requeue_after passes
+
+
+def test_a_job_reads_another_analysis_artifact_only_in_its_project_and_only_when_succeeded(env) -> None:  # noqa: ANN001
+    settings, sf = env
+    source, reader = new_job(sf, "SUCCEEDED"), new_job(sf, "RUNNING")
+    stranger, unfinished = new_job(sf, "RUNNING"), new_job(sf, "RUNNING")
+    with session_scope(sf) as s:
+        s.get(Analysis, stranger).project = "another-project"
+    big = b"x" * (jobstore.INLINE_ARTIFACT_BYTES + 1)  # kept on the artifact volume, not in the row
+    for job in (source, unfinished):
+        with session_scope(sf) as s:
+            s.get(Analysis, job).claim_token = "t"
+        jobstore.save_stage(sf, settings, job, "t", StageResult(
+            stage="demo", artifacts=[ArtifactFile("small.bin", "application/octet-stream", b"abc"),
+                                     ArtifactFile("big.bin", "application/octet-stream", big)]))
+    assert jobstore.read_artifact(sf, settings, reader, source, "small.bin") == b"abc"
+    assert jobstore.read_artifact(sf, settings, reader, source, "big.bin") == big
+    assert jobstore.read_artifact(sf, settings, reader, source, "missing.bin") is None
+    assert jobstore.read_artifact(sf, settings, stranger, source, "small.bin") is None  # another project
+    assert jobstore.read_artifact(sf, settings, reader, unfinished, "small.bin") is None  # not SUCCEEDED
+    with session_scope(sf) as s:  # a recorded path that leads off the artifact volume is never read
+        s.get(Artifact, (source, "big.bin")).path = "../../etc/passwd"
+    assert jobstore.read_artifact(sf, settings, reader, source, "big.bin") is None

@@ -232,11 +232,8 @@ def read_artifact(sf: SessionFactory, settings: Settings, job_id: str, analysis_
             return None
         if art.content is not None:
             return bytes(art.content)
-        root = settings.artifacts_dir.resolve()
-        path = (root / (art.path or "")).resolve()
-        if not path.is_file() or root not in path.parents:
-            return None
-        return path.read_bytes()
+        path = art.stored_file(settings.artifacts_dir)
+        return None if path is None else path.read_bytes()
 
 
 def _json_safe(value: Any) -> Any:

@@ -495,7 +495,7 @@ def download_artifact(
     headers = {"Content-Disposition": f'attachment; filename="{Path(name).name}"'}
     if art.content is not None:
         return Response(art.content, media_type=art.media_type, headers=headers)
-    path = (settings.artifacts_dir / (art.path or "")).resolve()
-    if not path.is_file() or settings.artifacts_dir.resolve() not in path.parents:
+    path = art.stored_file(settings.artifacts_dir)
+    if path is None:
         raise Problem(404, f"Artifact {name!r} is recorded but its file is gone from the artifact store.")
     return FileResponse(path, media_type=art.media_type, filename=Path(name).name)
