@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from app.config import Settings
-from app.schemas import PATCH_ARTIFACT, AnalysisSpec, AvssOptions, PatchSpec, ProfileOptions
-from worker.stage import JobContext, JobFailed, StageResult
+from app.schemas import AnalysisSpec, AvssOptions, ProfileOptions
+from worker.stage import JobContext, StageResult
 
 
 def profile_options(spec: AnalysisSpec) -> ProfileOptions:
@@ -49,9 +48,9 @@ def run_pipeline(
     # A patched model is loaded apart from the process cache, which keeps only base weights.
     loaded = load_model(spec.model, settings, use_cache=patch is None)
     if patch is not None:
-        from worker.mitigation.patch import apply_patch
+        from worker.mitigation.patch import apply_patch, read_patch_source
 
-        apply_patch(loaded, read_patch_bytes(patch, settings, ctx))
+        apply_patch(loaded, read_patch_source(patch, settings, ctx))
     ctx.progress("load_model", 1, 1)
     ctx.check_cancelled()
     ctx.progress("load_dataset", 0, 1)
@@ -100,16 +99,21 @@ def run_pipeline(
         )
         timed_save(result, started)
 
+    if not (stages.hallucination or stages.mitigate):
+        return
+    from app.schemas import HallucinationOptions
+    from worker.hallucination.stage import run_hallucination_stage, split_examples
+
     dataset_name = spec.dataset.name or spec.dataset.path or spec.dataset.hub or "inline"
+    # Both stages use the hallucination options' split (mitigate: its defaults without that
+    # stage), so mitigate never trains on a question the hallucination stage scored on.
+    hopts = stages.hallucination or HallucinationOptions()
+    train, test = split_examples(examples, hopts.test_fraction, hopts.seed)
     eavss_ranking: list[int] | None = None
     if stages.hallucination:
-        from worker.hallucination.stage import run_hallucination_stage, split_examples
-
         started = time.monotonic()
-        options = stages.hallucination
-        train, test = split_examples(examples, options.test_fraction, options.seed)
         result = run_hallucination_stage(
-            loaded, train, test, options, ctx,
+            loaded, train, test, hopts, ctx,
             profile_options=stages.profile, avss_options=stages.avss, dataset_name=dataset_name,
         )
         eavss_ranking = list(result.summary["layer_scores"]["ranking"])
@@ -117,13 +121,9 @@ def run_pipeline(
         del result
 
     if stages.mitigate:
-        from app.schemas import HallucinationOptions
-        from worker.hallucination.stage import split_examples
         from worker.mitigation.stage import run_mitigate_stage
 
         started = time.monotonic()
-        hopts = stages.hallucination or HallucinationOptions()
-        train, test = split_examples(examples, hopts.test_fraction, hopts.seed)
         general = load_examples(stages.mitigate.perplexity_dataset, settings)
         result = run_mitigate_stage(
             loaded, train, test, stages.mitigate, ctx,
@@ -131,30 +131,3 @@ def run_pipeline(
             perplexity_texts=[e.as_text() for e in general], dataset_name=dataset_name,
         )
         timed_save(result, started)
-
-
-def read_patch_bytes(patch: PatchSpec, settings: Settings, ctx: JobContext) -> bytes:
-    """The patch file a model spec points at: an artifact of another analysis (read through
-    `ctx.read_artifact`, which only sees the job's own project) or a file under the model roots."""
-    from worker.modelzoo.loading import check_under_roots
-
-    if patch.analysis_id is not None:
-        if ctx.read_artifact is None:
-            raise JobFailed("patch_not_found", "this worker cannot read other analyses' artifacts")
-        data = ctx.read_artifact(patch.analysis_id, PATCH_ARTIFACT)
-        if data is None:
-            raise JobFailed(
-                "patch_not_found",
-                f"analysis {patch.analysis_id} has no {PATCH_ARTIFACT} artifact in this project "
-                "(it must be a succeeded analysis with a mitigate stage)",
-            )
-        return data
-    assert patch.path is not None
-    path = Path(patch.path).expanduser()
-    if not path.is_absolute():  # relative to the first model root that has it
-        path = next((Path(r).expanduser() / path for r in settings.model_roots
-                     if (Path(r).expanduser() / path).exists()), path)
-    path = check_under_roots(patch.path, path, settings.model_roots)
-    if not path.is_file():
-        raise JobFailed("patch_not_found", f"no patch file at {patch.path!r}")
-    return path.read_bytes()

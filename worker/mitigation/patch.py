@@ -13,11 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from worker.stage import JobFailed
+from app.config import Settings
+from app.schemas import PATCH_ARTIFACT, PatchSpec
+from worker.stage import JobContext, JobFailed
 
 FORMAT = "layerscope-mitigation/1"
 
@@ -134,3 +137,28 @@ def apply_patch(loaded: Any, data: bytes) -> dict[str, Any]:
         for name, t in tensors.items():
             params[name].copy_(t.to(params[name].device))
     return recipe
+
+
+def read_patch_source(patch: PatchSpec, settings: Settings, ctx: JobContext) -> bytes:
+    """The patch file a model spec points at: an artifact of another analysis (read through
+    `ctx.read_artifact`, which only sees the job's own project) or a file under the model
+    roots, found as a local model path is."""
+    from worker.modelzoo.loading import check_under_roots, local_candidate
+
+    if patch.analysis_id is not None:
+        if ctx.read_artifact is None:
+            raise JobFailed("patch_not_found", "this worker cannot read other analyses' artifacts")
+        data = ctx.read_artifact(patch.analysis_id, PATCH_ARTIFACT)
+        if data is None:
+            raise JobFailed(
+                "patch_not_found",
+                f"analysis {patch.analysis_id} has no {PATCH_ARTIFACT} artifact in this project "
+                "(it must be a succeeded analysis with a mitigate stage)",
+            )
+        return data
+    assert patch.path is not None
+    found = local_candidate(patch.path, settings) or Path(patch.path).expanduser()
+    path = check_under_roots(patch.path, found, settings.model_roots)
+    if not path.is_file():
+        raise JobFailed("patch_not_found", f"no patch file at {patch.path!r}")
+    return path.read_bytes()

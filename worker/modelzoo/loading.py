@@ -293,7 +293,7 @@ class _Plan:
 def _plan(name: str, spec: ModelSpec, settings: Settings) -> _Plan:
     if name in BUILTIN_MODELS:
         return _builtin_plan(name, settings)
-    local = _local_candidate(name, settings)
+    local = local_candidate(name, settings)
     if local is not None:
         path = check_under_roots(name, local, settings.model_roots)
         if not path.exists():
@@ -340,7 +340,7 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _local_candidate(name: str, settings: Settings) -> Path | None:
+def local_candidate(name: str, settings: Settings) -> Path | None:
     """The path `name` means, or None when it is a hub id. A relative name that exists
     under a model root is local (roots can mirror hub ids offline)."""
     path = Path(name).expanduser()
