@@ -181,8 +181,8 @@ def _paired_deltas(a: _Variant, b: _Variant, detectors: Sequence[str], n_boot: i
 def _variant_metrics(v: _Variant) -> list[MetricRow]:
     scope = f"variant={v.name}"
     rows: list[MetricRow] = []
-    first = next(iter(v.metrics.values()), None)
-    acc = v.metrics.get((first.scope, "accuracy")) if first is not None else None
+    # Every detector's report carries the same answer accuracy; take it once.
+    acc = next((m for (_, name), m in v.metrics.items() if name == "accuracy"), None)
     if acc is not None:
         rows.append(MetricRow(scope=scope, name="accuracy", value=acc.value, ci_low=acc.ci_low,
                               ci_high=acc.ci_high, n=acc.n))
