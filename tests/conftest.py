@@ -5,11 +5,15 @@ Locally a missing service skips the tests that need it; under CI=true it fails t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -112,3 +116,46 @@ def make_settings(db_url: str, tmp_path: Path, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """`app` under uvicorn on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+
+FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+
+
+def wait_for_analysis(
+    get: Callable[[str], Any], analysis_id: str, *, states: Collection[str] = FINAL_STATES,
+    timeout: float = 300, interval: float = 0.3,
+) -> dict:
+    """Poll `get("/v1/analyses/<id>")` (a TestClient's or httpx client's get) until the job is in
+    one of `states`; honours 429 Retry-After like a polite client. AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        resp = get(f"/v1/analyses/{analysis_id}")
+        if resp.status_code == 429:
+            time.sleep(float(resp.headers.get("retry-after", "1")))
+            continue
+        assert resp.status_code == 200, resp.text
+        job = resp.json()
+        if job["state"] in states:
+            return job
+        time.sleep(interval)
+    raise AssertionError(f"analysis stuck in {job.get('state')}: {job}")

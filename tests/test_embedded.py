@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_for_analysis
 from worker.embedded import EmbeddedWorker
 
 
@@ -26,11 +25,7 @@ def test_embedded_mode_runs_a_real_analysis_end_to_end(sqlite_url: str, tmp_path
             "dataset": {"rows": rows, "limit": 6, "max_tokens": 32},
             "stages": {"avss": {"plots": True}},
         }
-        job = client.post("/v1/analyses", json=spec).json()
-        deadline = time.monotonic() + 120
-        while job["state"] not in ("SUCCEEDED", "FAILED") and time.monotonic() < deadline:
-            time.sleep(0.2)
-            job = client.get(f"/v1/analyses/{job['id']}").json()
+        job = wait_for_analysis(client.get, client.post("/v1/analyses", json=spec).json()["id"], timeout=120)
         assert job["state"] == "SUCCEEDED", job
         layers = client.get(f"/v1/analyses/{job['id']}/layers", params={"stage": "avss"}).json()["items"]
         assert len(layers) == 4
@@ -59,11 +54,7 @@ def test_avss_on_the_real_smollm2_through_the_api_gives_30_layers(sqlite_url: st
             "dataset": {"name": "chatterbot-conversations", "limit": 8, "max_tokens": 32},
             "stages": {"avss": {"plots": False}},
         }
-        job = client.post("/v1/analyses", json=spec).json()
-        deadline = time.monotonic() + 600
-        while job["state"] not in ("SUCCEEDED", "FAILED") and time.monotonic() < deadline:
-            time.sleep(0.5)
-            job = client.get(f"/v1/analyses/{job['id']}").json()
+        job = wait_for_analysis(client.get, client.post("/v1/analyses", json=spec).json()["id"], timeout=600)
         assert job["state"] == "SUCCEEDED", job
         layers = client.get(f"/v1/analyses/{job['id']}/layers", params={"stage": "avss"}).json()["items"]
         assert [r["layer"] for r in layers] == list(range(30))

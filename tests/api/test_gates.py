@@ -251,25 +251,11 @@ def test_spec_gate_policy_is_evaluated_when_the_job_succeeds(api: Api) -> None:
 @pytest.fixture
 def live_server(api: Api):  # noqa: ANN201
     """The API on a real port (uvicorn in a thread) over the test's database."""
-    import threading
-    import time
-
-    import uvicorn
-
     from app.main import create_app
-    from tests.conftest import free_port
+    from tests.conftest import serve_in_thread
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(api.settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=5)
+    with serve_in_thread(create_app(api.settings)) as url:
+        yield url
 
 
 def test_cli_gate_exit_codes_for_ci(api: Api, live_server: str) -> None:

@@ -4,7 +4,6 @@ its artifact to a fresh base model."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from app.config import Settings
 from app.schemas import ModelSpec
 from tests.api.conftest import Api
+from tests.conftest import wait_for_analysis
 from worker.embedded import EmbeddedWorker
 from worker.mitigation.patch import apply_patch, read_patch
 from worker.modelzoo import load_model
@@ -44,13 +44,8 @@ def worker(api: Api) -> Iterator[None]:
     torch.set_num_threads(torch_threads)
 
 
-def _wait(api: Api, analysis_id: str, seconds: float = 300) -> dict:
-    deadline = time.monotonic() + seconds
-    while True:
-        job = api.get(f"/v1/analyses/{analysis_id}").json()
-        if job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") or time.monotonic() > deadline:
-            return job
-        time.sleep(0.3)
+def _wait(api: Api, analysis_id: str) -> dict:
+    return wait_for_analysis(api.get, analysis_id)
 
 
 def test_mitigate_stores_the_before_after_table_and_its_patch_loads_on_the_base(api: Api, worker: None) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import IN_CI, free_port
+from tests.conftest import IN_CI, free_port, wait_for_analysis
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -38,7 +38,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -66,14 +65,10 @@ class Server:
         return httpx.Client(base_url=self.url, timeout=30, headers=headers)
 
     def wait_for(self, client: httpx.Client, analysis_id: str, timeout: float = 300) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        job: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            job = client.get(f"/v1/analyses/{analysis_id}").json()
-            if job["state"] in FINAL:
-                return job
-            time.sleep(0.3)
-        raise AssertionError(f"analysis stuck in {job.get('state')}: {job}\n{self.output()[-4000:]}")
+        try:
+            return wait_for_analysis(client.get, analysis_id, timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.output()[-4000:]}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:

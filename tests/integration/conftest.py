@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis as redis_lib
 
-from tests.conftest import IN_CI, free_port
+from tests.conftest import IN_CI, free_port, wait_for_analysis
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,20 +132,11 @@ class Cluster:
         return httpx.Client(base_url=self.api_url, timeout=30)
 
     def wait_for(self, client: httpx.Client, analysis_id: str, states: set[str], timeout: float = 180) -> dict:
-        deadline = time.monotonic() + timeout
-        job: dict = {}
-        while time.monotonic() < deadline:
-            resp = client.get(f"/v1/analyses/{analysis_id}")
-            if resp.status_code == 429:  # a polite client honours the rate limit
-                time.sleep(float(resp.headers.get("retry-after", "1")))
-                continue
-            assert resp.status_code == 200, resp.text
-            job = resp.json()
-            if job["state"] in states:
-                return job
-            time.sleep(0.3)
-        logs = "\n".join(f"--- {p.log.name}\n{p.output()[-3000:]}" for p in self.procs)
-        raise AssertionError(f"analysis stuck in {job.get('state')}: {job}\n{logs}")
+        try:
+            return wait_for_analysis(client.get, analysis_id, states=states, timeout=timeout)
+        except AssertionError as exc:
+            logs = "\n".join(f"--- {p.log.name}\n{p.output()[-3000:]}" for p in self.procs)
+            raise AssertionError(f"{exc}\n{logs}") from None
 
 
 @pytest.fixture

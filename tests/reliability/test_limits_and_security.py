@@ -34,7 +34,8 @@ from app.logs import JsonFormatter
 from app.main import create_app
 from app.models import Analysis, ApiKey
 from app.schemas import MAX_EXAMPLES, MAX_TOKENS, JobState
-from tests.conftest import free_port, make_settings
+from tests.api.test_analyses import assert_problem
+from tests.conftest import free_port, make_settings, serve_in_thread
 from worker import jobstore
 from worker.runner import run_job
 from worker.stage import ArtifactFile, LayerRow, StageResult
@@ -146,14 +147,6 @@ def spec(model: str = "tiny-random-llama", **dataset: object) -> dict:
     }
 
 
-def assert_problem(resp, status: int) -> dict:  # noqa: ANN001
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/problem+json")
-    body = resp.json()
-    assert body["status"] == status and body["detail"]
-    return body
-
-
 def fields(body: dict) -> set[str]:
     return {e["field"] for e in body.get("errors", [])}
 
@@ -186,31 +179,16 @@ def test_body_over_the_limit_is_413_with_or_without_content_length(env: Env) -> 
 
 def test_the_body_limit_holds_over_real_http(env: Env) -> None:
     """The same through uvicorn on a real socket, where a chunked body is decoded by the server."""
-    import threading
-    import time
-
     import httpx
-    import uvicorn
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(env.settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
+    with serve_in_thread(create_app(env.settings)) as url:
         big = json.dumps(spec(rows=[{"text": "x" * 1000}] * 300, limit=2)).encode()
         headers = {**env.auth, "content-type": "application/json"}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        with httpx.Client(base_url=url, timeout=10) as client:
             for content in (big, iter([big[i : i + 8192] for i in range(0, len(big), 8192)])):
                 resp = client.post("/v1/analyses", content=content, headers=headers)
                 assert_problem(resp, 413)
             assert client.post("/v1/analyses", json=spec(), headers=env.auth).status_code == 201
-    finally:
-        server.should_exit = True
-        thread.join(timeout=5)
 
 
 @pytest.mark.parametrize(
