@@ -132,7 +132,7 @@ Site = Literal["block_output", "mlp_activation", "attention_output"]
 
 
 class ProfileOptions(Strict):
-    """Hook-based activation profiler (METHOD.md section 1)."""
+    """Hook-based activation profiler (docs/method.md section 1)."""
 
     sites: list[Site] = Field(
         default_factory=lambda: ["block_output"], min_length=1, description="Capture sites hooked in every block."
@@ -158,7 +158,7 @@ class ProfileOptions(Strict):
 
 
 class AvssOptions(Strict):
-    """AVSS layer scores, METHOD.md section 2 (equations 1-8)."""
+    """AVSS layer scores, docs/method.md section 2 (equations 1-8)."""
 
     site: Site = Field("block_output", description="Capture site the score is computed on.")
     variance_mode: Literal["elements", "pooled"] = "elements"
@@ -181,7 +181,7 @@ ALL_SCORERS: tuple[str, ...] = ("avss", "gbis", "lrp", "cim", "block_influence",
 
 
 class PruneOptions(Strict):
-    """Layer pruning with retained performance against baseline scorers (METHOD.md section 3)."""
+    """Layer pruning with retained performance against baseline scorers (docs/method.md section 3)."""
 
     scorers: list[ScorerName] = Field(
         default_factory=lambda: list(ALL_SCORERS),
@@ -331,7 +331,7 @@ class JudgeOptions(Strict):
 
 
 class HallucinationOptions(Strict):
-    """Hallucination analysis, METHOD.md sections 4-6 (equations 9-12, paper table 2, appendix A)."""
+    """Hallucination analysis, docs/method.md sections 4-6 (equations 9-12, paper table 2, appendix A)."""
 
     # data split and prompt
     test_fraction: float = Field(
@@ -350,7 +350,7 @@ class HallucinationOptions(Strict):
     )
     max_new_tokens: int = Field(32, ge=1, le=256, description="Answer cap; answers also stop at a newline.")
     batch_size: int = Field(8, ge=1, le=256, description="Generation batch (rows).")
-    # correctness (METHOD.md section 6)
+    # correctness (docs/method.md section 6)
     correctness_rules: list[CorrectnessRule] = Field(
         default_factory=lambda: ["exact", "contains", "token_f1"], min_length=1,
         description="Tried in order; an answer is correct when one of them says so.",
@@ -359,7 +359,7 @@ class HallucinationOptions(Strict):
     f1_threshold: float = Field(0.5, gt=0, le=1)
     rouge_threshold: float = Field(0.3, ge=0, lt=1)
     judge: JudgeOptions | None = Field(None, description="Off unless given; adds the `judge` rule.")
-    # detectors (METHOD.md section 5)
+    # detectors (docs/method.md section 5)
     detectors: list[Detector] = Field(default_factory=lambda: list(ALL_DETECTORS), min_length=1)
     self_consistency_k: int = Field(5, ge=2, le=32)
     self_consistency_temperature: float = Field(1.0, gt=0, le=5)
@@ -367,7 +367,7 @@ class HallucinationOptions(Strict):
     probe_l2: float | None = Field(
         None, gt=0, le=1e6, description="L2 strength of every probe; null: chosen by 3-fold CV on the training split."
     )
-    # layer scores (METHOD.md section 4)
+    # layer scores (docs/method.md section 4)
     site: Site = Field("block_output", description="Capture site of the layer scores and the layer probes.")
     token_scope: Literal["answer", "all"] = Field(
         "answer", description="Profile the answer tokens only, or every token of prompt + answer."
@@ -385,7 +385,7 @@ class HallucinationOptions(Strict):
     min_group: int = Field(20, ge=1, le=100_000, description="Warn when a group has fewer answers.")
     top_k_layers: int = Field(3, ge=1, le=256, description="Layers (by EAVSS) behind the eavss_probe.")
     layer_probes: bool = Field(True, description="The per-layer probe table (appendix A).")
-    # metrics (METHOD.md section 5)
+    # metrics (docs/method.md section 5)
     p_values: list[float] = Field(default_factory=lambda: [0.5], min_length=1, max_length=10)
     q_values: list[float] = Field(default_factory=lambda: [0.5], min_length=1, max_length=10)
     n_boot: int = Field(1000, ge=0, le=10_000)
@@ -421,7 +421,7 @@ class HallucinationOptions(Strict):
 
 
 class MitigateOptions(Strict):
-    """Contrastive fine-tuning of the most hallucination-prone layers, METHOD.md section 7.
+    """Contrastive fine-tuning of the most hallucination-prone layers, docs/method.md section 7.
 
     Data: the hallucination stage's split (same `test_fraction` and `seed`). The training
     split's distinct questions are divided into a tuning part (`tune_fraction`, of which

@@ -1,4 +1,4 @@
-"""Layer pruning (METHOD.md section 3; paper section 3.2, appendix D.3 and H).
+"""Layer pruning (docs/method.md section 3; paper section 3.2, appendix D.3 and H).
 
 Removing blocks
 - `remove_blocks(model, indices)` returns a model without the given blocks (0-based

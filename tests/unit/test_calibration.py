@@ -1,4 +1,4 @@
-"""Calibration metrics against hand-worked cases (LitCab's definitions, METHOD.md section 5)."""
+"""Calibration metrics against hand-worked cases (LitCab's definitions, docs/method.md section 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EAVSS (METHOD.md equations 9-12) against a hand-worked 3-layer case and degenerate inputs."""
+"""EAVSS (docs/method.md equations 9-12) against a hand-worked 3-layer case and degenerate inputs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Calibration and detection metrics, as LitCab defines them (METHOD.md section 5).
+"""Calibration and detection metrics, as LitCab defines them (docs/method.md section 5).
 
 Inputs everywhere: `confidence[N]` in [0, 1] (a detector's confidence that each
 answer is correct) and `correct[N]` of 0/1 (or bools). Confidences that are NaN,

@@ -1,4 +1,4 @@
-"""Correctness labels for generated answers (METHOD.md section 6).
+"""Correctness labels for generated answers (docs/method.md section 6).
 
 Text handling
 - `normalize_answer`: SQuAD's normalization: lowercase, remove punctuation,

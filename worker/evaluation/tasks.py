@@ -1,4 +1,4 @@
-"""Task evaluators for pruning (METHOD.md section 3, paper table 1).
+"""Task evaluators for pruning (docs/method.md section 3, paper table 1).
 
 Each evaluator runs the model batched under `torch.inference_mode`, reports
 progress with `ctx.progress(stage, done, total)` and checks for cancellation

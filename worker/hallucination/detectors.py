@@ -1,4 +1,4 @@
-"""Hallucination detectors (METHOD.md section 5): each gives every answer a confidence in
+"""Hallucination detectors (docs/method.md section 5): each gives every answer a confidence in
 [0, 1] that it is correct.
 
 - `sequence_likelihood` ("original LLM"): geometric-mean token probability of the greedy

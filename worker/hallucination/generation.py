@@ -1,4 +1,4 @@
-"""QA generation for the hallucination stage (METHOD.md sections 4-5).
+"""QA generation for the hallucination stage (docs/method.md sections 4-5).
 
 Prompts
 - `build_prompt`: a few-shot prompt from training examples (`Question: ...` /

@@ -1,4 +1,4 @@
-"""The `hallucination` stage (METHOD.md sections 4-6; paper section 2.4-2.6, table 2,
+"""The `hallucination` stage (docs/method.md sections 4-6; paper section 2.4-2.6, table 2,
 appendix A).
 
 Data flow (`analyze_hallucination`; `run_hallucination_stage` returns its StageResult):

@@ -1,4 +1,4 @@
-"""Contrastive fine-tuning of chosen blocks (METHOD.md section 7).
+"""Contrastive fine-tuning of chosen blocks (docs/method.md section 7).
 
 Every training question gives one candidate group: the positive `Question: q\\nAnswer: gold`
 and negatives `Question: q\\nAnswer: wrong` (the model's own hallucinated answer, when it
@@ -7,7 +7,7 @@ gave one, and answers sampled from other questions). At each tuned block's outpu
 - anchor a = mean hidden state over the question tokens of the positive sequence;
 - candidate c_j = mean hidden state over the answer tokens of candidate j;
 - InfoNCE = -log softmax_j(cos(a, c_j) / tau)[positive], averaged over questions and
-  tuned blocks **(choice: METHOD.md does not name the anchor; the question is what the
+  tuned blocks **(choice: docs/method.md does not name the anchor; the question is what the
   model holds when it commits to an answer)**;
 - plus `lm_weight` x the mean token cross-entropy of the gold answer given the question,
   so the model keeps generating.

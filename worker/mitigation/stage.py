@@ -1,5 +1,5 @@
 """The `mitigate` stage: tune the most hallucination-prone blocks, measure before and after
-(METHOD.md section 7; paper sections 1 and 4).
+(docs/method.md section 7; paper sections 1 and 4).
 
 Data flow (`run_mitigate_stage`):
 

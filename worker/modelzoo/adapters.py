@@ -1,6 +1,6 @@
 """Architecture adapters: where a model's transformer blocks are and what to hook in them.
 
-Every family maps the canonical capture sites of METHOD.md section 1 to Hugging Face
+Every family maps the canonical capture sites of docs/method.md section 1 to Hugging Face
 module paths inside one block:
 
 | site | meaning | how it is captured |

@@ -1,4 +1,4 @@
-"""The hook-based activation profiler (METHOD.md section 1).
+"""The hook-based activation profiler (docs/method.md section 1).
 
 `profile()` runs the model over the examples in length-sorted, right-padded batches
 under `torch.inference_mode`, with forward hooks on the chosen capture sites of every

@@ -1,4 +1,4 @@
-"""Streaming activation statistics (METHOD.md section 1).
+"""Streaming activation statistics (docs/method.md section 1).
 
 Two halves:
 

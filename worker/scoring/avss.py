@@ -1,4 +1,4 @@
-"""AVSS layer scores (METHOD.md section 2, paper section 2.1-2.3, equations 1-8).
+"""AVSS layer scores (docs/method.md section 2, paper section 2.1-2.3, equations 1-8).
 
 Per layer l = 1..L of one capture site, from the profiler's streaming statistics:
 

@@ -1,4 +1,4 @@
-"""Baseline layer scorers (METHOD.md section 3), each giving the same per-layer table.
+"""Baseline layer scorers (docs/method.md section 3), each giving the same per-layer table.
 
 Every scorer returns a `ScoreTable`: one `score` per block, **higher = more
 important**, so rankings from different scorers compare directly.

@@ -1,4 +1,4 @@
-"""EAVSS: hallucination-aware layer scores (METHOD.md section 4, equations 9-12).
+"""EAVSS: hallucination-aware layer scores (docs/method.md section 4, equations 9-12).
 
 Inputs, per layer l = 0..L-1 (lists of floats of length L): the activation
 variance and sparsity measured separately on the hallucinated and on the correct
