@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DATA_DIR = ROOT.parent / "shared" / "data" / "qa"
+# LitCab's QA sets as files: `<name>/train.txt` (question, blank-line separated records) or `.csv`.
+DATA_DIR = Path(os.environ.get("LAYERSCOPE_BENCH_DATA_DIR", ROOT.parent / "shared" / "data" / "qa"))
+
+
+def require_file(path: Path) -> Path:
+    """The data file, or exit with a message that says what is missing and how to point at it."""
+    if not path.is_file():
+        raise SystemExit(
+            f"benchmark data not found: {path}\n"
+            "These benchmarks read LitCab's QA sets (sciq, truthfulqa, wikiqa, NQ, triviaqa) as local files; "
+            "pass --data-dir DIR (or set LAYERSCOPE_BENCH_DATA_DIR) to the folder that holds "
+            f"{path.parent.name}/{path.name}."
+        )
+    return path
 FILES = {
     "sciq": "sciq/train.txt",
     "sciq-validation": "sciq/validation.txt",
@@ -100,6 +114,7 @@ def dataset_list(args: argparse.Namespace) -> list[tuple[str, int]]:
         name, _, n = item.partition(":")
         if name not in FILES:
             raise SystemExit(f"unknown dataset {name!r}; known: {sorted(FILES)}")
+        require_file(args.data_dir / FILES[name])
         out.append((name, int(n) if n else 10**9))
     return out
 
@@ -233,6 +248,7 @@ def save_answers(folder: Path, name: str, data: bytes) -> None:
 
 def read_rows(path: Path) -> list[dict[str, str]]:
     """LitCab files as {question, answer} rows (the same parsing as the service)."""
+    require_file(path)
     if path.suffix == ".csv":
         import csv
 

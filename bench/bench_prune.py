@@ -1,12 +1,14 @@
 # ruff: noqa: E402  (imports follow the sys.path set-up)
 """Prune stage on SmolLM2-135M, library call (paper table 1 layout): AVSS vs every baseline and random.
 
-    python bench/bench_prune.py      # about 25 min on 2 idle CPU cores; writes /tmp/prune_result.json
+    python bench/bench_prune.py [--data-dir DIR]   # about 25 min on 2 idle CPU cores; writes /tmp/prune_result.json
 
-Text: 32 distinct Wikipedia sentences (WikiQA gold answers in ../shared/data/qa); QA: the
-built-in chatterbot-trivia pairs. Reports whatever the numbers are.
+Text: 32 distinct Wikipedia sentences (the WikiQA gold answers of LitCab's QA sets, read from
+DIR/wikiqa/validation.txt; see bench_hallucination.py for the layout); QA: the built-in
+chatterbot-trivia pairs. Reports whatever the numbers are.
 """
 
+import argparse
 import json
 import sys
 import time
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from app.config import Settings
 from app.schemas import AvssOptions, DatasetSpec, ModelSpec, ProfileOptions, PruneOptions
+from bench.bench_hallucination import DATA_DIR, require_file
 from worker.datasets import load_examples
 from worker.modelzoo import load_model
 from worker.profiler import profile
@@ -23,14 +26,17 @@ from worker.pruning import run_prune_stage
 from worker.scoring.avss import run_avss_stage
 from worker.stage import JobContext
 
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder of LitCab's QA sets (wikiqa/validation.txt)")
+args = ap.parse_args()
+wikiqa = require_file(args.data_dir / "wikiqa" / "validation.txt")
+
 t0 = time.time()
 settings = Settings(data_dir=ROOT / ".layerscope")
 loaded = load_model(ModelSpec(name="smollm2-135m"), settings)
 print("load", round(time.time() - t0, 1), "s", flush=True)
 # Real text: Wikipedia sentences (WikiQA gold answers), first 32 distinct ones.
-recs = (
-    (ROOT.parent / "shared" / "data" / "qa" / "wikiqa" / "validation.txt").read_text().strip().split("\n\n")
-)
+recs = wikiqa.read_text().strip().split("\n\n")
 texts, seen = [], set()
 for r in recs:
     lines = r.split("\n")
