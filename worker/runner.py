@@ -16,6 +16,7 @@ from app.logs import analysis_id_var
 from app.schemas import AnalysisSpec, JobState
 from worker import jobstore
 from worker.jobstore import LostOwnership, SessionFactory
+from worker.lm.batching import is_out_of_memory as _is_out_of_memory  # one definition, shared with the batcher
 from worker.stage import JobCancelled, JobContext, JobFailed, StageResult
 from worker.webhooks import on_finished
 
@@ -40,20 +41,6 @@ class _Heartbeat(threading.Thread):
                 return
             except Exception as exc:  # database blip: keep trying, the reaper tolerates a gap
                 log.warning("heartbeat failed for %s: %s", self.analysis_id, exc)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """MemoryError and torch's OutOfMemoryError, and the allocation failures torch reports as a
-    RuntimeError (`DefaultCPUAllocator: can't allocate memory`, `unable to mmap ... Cannot allocate
-    memory (12)`) or the OS as ENOMEM, e.g. under a container's or RLIMIT_AS memory limit."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    if isinstance(exc, OSError) and exc.errno == 12:  # ENOMEM
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError | OSError) and any(
-        m in text for m in ("out of memory", "can't allocate memory", "cannot allocate memory")
-    )
 
 
 def run_job(

@@ -1,0 +1,127 @@
+"""Automatic batch size: OOM back-off, retry, the remembered size, and unchanged results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.lm import batching
+from worker.lm.batching import AutoBatch, is_out_of_memory, model_key
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    batching.forget()
+    yield
+    batching.forget()
+
+
+def _oom_above(limit: int, calls: list[int], error: type[BaseException] = torch.OutOfMemoryError):
+    def compute(rows):
+        calls.append(len(rows))
+        if len(rows) > limit:
+            raise error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [r * 10 for r in rows]
+
+    return compute
+
+
+def test_oom_halves_retries_and_remembers():
+    model = torch.nn.Linear(2, 2)
+    calls: list[int] = []
+    batcher = AutoBatch("unit", model, requested=8)
+    got = list(batcher.run(range(11), _oom_above(3, calls)))
+    # 8 fails, 4 fails, then 2 at a time; the failed rows are run again, in order
+    assert calls == [8, 4, 2, 2, 2, 2, 2, 1]
+    assert [rows for rows, _ in got] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]]
+    assert [x for _, out in got for x in out] == [r * 10 for r in range(11)]
+    assert batcher.backoffs == [(8, 4), (4, 2)]
+    assert batcher.size == 2 and batcher.done == batcher.total == 6
+    assert "lowered to 2" in (batcher.warning() or "")
+    assert batching.remembered("unit", model) == 2
+
+    # the next run on the same model and workload starts at the remembered size: no failure
+    calls.clear()
+    again = AutoBatch("unit", model, requested=8)
+    assert again.size == 2
+    list(again.run(range(4), _oom_above(3, calls)))
+    assert calls == [2, 2] and again.backoffs == []
+    # other workloads and other models are not affected
+    assert AutoBatch("other", model, requested=8).size == 8
+    assert AutoBatch("unit", torch.nn.Linear(2, 2, dtype=torch.float64), requested=8).size == 8
+
+
+def test_runtime_error_out_of_memory_backs_off():
+    calls: list[int] = []
+    batcher = AutoBatch("unit", None, requested=4)
+    out = list(batcher.run(range(4), _oom_above(2, calls, RuntimeError)))
+    assert calls == [4, 2, 2] and len(out) == 2
+
+
+def test_other_errors_and_oom_at_the_smallest_size_are_raised():
+    def broken(rows):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    with pytest.raises(RuntimeError, match="device-side"):
+        list(AutoBatch("unit", None, requested=8).run(range(8), broken))
+    calls: list[int] = []
+    with pytest.raises(torch.OutOfMemoryError):
+        list(AutoBatch("unit", None, requested=2).run(range(4), _oom_above(0, calls)))
+    assert calls == [2, 1]
+    calls.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        list(AutoBatch("unit2", None, requested=8, min_size=4).run(range(8), _oom_above(2, calls)))
+    assert calls == [8, 4]
+
+
+@pytest.mark.parametrize(
+    ("exc", "oom"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory"), True),
+        (RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"), True),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), True),
+        (OSError(12, "Cannot allocate memory"), True),
+        (MemoryError(), True),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+        (ValueError("out of memory"), False),
+    ],
+)
+def test_is_out_of_memory(exc, oom):
+    assert is_out_of_memory(exc) is oom
+
+
+def test_results_equal_an_unfailed_run_with_a_real_forward():
+    """OOM injected inside a model's forward at batch > 2: the per-row outputs are those of an
+    un-failed run at the backed-off size, and of the requested size to float rounding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    data = torch.randn(10, 16)
+
+    def oom_hook(module, args):
+        if args[0].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    def compute(rows):
+        with torch.inference_mode():
+            return model(data[rows])
+
+    def run(requested: int) -> tuple[torch.Tensor, AutoBatch]:
+        batcher = AutoBatch("forward", model, requested=requested)
+        return torch.cat([out for _, out in batcher.run(range(10), compute)]), batcher
+
+    clean4, _ = run(4)
+    clean2, _ = run(2)
+    handle = model[2].register_forward_pre_hook(oom_hook)  # fails half-way through the forward
+    try:
+        failed, batcher = run(4)
+    finally:
+        handle.remove()
+    assert batcher.backoffs == [(4, 2)] and batching.remembered("forward", model) == 2
+    assert torch.equal(failed, clean2)
+    torch.testing.assert_close(failed, clean4, rtol=1e-6, atol=1e-6)
+
+
+def test_model_key_names_class_dtype_and_device():
+    key = model_key(torch.nn.Linear(2, 2, dtype=torch.bfloat16))
+    assert key.startswith("Linear|") and "torch.bfloat16" in key and "cpu" in key
+    assert model_key(object()) == "object||?|?"
