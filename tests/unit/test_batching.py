@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from tests.unit.test_profiler_fixtures import TEXTS
+from tests.unit.test_profiler_fixtures import loaded as loaded  # noqa: F401  (fixture)
 from worker.lm import batching
 from worker.lm.batching import AutoBatch, is_out_of_memory, model_key
 
@@ -125,3 +129,58 @@ def test_model_key_names_class_dtype_and_device():
     key = model_key(torch.nn.Linear(2, 2, dtype=torch.bfloat16))
     assert key.startswith("Linear|") and "torch.bfloat16" in key and "cpu" in key
     assert model_key(object()) == "object||?|?"
+
+
+# ------------------------------------------------------------- at a call site: the profiler
+
+
+def _oom_in_block(model, block: int, above: int):
+    """A pre-hook on one block that raises CUDA's OOM for batches of more than `above` rows:
+    the blocks before it have already been captured when it fires."""
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[0] > above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+
+    return model.model.layers[block].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _stats(prof) -> dict:
+    d = prof.to_dict()
+    return {k: v for k, v in d.items() if k not in ("warnings", "n_batches")}
+
+
+def test_profile_backs_off_and_matches_an_unfailed_run(loaded):  # noqa: F811
+    from app.schemas import ProfileOptions
+    from worker.profiler import profile
+    from worker.stage import JobContext
+
+    sites = ["block_output", "mlp_activation"]
+
+    def run(batch_size: int, progress: list | None = None):
+        ctx = JobContext(progress=lambda s, d, t: progress.append((d, t))) if progress is not None else JobContext()
+        return profile(loaded, TEXTS, ProfileOptions(sites=sites, batch_size=batch_size), ctx, max_tokens=24)
+
+    clean4, clean2 = run(4), run(2)
+    batching.forget()
+    handle = _oom_in_block(loaded.model, 1, above=2)
+    seen: list = []
+    try:
+        failed = run(4, seen)
+    finally:
+        handle.remove()
+    assert batching.remembered("profile", loaded.model) == 2
+    assert any("batch size 4 lowered to 2" in w for w in failed.warnings)
+    assert failed.n_batches == clean2.n_batches
+    assert seen[-1][0] == seen[-1][1] == clean2.n_batches  # progress ends at done == total
+    # no partial batch was merged: identical to a run at the backed-off size ...
+    assert _stats(failed) == _stats(clean2)
+    # ... and to the requested size up to float rounding of a differently padded forward
+    for site in sites:
+        for a, b in zip(failed.to_dict()["stats"][site], clean4.to_dict()["stats"][site], strict=True):
+            assert a["count"] == b["count"]
+            assert math.isclose(a["mean"], b["mean"], rel_tol=1e-5, abs_tol=1e-9)
+    # the next job on this model starts at 2 and fails no batch
+    again = run(4)
+    assert _stats(again) == _stats(clean2)

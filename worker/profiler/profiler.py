@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from worker.lm.batching import AutoBatch
 from worker.profiler.hooks import capture
 from worker.profiler.stats import BatchPlan, HistogramSpec, RunningStats, reduce_activations, vector_length
 from worker.stage import JobContext, JobFailed
@@ -356,7 +357,8 @@ def profile(
     for i in range(0, n_examples, 256):
         chunk = [example_text(e) for e in examples[i : i + 256]]
         lengths.extend(len(ids) for ids in encode(tokenizer, chunk, max_tokens))
-    batches = length_order(lengths, int(options.batch_size))
+    batcher = AutoBatch(STAGE, model, int(options.batch_size))  # OOM back-off, see worker/lm/batching.py
+    batches = length_order(lengths, batcher.size)
     total = len(batches)
     if collect_pooled:
         result.pooled_tokens = np.zeros(n_examples, dtype=np.int64)
@@ -370,38 +372,50 @@ def profile(
     ctx.progress(STAGE, 0, total)
     was_training = model.training
     model.eval()
+    order = [i for batch in batches for i in batch]
+
+    def run_batch(batch: list[int]) -> tuple[Any, BatchPlan]:
+        """One batch's reductions; nothing is merged until the forward completed (OOM retry)."""
+        ctx.check_cancelled()
+        ids = encode(tokenizer, [example_text(examples[i]) for i in batch], max_tokens)
+        input_ids, mask = pad_batch(ids, pad)
+        lens = [len(x) for x in ids]
+        starts = None if token_start is None else [max(0, int(token_start[i])) for i in batch]
+        plan = BatchPlan.build(
+            lens,
+            input_ids.shape[1],
+            spec=spec,
+            thresholds=thresholds,
+            starts=starts,
+            skip_positions=skip,
+            lead_positions=lead_positions,
+            device=stats_device,
+            want_pooled=collect_pooled,
+        )
+        collector.begin(plan, len(batch), input_ids.shape[1])
+        try:
+            forward(input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+            return collector.finish(), plan
+        except BaseException:
+            collector.pending, collector.plan = [], None  # free the failed batch's reductions
+            raise
+
     try:
         with torch.inference_mode(), capture(blocks, sites, collector):
-            for done, batch in enumerate(batches):
-                ctx.check_cancelled()
-                ids = encode(tokenizer, [example_text(examples[i]) for i in batch], max_tokens)
-                input_ids, mask = pad_batch(ids, pad)
-                lens = [len(x) for x in ids]
-                starts = None if token_start is None else [max(0, int(token_start[i])) for i in batch]
-                plan = BatchPlan.build(
-                    lens,
-                    input_ids.shape[1],
-                    spec=spec,
-                    thresholds=thresholds,
-                    starts=starts,
-                    skip_positions=skip,
-                    lead_positions=lead_positions,
-                    device=stats_device,
-                    want_pooled=collect_pooled,
-                )
-                collector.begin(plan, len(batch), input_ids.shape[1])
-                forward(input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-                _merge_batch(result, collector.finish(), plan, batch)
+            for batch, (reduced, plan) in batcher.run(order, run_batch):
+                _merge_batch(result, reduced, plan, batch)
                 result.n_batches += 1
                 result.n_tokens += plan.main_tokens
                 result.n_profiled_examples += plan.examples
-                ctx.progress(STAGE, done + 1, total)
+                ctx.progress(STAGE, batcher.done, batcher.total)
     finally:
         collector.plan = None
         if was_training:
             model.train()
 
     _check_coverage(result)
+    if batcher.warning():
+        result.warnings.append(str(batcher.warning()))
     return result
 
 
