@@ -13,6 +13,9 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Public (it is in this file): fine for embedded use on one machine, refused by served mode.
+DEV_KEY_PEPPER = "layerscope-dev-pepper"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LAYERSCOPE_", extra="ignore", populate_by_name=True)
@@ -25,7 +28,13 @@ class Settings(BaseSettings):
 
     # Security. Auth is on unless switched off explicitly for local use.
     auth_disabled: bool = False
-    key_pepper: str = Field("layerscope-dev-pepper", description="HMAC key for stored API-key hashes.")
+    key_pepper: str = Field(
+        DEV_KEY_PEPPER, description="HMAC key for stored API-key hashes. Served mode refuses the built-in "
+        "default: with it, anyone holding a copy of the database can check guesses of the keys offline.",
+    )
+    allow_dev_pepper: bool = Field(
+        False, description="Served mode starts on the built-in pepper anyway, with a warning (throwaway setups).",
+    )
     key_cache_seconds: float = Field(
         5.0, description="An API process reuses a key lookup this long; another replica sees a revocation "
         "within it (the one that revoked, at once). 0: look the key up on every request.",
@@ -70,6 +79,11 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.redis_url is None
+
+    @property
+    def served(self) -> bool:
+        """A database URL or a broker is set: the keys stored are used by other people and machines."""
+        return self.database_url is not None or self.redis_url is not None
 
     @property
     def resolved_database_url(self) -> str:

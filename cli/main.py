@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from app.config import Settings, get_settings
+from app.config import DEV_KEY_PEPPER, Settings, get_settings
 from cli import client
 
 app = typer.Typer(help="layerscope: which layers of a transformer matter, which can be pruned, which hallucinate.",
@@ -30,6 +30,24 @@ def _prepare(settings: Settings, migrate: bool) -> None:
         from app.migrate import upgrade
 
         upgrade(settings.resolved_database_url)
+
+
+def _check_pepper(settings: Settings) -> None:
+    """Served mode refuses the public default key pepper (LAYERSCOPE_ALLOW_DEV_PEPPER=true: a warning)."""
+    if not settings.served or settings.key_pepper != DEV_KEY_PEPPER:
+        return
+    if settings.allow_dev_pepper:
+        typer.echo("WARNING: LAYERSCOPE_KEY_PEPPER is the public default (LAYERSCOPE_ALLOW_DEV_PEPPER=true): "
+                   "anyone with a copy of the database can check guesses of the API keys offline.", err=True)
+        return
+    typer.echo(
+        "LAYERSCOPE_KEY_PEPPER is the public default, and DATABASE_URL/REDIS_URL are set (served mode): API keys "
+        "would be hashed with a value anyone can read. Set LAYERSCOPE_KEY_PEPPER to a secret (e.g. "
+        "`openssl rand -hex 32`), the same for every API process and `keys create`; changing it later "
+        "invalidates the stored keys. LAYERSCOPE_ALLOW_DEV_PEPPER=true starts anyway, with a warning.",
+        err=True,
+    )
+    raise typer.Exit(2)
 
 
 def start_embedded_worker(api, settings: Settings):  # noqa: ANN001, ANN201
@@ -72,6 +90,7 @@ def serve(
 
     _logging()
     settings = get_settings()
+    _check_pepper(settings)
     if workers > 1 and settings.embedded:
         typer.echo(
             f"--workers {workers}: embedded mode (no REDIS_URL) runs one API process only, since every process "
@@ -137,6 +156,7 @@ def keys_create(
     from app.db import session_factory, session_scope
 
     settings = get_settings()
+    _check_pepper(settings)
     _prepare(settings, settings.embedded)
     with session_scope(session_factory(settings.resolved_database_url)) as session:
         try:

@@ -24,6 +24,10 @@ from app.config import Settings
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PG_ADMIN = os.environ.get("LAYERSCOPE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("LAYERSCOPE_TEST_REDIS", "redis://127.0.0.1:6379")
+# Served-mode processes refuse the public default key pepper (cli.main._check_pepper). Every Settings
+# built here and every process a test starts gets this one, so a key created in-process also
+# authenticates against a spawned `layerscope serve`.
+os.environ.setdefault("LAYERSCOPE_KEY_PEPPER", "layerscope-test-pepper")
 
 
 def _missing(what: str) -> None:

@@ -79,3 +79,32 @@ def test_served_mode_runs_uvicorn_workers_on_the_factory(
     api = factory()
     assert api.state.settings.redis_url == "redis://127.0.0.1:1/0"
     assert api.state.settings.database_url == f"sqlite:///{tmp_path / 'served.db'}"
+
+
+def test_served_mode_refuses_the_default_key_pepper(
+    uvicorn_calls: list, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'served.db'}")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.delenv("LAYERSCOPE_KEY_PEPPER")
+    get_settings.cache_clear()
+    result = _serve()
+    assert result.exit_code == 2
+    assert "LAYERSCOPE_KEY_PEPPER" in result.stderr and "LAYERSCOPE_ALLOW_DEV_PEPPER" in result.stderr
+    assert uvicorn_calls == []
+    keys = CliRunner().invoke(cli.main.app, ["keys", "create", "--project", "p"])
+    assert keys.exit_code == 2 and "LAYERSCOPE_KEY_PEPPER" in keys.stderr
+
+    monkeypatch.setenv("LAYERSCOPE_ALLOW_DEV_PEPPER", "true")  # the explicit opt-out: starts, warns
+    get_settings.cache_clear()
+    result = _serve()
+    assert result.exit_code == 0, result.output
+    assert "WARNING" in result.stderr and len(uvicorn_calls) == 1
+
+
+def test_embedded_mode_accepts_the_default_key_pepper(uvicorn_calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LAYERSCOPE_KEY_PEPPER")
+    get_settings.cache_clear()
+    result = _serve()
+    assert result.exit_code == 0, result.output
+    assert "PEPPER" not in result.stderr
