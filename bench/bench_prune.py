@@ -23,7 +23,7 @@ from worker.datasets import load_examples
 from worker.modelzoo import load_model
 from worker.profiler import profile
 from worker.pruning import run_prune_stage
-from worker.scoring.avss import run_avss_stage
+from worker.scoring.avss import avss_stage
 from worker.stage import JobContext
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,11 +57,9 @@ def progress(stage, done, total):
 
 ctx = JobContext(progress=progress)
 prof = profile(loaded, [t["text"] for t in texts], ProfileOptions(batch_size=8), ctx, max_tokens=128)
-avss = run_avss_stage(prof, AvssOptions(plots=False))
-ranking = avss.summary["ranking"]
-navss = [r.values["navss"] for r in sorted(avss.layers, key=lambda r: r.layer)]
-print("avss ranking (least important first):", ranking, flush=True)
-print("avss warnings:", [w[:150] for w in avss.warnings], flush=True)
+scored = avss_stage(prof, AvssOptions(plots=False))
+print("avss ranking (least important first):", scored.ranking.lowest_first(), flush=True)
+print("avss warnings:", [w[:150] for w in scored.result.warnings], flush=True)
 opts = PruneOptions(
     fraction=0.25,
     random_seeds=5,
@@ -72,7 +70,7 @@ opts = PruneOptions(
     n_boot=1000,
 )
 res = run_prune_stage(
-    loaded, texts, opts, ctx, {"avss": ranking}, scores={"avss": navss}, qa_examples=qa, max_tokens=128
+    loaded, texts, opts, ctx, {"avss": scored.ranking}, qa_examples=qa, max_tokens=128
 )
 print("total", round(time.time() - t0, 1), "s")
 Path("/tmp/prune_result.json").write_text(

@@ -36,7 +36,8 @@ def test_prune_stage_ranks_by_avss_and_baselines(tmp_path: Path) -> None:
     scopes = {m.scope for m in prune.metrics}
     assert any("scorer=avss" in s for s in scopes) and any("scorer=block_influence" in s for s in scopes)
     assert {r.scorer for r in prune.layers} >= {"block_influence", "cim"}
-    assert prune.summary["seconds"] >= 0
+    # Timed once, by the pipeline, for every stored stage.
+    assert all(isinstance(r.summary["seconds"], float) for r in saved.values())
 
 
 def test_hallucination_stage_through_the_pipeline(tmp_path: Path) -> None:

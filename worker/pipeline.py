@@ -1,38 +1,43 @@
 """The stages of an analysis, in dependency order, independent of Celery and the database.
 
-`run_pipeline` loads the model and the data once, runs what the spec asks for
-(a stage pulls in what it needs: `avss` runs the profiler), and hands each
-stage's result to `save` as soon as it is done, so a client sees partial results
-and a redelivered job overwrites rather than duplicates.
+`run_pipeline` loads the model and the data once, runs every registered stage
+(`worker.stages.STAGES`) whose `options(spec)` says it runs, in the order of their
+`needs` (a stage pulls in what it needs: `avss` runs the profiler), times each once
+(`summary["seconds"]`) and hands each result to `save` as soon as it is done, so a
+client sees partial results and a redelivered job overwrites rather than duplicates.
+Stages pass typed values to later ones (`StageOutput.provide`), never summaries; a
+value is dropped once no stage still to run needs it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from app.config import Settings
-from app.schemas import AnalysisSpec, AvssOptions, ProfileOptions
-from worker.stage import JobContext, StageResult
+from app.schemas import AnalysisSpec
+from worker.stage import JobContext, Stage, StageInputs, StageResult
 
 
-def profile_options(spec: AnalysisSpec) -> ProfileOptions:
-    """The profiler options, with every site a later stage needs added."""
-    options = spec.stages.profile or ProfileOptions()
-    sites = list(options.sites)
-    avss = avss_options(spec)
-    if avss and avss.site not in sites:
-        sites.append(avss.site)
-    return options.model_copy(update={"sites": sites})
+def stage_order(stages: Mapping[str, Stage[Any]]) -> list[str]:
+    """The stage names with every stage after the ones it needs (registry order otherwise)."""
+    order: list[str] = []
 
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in order:
+            return
+        if name in path:
+            raise ValueError(f"stages need each other in a cycle: {' -> '.join(path + (name,))}")
+        if name not in stages:
+            raise ValueError(f"stage {path[-1]!r} needs {name!r}, which is not registered")
+        for need in stages[name].needs:
+            visit(need, path + (name,))
+        order.append(name)
 
-def avss_options(spec: AnalysisSpec) -> AvssOptions | None:
-    """AVSS runs when asked for, or when pruning ranks layers by it (with default options)."""
-    if spec.stages.avss:
-        return spec.stages.avss
-    if spec.stages.prune and "avss" in spec.stages.prune.scorers:
-        return AvssOptions(plots=False)
-    return None
+    for name in stages:
+        visit(name, ())
+    return order
 
 
 def run_pipeline(
@@ -40,8 +45,7 @@ def run_pipeline(
 ) -> None:
     from worker.datasets import load_examples
     from worker.modelzoo import load_model
-    from worker.profiler import profile
-    from worker.scoring.avss import run_avss_stage, run_profile_stage
+    from worker.stages import STAGES
 
     ctx.progress("load_model", 0, 1)
     patch = spec.model.patch
@@ -58,76 +62,19 @@ def run_pipeline(
     ctx.progress("load_dataset", 1, 1)
     ctx.check_cancelled()
 
-    def timed_save(result: StageResult, started: float) -> None:
-        result.summary["seconds"] = round(time.monotonic() - started, 3)
-        save(result)
-
-    stages = spec.stages
-    avss = avss_options(spec)
-    avss_result: StageResult | None = None
-    if stages.profile or avss:
+    job = StageInputs(spec=spec, loaded=loaded, examples=examples, ctx=ctx, settings=settings)
+    planned = [(name, STAGES[name].options(spec)) for name in stage_order(STAGES)]
+    runs = [(name, options) for name, options in planned if options is not None]
+    for i, (name, options) in enumerate(runs):
         started = time.monotonic()
-        # An absolute threshold is counted exactly during the pass instead of read off the histogram.
-        exact = [avss.sparsity_eps] if avss and avss.sparsity_threshold == "absolute" else []
-        prof = profile(
-            loaded, examples, profile_options(spec), ctx, max_tokens=spec.dataset.max_tokens, thresholds=exact
-        )
-        if stages.profile:
-            timed_save(run_profile_stage(prof), started)
-        if avss:
-            started = time.monotonic()
-            avss_result = run_avss_stage(prof, avss)
-            timed_save(avss_result, started)
-        del prof
-
-    if stages.prune:
-        from worker.pruning import run_prune_stage
-
-        started = time.monotonic()
-        rankings: dict[str, list[int]] = {}
-        scores: dict[str, list[float]] = {}
-        if avss_result is not None:
-            rankings["avss"] = list(avss_result.summary["ranking"])
-            by_layer = sorted(avss_result.layers, key=lambda r: r.layer)
-            scores["avss"] = [float(r.values.get("navss") or 0.0) for r in by_layer]
-        qa_examples = None
-        if stages.prune.qa_dataset is not None:
-            qa_examples = load_examples(stages.prune.qa_dataset, settings)
-        result = run_prune_stage(
-            loaded, examples, stages.prune, ctx, rankings,
-            scores=scores, qa_examples=qa_examples, max_tokens=spec.dataset.max_tokens,
-        )
-        timed_save(result, started)
-
-    if not (stages.hallucination or stages.mitigate):
-        return
-    from app.schemas import HallucinationOptions
-    from worker.hallucination.stage import run_hallucination_stage, split_examples
-
-    dataset_name = spec.dataset.name or spec.dataset.path or spec.dataset.hub or "inline"
-    # Both stages use the hallucination options' split (mitigate: its defaults without that
-    # stage), so mitigate never trains on a question the hallucination stage scored on.
-    hopts = stages.hallucination or HallucinationOptions()
-    train, test = split_examples(examples, hopts.test_fraction, hopts.seed)
-    eavss_ranking: list[int] | None = None
-    if stages.hallucination:
-        started = time.monotonic()
-        result = run_hallucination_stage(
-            loaded, train, test, hopts, ctx,
-            profile_options=stages.profile, avss_options=stages.avss, dataset_name=dataset_name,
-        )
-        eavss_ranking = list(result.summary["layer_scores"]["ranking"])
-        timed_save(result, started)
-        del result
-
-    if stages.mitigate:
-        from worker.mitigation.stage import run_mitigate_stage
-
-        started = time.monotonic()
-        general = load_examples(stages.mitigate.perplexity_dataset, settings)
-        result = run_mitigate_stage(
-            loaded, train, test, stages.mitigate, ctx,
-            hallucination_options=hopts, eavss_ranking=eavss_ranking,
-            perplexity_texts=[e.as_text() for e in general], dataset_name=dataset_name,
-        )
-        timed_save(result, started)
+        out = STAGES[name].run(job, options)
+        for key, value in out.values:
+            job.values.put(key, value, by=name)
+        if out.result is not None:
+            out.result.summary["seconds"] = round(time.monotonic() - started, 3)
+            save(out.result)
+        del out
+        later = {need for other, _ in runs[i + 1:] for need in STAGES[other].needs}
+        for done, _ in runs[: i + 1]:
+            if done not in later:
+                job.values.drop(done)

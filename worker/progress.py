@@ -37,7 +37,6 @@ class PhasedProgress:
         return JobContext(
             progress=lambda _stage, done, total: report(done, total),
             is_cancelled=self.ctx.is_cancelled,
-            artifacts_dir=self.ctx.artifacts_dir,
             deadline=self.ctx.deadline,
         )
 

@@ -65,7 +65,7 @@ import statistics
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +90,7 @@ from worker.evaluation.tasks import (
 from worker.modelzoo import LoadedModel, adapter_for
 from worker.modelzoo.adapters import ArchitectureAdapter
 from worker.scoring.agreement import (
+    Ranking,
     importance_from_order,
     pairwise_agreement,
     pruning_order,
@@ -627,9 +628,8 @@ def run_prune_stage(
     examples: Sequence[Any],
     options: PruneOptions,
     ctx: JobContext,
-    rankings: dict[str, list[int]],
+    rankings: Mapping[str, Ranking],
     *,
-    scores: dict[str, list[float]] | None = None,
     qa_examples: Sequence[Any] | None = None,
     max_tokens: int = 256,
 ) -> StageResult:
@@ -637,15 +637,16 @@ def run_prune_stage(
     pruning by every scorer, the random-layer baseline, retained performance, parameter
     reduction and measured speed-up; per-layer baseline scores; rank agreement.
 
-    `rankings`: rankings computed by earlier stages, each a list of layer indices least
-    important first, i.e. in pruning order (e.g. `{"avss": avss_result.summary["ranking"]}`).
-    `scores`: optional per-layer scores (higher = more important) for those, needed by the
-    `cumulative` strategy (e.g. nAVSS). `qa_examples`: question/answer examples for the QA task
-    (default: the examples that have `question` and `answer` fields). The loaded model is
-    never modified: the stage works on one private deepcopy (twice the model's memory)."""
+    `rankings`: rankings computed by earlier stages (e.g. `{"avss": <the avss stage's
+    Ranking>}`), pruned lowest first; their per-layer `scores` (higher = more important,
+    e.g. nAVSS) are what the `cumulative` strategy reads. `qa_examples`: question/answer
+    examples for the QA task (default: the examples that have `question` and `answer`
+    fields). The loaded model is never modified: the stage works on one private deepcopy
+    (twice the model's memory)."""
     started = time.perf_counter()
     warnings: list[str] = []
-    scores = dict(scores or {})
+    orders = {name: r.lowest_first() for name, r in rankings.items()}
+    scores = {name: list(r.scores) for name, r in rankings.items() if r.scores is not None}
     try:
         work = copy.deepcopy(loaded.model)
     except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -657,7 +658,7 @@ def run_prune_stage(
     work.eval()
     try:
         return _run(
-            loaded, work, examples, options, ctx, rankings, scores, qa_examples, max_tokens, warnings, started
+            loaded, work, examples, options, ctx, orders, scores, qa_examples, max_tokens, warnings, started
         )
     finally:
         del work

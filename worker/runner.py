@@ -85,7 +85,6 @@ def run_job(
     ctx = JobContext(
         progress=progress,
         is_cancelled=is_cancelled,
-        artifacts_dir=settings.artifacts_dir / analysis_id,
         deadline=time.monotonic() + settings.job_soft_time_limit,
         read_artifact=lambda other_id, name: jobstore.read_artifact(sf, settings, analysis_id, other_id, name),
     )

@@ -1,18 +1,32 @@
 """What a stage gets and what it gives back.
 
 The analysis library (profiler, scoring, evaluation) knows nothing of Celery or
-the database: the pipeline hands every stage a `JobContext` for progress and
-cancellation, and persists the `StageResult` it returns.
+the database: the pipeline (`worker.pipeline`) hands every stage a `StageInputs`
+(the model, the data, a `JobContext` for progress and cancellation, the typed
+values of the stages before it) and persists the `StageResult` of the
+`StageOutput` it returns.
+
+A stage (`Stage`, registered in `worker.stages`) declares its `name`, the stages it
+`needs` (run before it when they run; their values are read through typed `Key`s,
+never out of another stage's client-facing `summary`), its `options_model`, when an
+analysis runs it (`options(spec)`) and `run`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from app.config import Settings
+    from app.schemas import AnalysisSpec, DatasetSpec
+    from worker.datasets import Example
+    from worker.modelzoo import LoadedModel
 
 
 class JobCancelled(Exception):
@@ -39,7 +53,6 @@ class JobContext:
 
     progress: ProgressFn = lambda stage, done, total: None
     is_cancelled: Callable[[], bool] = lambda: False
-    artifacts_dir: Path | None = None
     deadline: float | None = None  # time.monotonic() after which the job fails with a timeout
     # (analysis_id, artifact name) -> bytes, or None when the job's project has no such artifact
     read_artifact: Callable[[str, str], bytes | None] | None = None
@@ -127,3 +140,94 @@ def finite_or_none(value: Any) -> float | None:
         return None
     x = float(value)
     return x if math.isfinite(x) else None
+
+
+# ------------------------------------------------------------ the stage contract
+
+T = TypeVar("T")
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Key(Generic[T]):
+    """The name of a typed value a stage hands to later ones (`values.get(AVSS_RANKING)`
+    is a `Ranking`); defined next to the stage that provides it."""
+
+    name: str
+
+
+class Values:
+    """The typed values the stages run so far provided, each under its `Key`."""
+
+    def __init__(self) -> None:
+        self._data: dict[Key[Any], tuple[str, Any]] = {}
+
+    def put(self, key: Key[T], value: T, *, by: str = "") -> None:
+        self._data[key] = (by, value)
+
+    def get(self, key: Key[T]) -> T | None:
+        """The value, or None when no stage of this analysis provided it."""
+        entry = self._data.get(key)
+        return cast(T, entry[1]) if entry is not None else None
+
+    def require(self, key: Key[T]) -> T:
+        value = self.get(key)
+        if value is None:
+            raise RuntimeError(f"no stage provided {key.name!r}; declare the stage that does in `needs`")
+        return value
+
+    def drop(self, stage: str) -> None:
+        """Forget what `stage` provided (once no later stage needs it)."""
+        self._data = {k: v for k, v in self._data.items() if v[0] != stage}
+
+
+@dataclass
+class StageInputs:
+    """What a stage reads: the analysis, the model and data loaded once, the job's hooks,
+    and the values of the stages before it."""
+
+    spec: AnalysisSpec
+    loaded: LoadedModel
+    examples: list[Example]
+    ctx: JobContext
+    settings: Settings
+    values: Values = field(default_factory=Values)
+
+    def load_examples(self, dataset: DatasetSpec) -> list[Example]:
+        """A further data set a stage's options name (e.g. prune's `qa_dataset`)."""
+        from worker.datasets import load_examples
+
+        return load_examples(dataset, self.settings)
+
+    @property
+    def dataset_name(self) -> str:
+        d = self.spec.dataset
+        return d.name or d.path or d.hub or "inline"
+
+
+@dataclass
+class StageOutput:
+    """What `Stage.run` gives back: the stored result (None: nothing to store, e.g. a
+    profiler pass only a later stage asked for) and typed values for later stages."""
+
+    result: StageResult | None
+    values: list[tuple[Key[Any], Any]] = field(default_factory=list)
+
+    def provide(self, key: Key[T], value: T) -> StageOutput:
+        self.values.append((key, value))
+        return self
+
+
+class Stage(Generic[OptionsT]):
+    """One stage of an analysis, declared as a class (see the module doc)."""
+
+    name: ClassVar[str]
+    needs: ClassVar[Sequence[str]] = ()
+    options_model: type[OptionsT]
+
+    def options(self, spec: AnalysisSpec) -> OptionsT | None:
+        """The options this analysis runs the stage with; None when it does not run it."""
+        raise NotImplementedError
+
+    def run(self, job: StageInputs, options: OptionsT) -> StageOutput:
+        raise NotImplementedError

@@ -26,6 +26,7 @@ from worker.pruning import (
     select_fraction,
     select_iterative,
 )
+from worker.scoring.agreement import Ranking
 from worker.stage import JobContext, JobFailed
 
 V = 128
@@ -360,8 +361,7 @@ def test_run_prune_stage_table(tiny_llama):
         TEXTS,
         options,
         ctx,
-        {"avss": [1, 2, 3, 0]},
-        scores={"avss": [0.4, 0.1, 0.2, 0.3]},
+        {"avss": Ranking((1, 2, 3, 0), "lowest", (0.4, 0.1, 0.2, 0.3))},
         qa_examples=QA,
     )
     assert result.stage == "prune"
@@ -430,12 +430,12 @@ def test_run_prune_stage_iterative_and_missing_inputs(tiny_llama):
         timing_runs=0,
         tasks=["perplexity", "qa"],
     )
-    result = run_prune_stage(tiny_llama, TEXTS, options, JobContext(), {"avss": [3, 2, 1, 0]})
+    result = run_prune_stage(tiny_llama, TEXTS, options, JobContext(), {"avss": Ranking((3, 2, 1, 0), "lowest")})
     assert result.summary["layers_removed"]["avss"] == [3]
     assert result.summary["selection"]["avss"]["stop_reason"] == "budget"
     assert any("qa skipped" in w for w in result.warnings)
     with pytest.raises(JobFailed):
-        run_prune_stage(tiny_llama, TEXTS, options, JobContext(), {"avss": [0, 1, 2]})
+        run_prune_stage(tiny_llama, TEXTS, options, JobContext(), {"avss": Ranking((0, 1, 2), "lowest")})
     # No avss ranking passed: skipped with a warning, baselines still run.
     result = run_prune_stage(tiny_llama, TEXTS, options, JobContext(), {})
     assert any("avss skipped" in w for w in result.warnings)

@@ -10,6 +10,10 @@ stage's (`worker.scoring.avss`):
 - a *rank* is per layer, 1 = lowest score = first pruning candidate, L = most
   important (`ranks_from_order`), like the avss stage's `rank` column.
 
+`Ranking` carries a ranking with its orientation said once (`first="lowest"` for
+importance scores, `first="highest"` for EAVSS, most hallucination-prone first), so
+stages hand rankings to each other without restating which end comes first.
+
 Agreement is computed on per-layer values of the same orientation (scores, or
 `importance_from_order(order)` = the rank), so ties in scores are kept:
 - Spearman rho: Pearson correlation of the average ranks (ties get the mean of
@@ -24,10 +28,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 __all__ = [
+    "Ranking",
     "average_ranks",
     "importance_from_order",
     "kendall_tau_b",
@@ -48,6 +55,34 @@ def pruning_order(scores: Sequence[float]) -> list[int]:
         return (v if math.isfinite(v) else math.inf, i)
 
     return sorted(range(len(scores)), key=key)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Every layer index once, ordered by a per-layer score with the `first` end first:
+    `"lowest"` (importance scores: the first pruning candidate first) or `"highest"`
+    (e.g. EAVSS: the most hallucination-prone first). `scores` per layer when known."""
+
+    order: tuple[int, ...]
+    first: Literal["lowest", "highest"]
+    scores: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_scores(cls, scores: Sequence[float], first: Literal["lowest", "highest"] = "lowest") -> Ranking:
+        """Ties: lower index first; a non-finite score last (`pruning_order`)."""
+        values = [float(v) for v in scores]
+        key = values if first == "lowest" else [-v for v in values]
+        return cls(tuple(pruning_order(key)), first, tuple(values))
+
+    def lowest_first(self) -> list[int]:
+        return list(self.order) if self.first == "lowest" else list(reversed(self.order))
+
+    def highest_first(self) -> list[int]:
+        return list(self.order) if self.first == "highest" else list(reversed(self.order))
+
+    def ranks(self) -> list[int]:
+        """Per layer: 1 = first of `order`."""
+        return ranks_from_order(self.order)
 
 
 def ranks_from_order(order: Sequence[int]) -> list[int]:

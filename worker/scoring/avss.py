@@ -34,7 +34,8 @@ import numpy as np
 
 from worker.profiler.profiler import Profile
 from worker.profiler.stats import RunningStats
-from worker.stage import JobFailed, LayerRow, MetricRow, StageResult, finite_or_none
+from worker.scoring.agreement import Ranking
+from worker.stage import ArtifactFile, JobFailed, LayerRow, MetricRow, StageResult, finite_or_none
 
 if TYPE_CHECKING:
     from app.schemas import AvssOptions
@@ -50,6 +51,8 @@ PROFILE_SPARSITY_REL_EPS = 0.01
 
 __all__ = [
     "AvssScores",
+    "AvssStage",
+    "avss_stage",
     "avss_scores",
     "compute_avss",
     "cumulative_impact",
@@ -297,40 +300,42 @@ def compute_avss(
 # --------------------------------------------------------------------- stages
 
 
-def _options_value(options: Any, name: str, default: Any) -> Any:
-    return getattr(options, name, default)
-
-
 def _score_stats(
-    stats: Sequence[RunningStats], options: Any, variance_mode: VarianceMode
+    stats: Sequence[RunningStats], options: AvssOptions, variance_mode: VarianceMode
 ) -> tuple[AvssScores, np.ndarray]:
     thresholds = sparsity_thresholds(
-        stats,
-        _options_value(options, "sparsity_threshold", "relative"),
-        _options_value(options, "sparsity_eps", 1e-5),
-        _options_value(options, "sparsity_rel_eps", 0.01),
-        _options_value(options, "sparsity_reference", "rms"),
+        stats, options.sparsity_threshold, options.sparsity_eps, options.sparsity_rel_eps,
+        options.sparsity_reference,
     )
     variance = layer_variance(stats, variance_mode)
-    scores = compute_avss(variance, layer_sparsity(stats, thresholds), _options_value(options, "delta", 1e-6))
-    return scores, thresholds
+    return compute_avss(variance, layer_sparsity(stats, thresholds), options.delta), thresholds
 
 
 def _names(profile: Profile, positions: Sequence[int]) -> list[int]:
     return [profile.layer_indices[i] for i in positions]
 
 
-def run_avss_stage(profile: Profile, options: AvssOptions) -> StageResult:
-    """AVSS per layer on `options.site` (an `app.schemas.AvssOptions`).
+@dataclass
+class AvssStage:
+    """What the avss stage computed: the stored result and, for later stages, the ranking
+    (layer indices, lowest AVSS first, with the nAVSS per layer as its scores)."""
 
-    One LayerRow per block (scorer "avss"), metrics under scope "avss", a summary with
-    the ranking (layer indices ascending by AVSS: first = first pruning candidate), the
-    proposed `prune_layers` (the floor(prune_fraction x L) lowest-ranked), the threshold
-    and variance definitions used, and the same ranking with the leading token positions
-    toggled (`leading_positions`), which matters when massive activations sit there.
-    """
-    site = _options_value(options, "site", "block_output")
-    mode: VarianceMode = _options_value(options, "variance_mode", "elements")
+    result: StageResult
+    scores: AvssScores
+    ranking: Ranking
+
+
+@dataclass
+class _LeadingPositions:
+    """The same score with the leading token positions toggled (`Profile.alternative_stats`)."""
+
+    scores: AvssScores
+    available: bool
+    rho: float
+    prune: list[int]
+
+
+def _check_profile(profile: Profile, site: str) -> None:
     if site not in profile.sites:
         raise JobFailed("site_not_profiled", f"AVSS needs the {site!r} capture site, which was not profiled")
     if profile.n_tokens == 0:
@@ -339,41 +344,33 @@ def run_avss_stage(profile: Profile, options: AvssOptions) -> StageResult:
             "no token was counted by the profiler (empty examples, or skip_positions past every example's "
             "end); use longer texts or a smaller skip_positions",
         )
-    stats = profile.site_stats(site)
-    n_layers = len(stats)
-    scores, eps = _score_stats(stats, options, mode)
-    warnings = [f"avss: {w}" for w in scores.warnings]
 
-    fraction = float(_options_value(options, "prune_fraction", 0.25))
-    k = prune_count(n_layers, fraction)
-    prune_pos = sorted(scores.ranking[:k])
-    prune_set = set(prune_pos)
 
-    ratios = np.asarray([s.max_median_ratio for s in stats], dtype=np.float64)
-    massive = massive_activation_layers(ratios)
+def _leading_positions(profile: Profile, options: AvssOptions, scores: AvssScores, k: int) -> _LeadingPositions:
+    # Variance by elements: the per-example pooled variance cannot be split by position.
+    alt_stats = profile.alternative_stats(options.site)
+    alt_scores, _ = _score_stats(alt_stats, options, "elements")
+    available = all(s.count > 0 for s in alt_stats)
+    rho = spearman(scores.avss, alt_scores.avss) if available else math.nan
+    return _LeadingPositions(alt_scores, available, rho, sorted(alt_scores.ranking[:k]) if available else [])
 
-    # The same score with the leading positions toggled (variance by elements: the
-    # per-example pooled variance cannot be split by position).
-    alt_stats = profile.alternative_stats(site)
-    alt_mode: VarianceMode = "elements"
-    alt_scores, _ = _score_stats(alt_stats, options, alt_mode)
-    alt_available = all(s.count > 0 for s in alt_stats)
-    rho = spearman(scores.avss, alt_scores.avss) if alt_available else math.nan
-    alt_prune = sorted(alt_scores.ranking[:k]) if alt_available else []
-    if massive:
-        where = (
-            "included"
-            if profile.skip_positions == 0
-            else f"skipped (skip_positions={profile.skip_positions})"
-        )
-        warnings.append(
-            f"avss: massive activations (max|a| / median|a| > {MASSIVE_RATIO:g}) in layers "
-            f"{_names(profile, massive)}; leading positions are {where} here. With skip_positions="
-            f"{profile.alternative_skip} the ranking is {_names(profile, alt_scores.ranking) if alt_available else 'n/a'}"
-            f" (Spearman {rho:.3f} with this one) and the prune proposal {_names(profile, alt_prune)}; "
-            "a threshold relative to the median |a| (sparsity_reference='median') is robust to such outliers"
-        )
 
+def _massive_warning(profile: Profile, massive: list[int], alt: _LeadingPositions) -> str:
+    where = "included" if profile.skip_positions == 0 else f"skipped (skip_positions={profile.skip_positions})"
+    alt_ranking = _names(profile, alt.scores.ranking) if alt.available else "n/a"
+    return (
+        f"avss: massive activations (max|a| / median|a| > {MASSIVE_RATIO:g}) in layers "
+        f"{_names(profile, massive)}; leading positions are {where} here. With skip_positions="
+        f"{profile.alternative_skip} the ranking is {alt_ranking}"
+        f" (Spearman {alt.rho:.3f} with this one) and the prune proposal {_names(profile, alt.prune)}; "
+        "a threshold relative to the median |a| (sparsity_reference='median') is robust to such outliers"
+    )
+
+
+def _avss_rows(
+    profile: Profile, stats: Sequence[RunningStats], scores: AvssScores, eps: np.ndarray,
+    prune: set[int], ratios: np.ndarray, massive: list[int], alt: _LeadingPositions,
+) -> list[LayerRow]:
     rows: list[LayerRow] = []
     for i, s in enumerate(stats):
         values: dict[str, float | None] = {
@@ -388,7 +385,7 @@ def run_avss_stage(profile: Profile, options: AvssOptions) -> StageResult:
             "navss": scores.navss[i],
             "cumulative": scores.cumulative[i],
             "rank": float(scores.rank[i]),
-            "prune": 1.0 if i in prune_set else 0.0,
+            "prune": 1.0 if i in prune else 0.0,
             "variance_elements": s.variance,
             "variance_pooled": s.pooled_variance,
             "mean": s.mean if s.count else math.nan,
@@ -402,81 +399,123 @@ def run_avss_stage(profile: Profile, options: AvssOptions) -> StageResult:
             "massive": 1.0 if i in massive else 0.0,
             "count": float(s.count),
             "tokens": float(s.tokens),
-            "avss_alt": alt_scores.avss[i] if alt_available else math.nan,
-            "rank_alt": float(alt_scores.rank[i]) if alt_available else math.nan,
+            "avss_alt": alt.scores.avss[i] if alt.available else math.nan,
+            "rank_alt": float(alt.scores.rank[i]) if alt.available else math.nan,
         }
-        rows.append(
-            LayerRow(
-                layer=profile.layer_indices[i],
-                block_name=profile.block_names[i],
-                scorer="avss",
-                values={key: finite_or_none(v) for key, v in values.items()},
-            )
-        )
+        rows.append(LayerRow(
+            layer=profile.layer_indices[i], block_name=profile.block_names[i], scorer="avss",
+            values={key: finite_or_none(v) for key, v in values.items()},
+        ))
+    return rows
 
-    threshold_mode = _options_value(options, "sparsity_threshold", "relative")
-    threshold: dict[str, Any] = {"mode": threshold_mode}
-    if threshold_mode == "absolute":
-        eps_abs = float(_options_value(options, "sparsity_eps", 1e-5))
-        threshold["value"] = eps_abs
-        threshold["exact"] = eps_abs in profile.thresholds
-    else:
-        threshold["value"] = float(_options_value(options, "sparsity_rel_eps", 0.01))
-        threshold["reference"] = _options_value(options, "sparsity_reference", "rms")
-        threshold["exact"] = False
-    summary: dict[str, Any] = {
-        "site": site,
+
+def _threshold_info(options: AvssOptions, profile: Profile) -> dict[str, Any]:
+    if options.sparsity_threshold == "absolute":
+        eps = float(options.sparsity_eps)
+        return {"mode": "absolute", "value": eps, "exact": eps in profile.thresholds}
+    return {"mode": "relative", "value": float(options.sparsity_rel_eps),
+            "reference": options.sparsity_reference, "exact": False}
+
+
+def _avss_summary(
+    profile: Profile, options: AvssOptions, scores: AvssScores, prune: list[int], massive: list[int],
+    alt: _LeadingPositions,
+) -> dict[str, Any]:
+    return {
+        "site": options.site,
         "ranking": _names(profile, scores.ranking),
         "ranking_order": "ascending AVSS: first = least important = first pruning candidate",
-        "prune_layers": _names(profile, prune_pos),
-        "prune_fraction": fraction,
-        "threshold": threshold,
-        "variance_mode": mode,
-        "delta": float(_options_value(options, "delta", 1e-6)),
+        "prune_layers": _names(profile, prune),
+        "prune_fraction": float(options.prune_fraction),
+        "threshold": _threshold_info(options, profile),
+        "variance_mode": options.variance_mode,
+        "delta": float(options.delta),
         "degraded_to_variance": scores.degraded,
         "guarded_layers": _names(profile, scores.guarded),
         "skip_positions": profile.skip_positions,
         "massive_activation_layers": _names(profile, massive),
         "leading_positions": {
             "skip_positions": profile.alternative_skip,
-            "variance_mode": alt_mode,
-            "ranking": _names(profile, alt_scores.ranking) if alt_available else None,
-            "prune_layers": _names(profile, alt_prune) if alt_available else None,
-            "spearman": finite_or_none(rho),
+            "variance_mode": "elements",
+            "ranking": _names(profile, alt.scores.ranking) if alt.available else None,
+            "prune_layers": _names(profile, alt.prune) if alt.available else None,
+            "spearman": finite_or_none(alt.rho),
         },
         "n_examples": profile.n_profiled_examples,
         "n_tokens": profile.n_tokens,
         "answer_only": profile.answer_only,
     }
-    metrics = [
-        MetricRow("avss", "layers", float(n_layers), n=n_layers),
-        MetricRow("avss", "prune_count", float(k), n=n_layers),
-        MetricRow("avss", "zero_sparsity_layers", float(int(np.sum(scores.sparsity == 0))), n=n_layers),
-        MetricRow("avss", "mean_sparsity", finite_or_none(float(np.mean(scores.sparsity))), n=n_layers),
-        MetricRow("avss", "massive_activation_layers", float(len(massive)), n=n_layers),
-        MetricRow("avss", "rank_correlation_leading_positions", finite_or_none(rho), n=n_layers),
+
+
+def _avss_metrics(profile: Profile, scores: AvssScores, k: int, massive: list[int], rho: float) -> list[MetricRow]:
+    n = len(scores.avss)
+    return [
+        MetricRow("avss", "layers", float(n), n=n),
+        MetricRow("avss", "prune_count", float(k), n=n),
+        MetricRow("avss", "zero_sparsity_layers", float(int(np.sum(scores.sparsity == 0))), n=n),
+        MetricRow("avss", "mean_sparsity", finite_or_none(float(np.mean(scores.sparsity))), n=n),
+        MetricRow("avss", "massive_activation_layers", float(len(massive)), n=n),
+        MetricRow("avss", "rank_correlation_leading_positions", finite_or_none(rho), n=n),
         MetricRow("avss", "tokens", float(profile.n_tokens), n=profile.n_profiled_examples),
     ]
-    result = StageResult(stage="avss", layers=rows, metrics=metrics, summary=summary, warnings=warnings)
-    result.warnings.extend(f"profile: {w}" for w in profile.warnings)
-    if _options_value(options, "plots", True):
-        from worker.plots import avss_figure
 
-        result.artifacts.extend(
-            avss_figure(
-                layers=profile.layer_indices,
-                variance=scores.variance,
-                l1=[s.l1_norm for s in stats],
-                l2=[s.l2_norm for s in stats],
-                frobenius=[s.frobenius_norm for s in stats],
-                sparsity=scores.sparsity,
-                avss=scores.avss,
-                prune=_names(profile, prune_pos),
-                title=f"AVSS per layer - {site}, variance: {mode}, threshold: {_threshold_label(threshold)}",
-                basename="avss_layers",
-            )
-        )
-    return result
+
+def _avss_plots(
+    profile: Profile, stats: Sequence[RunningStats], options: AvssOptions, scores: AvssScores, prune: list[int]
+) -> list[ArtifactFile]:
+    from worker.plots import avss_figure
+
+    label = _threshold_label(_threshold_info(options, profile))
+    return avss_figure(
+        layers=profile.layer_indices,
+        variance=scores.variance,
+        l1=[s.l1_norm for s in stats],
+        l2=[s.l2_norm for s in stats],
+        frobenius=[s.frobenius_norm for s in stats],
+        sparsity=scores.sparsity,
+        avss=scores.avss,
+        prune=_names(profile, prune),
+        title=f"AVSS per layer - {options.site}, variance: {options.variance_mode}, threshold: {label}",
+        basename="avss_layers",
+    )
+
+
+def avss_stage(profile: Profile, options: AvssOptions) -> AvssStage:
+    """AVSS per layer on `options.site` (see `run_avss_stage`), with the typed ranking."""
+    _check_profile(profile, options.site)
+    stats = profile.site_stats(options.site)
+    scores, eps = _score_stats(stats, options, options.variance_mode)
+    k = prune_count(len(stats), float(options.prune_fraction))
+    prune = sorted(scores.ranking[:k])
+    ratios = np.asarray([s.max_median_ratio for s in stats], dtype=np.float64)
+    massive = massive_activation_layers(ratios)
+    alt = _leading_positions(profile, options, scores, k)
+    warnings = [f"avss: {w}" for w in scores.warnings]
+    if massive:
+        warnings.append(_massive_warning(profile, massive, alt))
+    result = StageResult(
+        stage="avss",
+        layers=_avss_rows(profile, stats, scores, eps, set(prune), ratios, massive, alt),
+        metrics=_avss_metrics(profile, scores, k, massive, alt.rho),
+        summary=_avss_summary(profile, options, scores, prune, massive, alt),
+        warnings=warnings + [f"profile: {w}" for w in profile.warnings],
+    )
+    if options.plots:
+        result.artifacts.extend(_avss_plots(profile, stats, options, scores, prune))
+    ranking = Ranking(tuple(_names(profile, scores.ranking)), "lowest", tuple(float(v) for v in scores.navss))
+    return AvssStage(result, scores, ranking)
+
+
+def run_avss_stage(profile: Profile, options: AvssOptions) -> StageResult:
+    """AVSS per layer on `options.site` (an `app.schemas.AvssOptions`).
+
+    One LayerRow per block (scorer "avss"), metrics under scope "avss", a summary with
+    the ranking (layer indices ascending by AVSS: first = first pruning candidate), the
+    proposed `prune_layers` (the floor(prune_fraction x L) lowest-ranked), the threshold
+    and variance definitions used, and the same ranking with the leading token positions
+    toggled (`leading_positions`), which matters when massive activations sit there.
+    """
+    return avss_stage(profile, options).result
 
 
 def _json_safe(value: Any) -> Any:
@@ -568,8 +607,6 @@ def run_profile_stage(profile: Profile, *, plots: bool = False) -> StageResult:
         MetricRow("profile", "batches", float(profile.n_batches)),
     ]
     result = StageResult(stage="profile", layers=rows, metrics=metrics, summary=summary, warnings=warnings)
-    from worker.stage import ArtifactFile
-
     result.artifacts.append(
         ArtifactFile(
             "profile.json",

@@ -1,0 +1,30 @@
+"""The `prune` stage: prune by every scorer and measure what is retained (worker.pruning)."""
+
+from __future__ import annotations
+
+from app.schemas import AnalysisSpec, PruneOptions
+from worker.stage import Stage, StageInputs, StageOutput
+
+
+class PruneStage(Stage[PruneOptions]):
+    name = "prune"
+    needs = ("avss",)  # the avss ranking, when the scorers name it
+    options_model = PruneOptions
+
+    def options(self, spec: AnalysisSpec) -> PruneOptions | None:
+        return spec.stages.prune
+
+    def run(self, job: StageInputs, options: PruneOptions) -> StageOutput:
+        from worker.pruning import run_prune_stage
+        from worker.stages.avss import AVSS_RANKING
+
+        given = {}
+        avss = job.values.get(AVSS_RANKING)
+        if avss is not None:
+            given["avss"] = avss
+        qa = job.load_examples(options.qa_dataset) if options.qa_dataset is not None else None
+        result = run_prune_stage(
+            job.loaded, job.examples, options, job.ctx, given,
+            qa_examples=qa, max_tokens=job.spec.dataset.max_tokens,
+        )
+        return StageOutput(result)
