@@ -16,7 +16,7 @@ from app.logs import analysis_id_var
 from app.schemas import AnalysisSpec, JobState
 from worker import jobstore
 from worker.jobstore import LostOwnership, SessionFactory
-from worker.lm.batching import is_out_of_memory as _is_out_of_memory  # one definition, shared with the batcher
+from worker.lm.batching import is_out_of_memory as _is_out_of_memory
 from worker.stage import JobCancelled, JobContext, JobFailed, StageResult
 from worker.webhooks import on_finished
 

@@ -184,3 +184,86 @@ def test_profile_backs_off_and_matches_an_unfailed_run(loaded):  # noqa: F811
     # the next job on this model starts at 2 and fails no batch
     again = run(4)
     assert _stats(again) == _stats(clean2)
+
+
+# ------------------------------------------------------------- at a call site: the scorers
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_lm(tmp_path_factory):
+    from app.config import Settings
+    from app.schemas import ModelSpec
+    from worker.modelzoo import load_model
+
+    return load_model(ModelSpec(name="tiny-random-llama"), Settings(data_dir=tmp_path_factory.mktemp("ls")))
+
+
+SCORE_TEXTS = [
+    "the cat sat on the mat and looked at the birds",
+    "rivers flow to the sea",
+    "a quick brown fox jumps over the lazy dog again",
+    "one two three",
+    "layers of a model, pruned",
+]
+
+
+@pytest.mark.parametrize("scorer", ["block_influence", "gbis", "lrp", "cim"])
+def test_scorers_back_off_and_match_an_unfailed_run(tiny_llama_lm, scorer):
+    from worker.scoring.baselines import compute_scores
+
+    model, tok = tiny_llama_lm.model, tiny_llama_lm.tokenizer
+    clean = compute_scores(scorer, model, tok, SCORE_TEXTS, batch_size=2, max_tokens=32)
+    batching.forget()
+    handle = _oom_in_block(model, 1, above=2)
+    try:
+        failed = compute_scores(scorer, model, tok, SCORE_TEXTS, batch_size=5, max_tokens=32)
+    finally:
+        handle.remove()
+    assert batching.remembered(scorer, model) == 2
+    assert failed.scores == clean.scores  # exactly: same batches once backed off, nothing half-counted
+    assert all(not p.requires_grad for p in model.parameters()) is False  # flags restored
+
+
+def test_gradient_scorers_keep_no_activation_for_parameter_grads(monkeypatch):
+    """GBIS/LRP with parameters frozen: the same scores, and autograd saves less (no linear
+    layer input kept for a weight gradient); measured as the distinct bytes packed by
+    saved-tensor hooks on a small-vocabulary Llama (so the LM head's logits do not dominate)."""
+    import contextlib
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.unit.test_profiler_fixtures import CharTokenizer
+    from worker.scoring import baselines
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=224, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128,
+    )).eval()
+    tok = CharTokenizer()
+    params = {p.data_ptr() for p in model.parameters()}
+
+    def saved_bytes(fn):
+        seen: dict[tuple[int, int], int] = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            table = fn()
+        return sum(seen.values()), table
+
+    for name in ("gbis", "lrp"):
+        run = lambda name=name: baselines.compute_scores(name, model, tok, SCORE_TEXTS, batch_size=5)  # noqa: E731
+        frozen, table_frozen = saved_bytes(run)
+        with monkeypatch.context() as m:
+            m.setattr(baselines, "_frozen_parameters", lambda model: contextlib.nullcontext())
+            before, table_before = saved_bytes(run)
+        assert all(p.requires_grad for p in model.parameters())  # flags restored
+        torch.testing.assert_close(
+            torch.tensor(table_frozen.scores), torch.tensor(table_before.scores), rtol=1e-5, atol=1e-8
+        )
+        assert frozen < 0.9 * before, (name, frozen, before)
+        print(f"{name}: saved activations {before} -> {frozen} bytes ({frozen / before:.2f}x)")

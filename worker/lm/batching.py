@@ -102,6 +102,10 @@ class AutoBatch:
         self.done = 0  # batches completed in the current run()
         self.total = 0  # done + batches left at the current size
 
+    def total_for(self, items: Sequence[Any]) -> int:
+        """Batches `items` takes at the current size (for a progress total before run())."""
+        return math.ceil(len(items) / self.size)
+
     def run(self, items: Sequence[T], compute: Callable[[list[T]], R]) -> Iterator[tuple[list[T], R]]:
         """Yield (rows, compute(rows)) for consecutive batches of `items`, backing off on OOM.
         An OOM on a batch of `min_size` rows (or any other error) is raised."""

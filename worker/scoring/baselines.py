@@ -73,7 +73,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from worker.evaluation.tasks import encode_texts, is_causal_lm, iter_batches, model_device, pad_batch
+from worker.evaluation.tasks import encode_texts, is_causal_lm, model_device, pad_batch
+from worker.lm.batching import AutoBatch
 from worker.modelzoo import adapter_for
 from worker.modelzoo.adapters import ArchitectureAdapter, BlockInfo
 from worker.profiler.profiler import forward_callable
@@ -206,21 +207,43 @@ class _Batch:
     rows: list[int]
 
 
-def _batches(
-    model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], max_tokens: int | None, batch_size: int
-) -> list[_Batch]:
+@dataclass
+class _Texts:
+    """The scoring texts, tokenized once, longest first; `batch(rows)` pads rows onto the device."""
+
+    encoded: list[list[int]]
+    order: list[int]
+    pad: int
+    device: torch.device
+
+    def batch(self, rows: Sequence[int]) -> _Batch:
+        ids, mask = pad_batch([self.encoded[i] for i in rows], self.pad)
+        return _Batch(ids.to(self.device), mask.to(self.device), list(rows))
+
+
+def _texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], max_tokens: int | None) -> _Texts:
     encoded = encode_texts(tokenizer, texts, max_tokens)
     keep = [i for i, e in enumerate(encoded) if len(e) > 0]
     if not keep:
         raise JobFailed("dataset_invalid", "no text to score layers on (every example is empty)")
     order = sorted(keep, key=lambda i: (-len(encoded[i]), i))
-    device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    out = []
-    for rows in iter_batches(order, batch_size):
-        ids, mask = pad_batch([encoded[i] for i in rows], int(pad))
-        out.append(_Batch(ids.to(device), mask.to(device), rows))
-    return out
+    return _Texts(encoded, order, int(pad), model_device(model))
+
+
+@contextmanager
+def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """No parameter requires grad while a gradient scorer runs (restored after): the gradients
+    wanted are w.r.t. activations only, and a parameter that requires grad makes autograd keep
+    every linear layer's input for a weight gradient nobody reads."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _setup(
@@ -265,11 +288,13 @@ def _similarity_scorer(
 ) -> ScoreTable:
     started = time.perf_counter()
     blocks, ctx = _setup(model, adapter, ctx)
-    batches = _batches(model, tokenizer, texts, max_tokens, batch_size)
+    data = _texts(model, tokenizer, texts, max_tokens)
+    batcher = AutoBatch(name, model, batch_size)  # OOM back-off, see worker/lm/batching.py
     sums = np.zeros(len(blocks))
     counts = np.zeros(len(blocks))
     inputs: dict[int, torch.Tensor] = {}
     select: dict[str, torch.Tensor] = {}
+    part: dict[str, np.ndarray] = {}  # the batch being run; added to sums/counts once it completed
 
     def pre(i: int, x: torch.Tensor) -> None:
         inputs[i] = x
@@ -278,24 +303,34 @@ def _similarity_scorer(
         x = inputs.pop(i)
         values = per_token(_cos(x, y))  # [batch, pos]
         sel = select["mask"]
-        sums[i] += float(values[sel].double().sum())
-        counts[i] += float(sel.sum())
+        part["sums"][i] += float(values[sel].double().sum())
+        part["counts"][i] += float(sel.sum())
 
     run = forward_callable(model, blocks)  # the base model: no LM head needed
-    ctx.progress(progress_stage, 0, len(batches))
+
+    def run_batch(rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        ctx.check_cancelled()
+        batch = data.batch(rows)
+        inputs.clear()
+        part.update(sums=np.zeros(len(blocks)), counts=np.zeros(len(blocks)))
+        mask = batch.mask.bool()
+        if positions == "last":
+            last = mask.sum(1) - 1
+            sel = torch.zeros_like(mask)
+            sel[torch.arange(mask.shape[0], device=mask.device), last] = True
+            select["mask"] = sel
+        else:
+            select["mask"] = mask
+        run(batch.ids, batch.mask)
+        return part["sums"], part["counts"]
+
+    ctx.progress(progress_stage, 0, batcher.total_for(data.order))
     with torch.inference_mode(), _hooks(blocks, pre, post):
-        for b, batch in enumerate(batches):
-            ctx.check_cancelled()
-            mask = batch.mask.bool()
-            if positions == "last":
-                last = mask.sum(1) - 1
-                sel = torch.zeros_like(mask)
-                sel[torch.arange(mask.shape[0], device=mask.device), last] = True
-                select["mask"] = sel
-            else:
-                select["mask"] = mask
-            run(batch.ids, batch.mask)
-            ctx.progress(progress_stage, b + 1, len(batches))
+        for _, (batch_sums, batch_counts) in batcher.run(data.order, run_batch):
+            sums += batch_sums
+            counts += batch_counts
+            ctx.progress(progress_stage, batcher.done, batcher.total)
+    inputs.clear()
     scores = sums / np.maximum(counts, 1)
     return _table(
         name,
@@ -414,7 +449,8 @@ def gbis(
     _require_causal(model, "gbis")
     started = time.perf_counter()
     blocks, ctx = _setup(model, adapter, ctx)
-    batches = _batches(model, tokenizer, texts, max_tokens, batch_size)
+    data = _texts(model, tokenizer, texts, max_tokens)
+    batcher = AutoBatch("gbis", model, batch_size)  # OOM back-off, see worker/lm/batching.py
     sums = np.zeros(len(blocks))
     tokens = 0.0
     outputs: dict[int, torch.Tensor] = {}
@@ -422,28 +458,37 @@ def gbis(
     def post(i: int, y: torch.Tensor) -> None:
         outputs[i] = y
 
-    ctx.progress(progress_stage, 0, len(batches))
-    with (
-        torch.inference_mode(False),
-        torch.enable_grad(),
-        _embeddings_require_grad(model),
-        _hooks(blocks, None, post),
-    ):
-        for b, batch in enumerate(batches):
-            ctx.check_cancelled()
-            outputs.clear()
+    def run_batch(rows: list[int]) -> tuple[np.ndarray, float]:
+        ctx.check_cancelled()
+        batch = data.batch(rows)
+        outputs.clear()
+        try:
             loss = _lm_loss_sum(model, batch)
             ys = [outputs[i] for i in range(len(blocks))]
             grads = torch.autograd.grad(loss, ys, allow_unused=True)
-            mask = batch.mask.bool()
-            for i, (y, g) in enumerate(zip(ys, grads, strict=True)):
-                if g is None:
-                    continue
-                per_token = (g.float() * y.detach().float()).abs().mean(-1)
-                sums[i] += float(per_token[mask].double().sum())
-            tokens += float(mask.sum())
+        finally:
             outputs.clear()
-            ctx.progress(progress_stage, b + 1, len(batches))
+        part = np.zeros(len(blocks))
+        mask = batch.mask.bool()
+        for i, (y, g) in enumerate(zip(ys, grads, strict=True)):
+            if g is None:
+                continue
+            per_token = (g.float() * y.detach().float()).abs().mean(-1)
+            part[i] = float(per_token[mask].double().sum())
+        return part, float(mask.sum())
+
+    ctx.progress(progress_stage, 0, batcher.total_for(data.order))
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        _frozen_parameters(model),
+        _embeddings_require_grad(model),
+        _hooks(blocks, None, post),
+    ):
+        for _, (part, n_tokens) in batcher.run(data.order, run_batch):
+            sums += part
+            tokens += n_tokens
+            ctx.progress(progress_stage, batcher.done, batcher.total)
     return _table(
         "gbis",
         sums / max(tokens, 1.0),
@@ -495,7 +540,8 @@ def lrp(
         raise ValueError("epsilon must be > 0")
     started = time.perf_counter()
     blocks, ctx = _setup(model, adapter, ctx)
-    batches = _batches(model, tokenizer, texts, max_tokens, batch_size)
+    data = _texts(model, tokenizer, texts, max_tokens)
+    batcher = AutoBatch("lrp", model, batch_size)  # OOM back-off, see worker/lm/batching.py
     sums = np.zeros(len(blocks))
     signed = np.zeros(len(blocks))
     tokens = 0.0
@@ -508,35 +554,47 @@ def lrp(
     def post(i: int, y: torch.Tensor) -> None:
         outputs[i] = y
 
-    ctx.progress(progress_stage, 0, len(batches))
+    def run_batch(rows: list[int]) -> tuple[np.ndarray, np.ndarray, float]:
+        ctx.check_cancelled()
+        batch = data.batch(rows)
+        inputs.clear()
+        outputs.clear()
+        try:
+            logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits[:, :-1]
+            targets, tmask = _targets(batch)
+            start = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * tmask).sum()
+            del logits
+            ys = [outputs[i] for i in range(len(blocks))]
+            xs = [inputs[i] for i in range(len(blocks))]
+            grads = torch.autograd.grad(start, ys, allow_unused=True)
+        finally:
+            inputs.clear()
+            outputs.clear()
+        part, part_signed = np.zeros(len(blocks)), np.zeros(len(blocks))
+        mask = batch.mask.bool()
+        for i, (y, g) in enumerate(zip(ys, grads, strict=True)):
+            if g is None:
+                continue
+            update = y.detach().float() - xs[i].float()
+            relevance = (update * g.float()).sum(-1)  # [batch, pos]
+            part[i] = float(relevance[mask].abs().double().sum())
+            part_signed[i] = float(relevance[mask].double().sum())
+        return part, part_signed, float(mask.sum())
+
+    ctx.progress(progress_stage, 0, batcher.total_for(data.order))
     with (
         torch.inference_mode(False),
         torch.enable_grad(),
+        _frozen_parameters(model),
         _embeddings_require_grad(model),
         _epsilon_rule(model, epsilon) as n_linear,
         _hooks(blocks, pre, post),
     ):
-        for b, batch in enumerate(batches):
-            ctx.check_cancelled()
-            inputs.clear()
-            outputs.clear()
-            logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits[:, :-1]
-            targets, tmask = _targets(batch)
-            start = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * tmask).sum()
-            ys = [outputs[i] for i in range(len(blocks))]
-            grads = torch.autograd.grad(start, ys, allow_unused=True)
-            mask = batch.mask.bool()
-            for i, (y, g) in enumerate(zip(ys, grads, strict=True)):
-                if g is None:
-                    continue
-                update = y.detach().float() - inputs[i].float()
-                relevance = (update * g.float()).sum(-1)  # [batch, pos]
-                sums[i] += float(relevance[mask].abs().double().sum())
-                signed[i] += float(relevance[mask].double().sum())
-            tokens += float(mask.sum())
-            inputs.clear()
-            outputs.clear()
-            ctx.progress(progress_stage, b + 1, len(batches))
+        for _, (part, part_signed, n_tokens) in batcher.run(data.order, run_batch):
+            sums += part
+            signed += part_signed
+            tokens += n_tokens
+            ctx.progress(progress_stage, batcher.done, batcher.total)
     denom = max(tokens, 1.0)
     return _table(
         "lrp",
@@ -557,20 +615,25 @@ def lrp(
 # -------------------------------------------------------------------- CIM
 
 
-def _per_example_nll(model: torch.nn.Module, batches: Sequence[_Batch], n: int) -> np.ndarray:
+def _per_example_nll(model: torch.nn.Module, data: _Texts, batcher: AutoBatch, n: int) -> np.ndarray:
+    """Mean next-token NLL per text (NaN without a target); batches back off on OOM."""
     out = np.full(n, np.nan)
-    for batch in batches:
-        logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits[:, :-1].float()
-        targets, tmask = _targets(batch)
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-        ).view(targets.shape)
-        per = (nll * tmask).sum(1) / tmask.sum(1).clamp_min(1)
-        has = tmask.sum(1) > 0
-        for row, i in enumerate(batch.rows):
+    for _, (rows, per, has) in batcher.run(data.order, lambda rows: _batch_nll(model, data.batch(rows))):
+        for row, i in enumerate(rows):
             if bool(has[row]):
                 out[i] = float(per[row])
     return out
+
+
+def _batch_nll(model: torch.nn.Module, batch: _Batch) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits[:, :-1].float()
+    targets, tmask = _targets(batch)
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
+    per = (nll * tmask).sum(1) / tmask.sum(1).clamp_min(1)
+    has = tmask.sum(1) > 0
+    return batch.rows, per.cpu(), has.cpu()
 
 
 def cim(
@@ -591,11 +654,12 @@ def cim(
     started = time.perf_counter()
     blocks, ctx = _setup(model, adapter, ctx)
     adapter = adapter if adapter is not None else adapter_for(model)
-    batches = _batches(model, tokenizer, texts, max_tokens, batch_size)
+    data = _texts(model, tokenizer, texts, max_tokens)
+    batcher = AutoBatch("cim", model, batch_size)  # OOM back-off, see worker/lm/batching.py
     n_layers = len(blocks)
     ctx.progress(progress_stage, 0, n_layers + 1)
     with torch.inference_mode():
-        base = _per_example_nll(model, batches, len(texts))
+        base = _per_example_nll(model, data, batcher, len(texts))
         ctx.progress(progress_stage, 1, n_layers + 1)
         valid = np.isfinite(base)
         if not valid.any():
@@ -606,7 +670,7 @@ def cim(
         for layer in range(n_layers):
             ctx.check_cancelled()
             with pruned_view(model, [layer], adapter=adapter):
-                skipped = _per_example_nll(model, batches, len(texts))
+                skipped = _per_example_nll(model, data, batcher, len(texts))
             diff = (skipped - base)[valid]
             mean[layer] = float(diff.mean())
             std[layer] = float(diff.std())
