@@ -7,14 +7,47 @@ data directory and an in-process worker.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Public (it is in this file): fine for embedded use on one machine, refused by served mode.
 DEV_KEY_PEPPER = "layerscope-dev-pepper"
+
+JUDGE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+class JudgeEndpoint(BaseModel):
+    """A correctness judge the operator offers: an OpenAI-compatible chat-completions endpoint.
+
+    Where judges live and which secret each sends is server configuration (LAYERSCOPE_JUDGES);
+    a spec only names one (`stages.hallucination.judge.name`). The URL is trusted as the
+    operator's: it may be a private address (a judge served next to the workers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(
+        min_length=8, max_length=512, pattern=r"^https?://\S+$",
+        description="e.g. `https://api.openai.com/v1`; the judge posts to `{base_url}/chat/completions`.",
+    )
+    model: str = Field(min_length=1, max_length=256)
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="The worker's environment variable holding this judge's API key (sent as a Bearer token).",
+    )
+    timeout_s: float = Field(30.0, gt=0, le=600)
+    retries: int = Field(1, ge=0, le=5)
+
+
+def unknown_judge(name: str, judges: dict[str, JudgeEndpoint]) -> str:
+    """Why `name` cannot be used, for a 422 or a failed job (names only, never URLs or keys)."""
+    if not judges:
+        return (f"no judge named {name!r}: this server has no judges configured "
+                "(an operator adds them with LAYERSCOPE_JUDGES)")
+    return f"no judge named {name!r} on this server; configured judges: {', '.join(sorted(judges))}"
 
 
 class Settings(BaseSettings):
@@ -45,6 +78,9 @@ class Settings(BaseSettings):
     model_roots: list[Path] = Field(default_factory=list)
     data_roots: list[Path] = Field(default_factory=list)
     trust_remote_code_allowlist: list[str] = Field(default_factory=list)
+    # Correctness judges (the `judge` rule of the hallucination stage): name -> endpoint, model and the
+    # environment variable with its key, as JSON. Only these endpoints are ever called; a spec names one.
+    judges: dict[str, JudgeEndpoint] = Field(default_factory=dict)
     max_data_file_bytes: int = 512 * 1024 * 1024
 
     # Job control (seconds). soft < hard < broker visibility timeout.
@@ -75,6 +111,14 @@ class Settings(BaseSettings):
     webhook_backoff_base: float = 10.0
     webhook_backoff_max: float = 3600.0
     webhook_event_window: float = 86400.0
+
+    @field_validator("judges")
+    @classmethod
+    def _judge_names(cls, value: dict[str, JudgeEndpoint]) -> dict[str, JudgeEndpoint]:
+        bad = [name for name in value if not re.match(JUDGE_NAME, name)]
+        if bad:
+            raise ValueError(f"judge names must match {JUDGE_NAME}: {bad}")
+        return value
 
     @property
     def embedded(self) -> bool:

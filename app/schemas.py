@@ -11,7 +11,9 @@ import datetime as dt
 import enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from app.config import JUDGE_NAME
 
 MAX_EXAMPLES = 100_000
 PATCH_ARTIFACT = "mitigation.safetensors"  # the mitigate stage's patch; `model.patch` applies it
@@ -314,20 +316,36 @@ CorrectnessRule = Literal["exact", "contains", "token_f1", "rouge_l", "judge"]
 ALL_DETECTORS: list[str] = ["sequence_likelihood", "p_ik", "verbalized", "self_consistency", "length", "eavss_probe"]
 
 
-class JudgeOptions(Strict):
-    """An OpenAI-compatible chat-completions endpoint that judges semantic equivalence."""
+LEGACY_JUDGE = "free-url-judge-removed"  # what a stored spec from before named judges reads as
+_LEGACY_JUDGE_FIELDS = ("base_url", "model", "api_key_env", "timeout_s", "retries")
 
-    base_url: str = Field(
-        ..., min_length=8, max_length=512, pattern=r"^https?://\S+$",
-        description="e.g. `https://api.openai.com/v1` (the judge posts to `{base_url}/chat/completions`).",
+
+class JudgeOptions(Strict):
+    """A correctness judge configured on the server, by name.
+
+    Which endpoints exist, with which model and which secret, is the operator's configuration
+    (`LAYERSCOPE_JUDGES`); a spec cannot give a URL or an environment variable."""
+
+    name: str = Field(
+        ..., pattern=JUDGE_NAME,
+        description="A judge this server's operator configured in `LAYERSCOPE_JUDGES` (an unknown name is a "
+        "422 listing the configured ones). Its endpoint, model and API key are server configuration.",
     )
-    model: str = Field(..., min_length=1, max_length=256)
-    api_key_env: str | None = Field(
-        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
-        description="Name of the worker's environment variable holding the API key (never the key itself).",
-    )
-    timeout_s: float = Field(30.0, gt=0, le=600)
-    retries: int = Field(1, ge=0, le=5)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_endpoint(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict) or not any(k in data for k in _LEGACY_JUDGE_FIELDS):
+            return data
+        if (info.context or {}).get("stored"):
+            # A job stored before judges were named: it keeps its shape but can only fail
+            # (`judge_not_configured`); the URL and variable it named are never used.
+            return {"name": LEGACY_JUDGE}
+        given = sorted(k for k in data if k in _LEGACY_JUDGE_FIELDS)
+        raise ValueError(
+            f"judge endpoints are server configuration: give judge.name, one of the judges the operator "
+            f"configured (LAYERSCOPE_JUDGES), not {', '.join(given)}"
+        )
 
 
 class HallucinationOptions(Strict):
@@ -358,7 +376,10 @@ class HallucinationOptions(Strict):
     contains_max_tokens: int = Field(5, ge=1, le=64)
     f1_threshold: float = Field(0.5, gt=0, le=1)
     rouge_threshold: float = Field(0.3, ge=0, lt=1)
-    judge: JudgeOptions | None = Field(None, description="Off unless given; adds the `judge` rule.")
+    judge: JudgeOptions | None = Field(
+        None, description="A judge configured on the server, by name (`{\"name\": \"...\"}`); off unless given; "
+        "adds the `judge` rule.",
+    )
     # detectors (docs/method.md section 5)
     detectors: list[Detector] = Field(default_factory=lambda: list(ALL_DETECTORS), min_length=1)
     self_consistency_k: int = Field(5, ge=2, le=32)
@@ -414,7 +435,7 @@ class HallucinationOptions(Strict):
     @model_validator(mode="after")
     def _judge_rule(self) -> HallucinationOptions:
         if "judge" in self.correctness_rules and self.judge is None:
-            raise ValueError("correctness rule 'judge' needs a judge configuration (judge.base_url, judge.model)")
+            raise ValueError("correctness rule 'judge' needs a judge: judge.name, one configured on the server")
         if self.judge is not None and "judge" not in self.correctness_rules:
             self.correctness_rules = [*self.correctness_rules, "judge"]
         return self
@@ -521,6 +542,12 @@ class AnalysisSpec(Strict):
             "and sent to webhooks. An unknown policy gives a failing verdict that says so."
         ),
     )
+
+    @classmethod
+    def from_stored(cls, data: Any) -> AnalysisSpec:
+        """A spec read back from the database, also one stored by an earlier version (a judge
+        given by URL then reads as an unconfigured judge name: the job fails, the URL is unused)."""
+        return cls.model_validate(data, context={"stored": True})
 
 
 # ----------------------------------------------------------------- responses

@@ -47,6 +47,11 @@ def run_pipeline(
     from worker.modelzoo import load_model
     from worker.stages import STAGES
 
+    hopts_given = spec.stages.hallucination
+    if hopts_given is not None and "judge" in hopts_given.correctness_rules:
+        from worker.hallucination.stage import open_judge
+
+        open_judge(hopts_given, settings.judges).close()  # an unknown judge fails before the model loads
     ctx.progress("load_model", 0, 1)
     patch = spec.model.patch
     # A patched model is loaded apart from the process cache, which keeps only base weights.

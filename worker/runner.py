@@ -94,7 +94,7 @@ def run_job(
 
     final: JobState | None = None
     try:
-        spec = AnalysisSpec.model_validate(jobstore.load_spec(sf, analysis_id))
+        spec = AnalysisSpec.from_stored(jobstore.load_spec(sf, analysis_id))
         pipeline(spec, ctx, settings, save)
         final = JobState.SUCCEEDED
         jobstore.finish(sf, analysis_id, token, final)

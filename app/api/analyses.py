@@ -19,6 +19,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.api.precheck import check_submit
 from app.auth import Principal, require
 from app.config import Settings
 from app.deps import get_session, get_settings_dep
@@ -80,7 +81,7 @@ def to_out(row: Analysis, labels: dict[str, str]) -> AnalysisOut:
     return AnalysisOut(
         id=row.id,
         state=JobState(row.state),
-        spec=AnalysisSpec.model_validate(row.spec),
+        spec=AnalysisSpec.from_stored(row.spec),
         labels=labels,
         progress=Progress(stage=row.progress_stage, done=row.progress_done, total=row.progress_total),
         attempt=row.attempt,
@@ -143,6 +144,7 @@ def submit(
         )
     if spec.model.patch is not None and spec.model.patch.analysis_id is not None:
         _check_patch_source(session, principal, spec.model.patch.analysis_id)
+    check_submit(spec, settings)
     digest = spec_hash(spec)
 
     def existing_for_key() -> AnalysisOut | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.config import Settings
+from app.config import JudgeEndpoint, Settings
 from app.schemas import HallucinationOptions, ModelSpec
 from worker.hallucination import stage as stage_mod
 from worker.hallucination.stage import (
@@ -85,10 +85,15 @@ def _examples(n: int = 44) -> list[dict]:
             for i in range(n)]
 
 
+def _judges(judge_url: str) -> dict[str, JudgeEndpoint]:
+    """The operator's judge configuration (`Settings.judges`) with the fake endpoint as `fake`."""
+    return {"fake": JudgeEndpoint(base_url=judge_url, model="fake")}
+
+
 def _options(judge_url: str, **kw) -> HallucinationOptions:
     base = dict(
         n_shots=2, max_new_tokens=4, self_consistency_k=2, n_boot=20, probe_l2=1.0, min_group=5,
-        correctness_rules=["exact", "judge"], judge={"base_url": judge_url, "model": "fake"}, batch_size=8,
+        correctness_rules=["exact", "judge"], judge={"name": "fake"}, batch_size=8,
     )
     base.update(kw)
     return HallucinationOptions(**base)
@@ -99,7 +104,7 @@ def run(tiny, judge_url):
     train, test = split_examples(_examples(), 0.5, seed=0)
     events: list[tuple[str, int, int]] = []
     ctx = JobContext(progress=lambda s, d, t: events.append((s, d, t)))
-    out = analyze_hallucination(tiny, train, test, _options(judge_url), ctx, dataset_name="toy")
+    out = analyze_hallucination(tiny, train, test, _options(judge_url), ctx, dataset_name="toy", judges=_judges(judge_url))
     return out, train, test, events
 
 
@@ -213,7 +218,7 @@ def test_probes_train_on_train_only(tiny, judge_url, monkeypatch) -> None:
     monkeypatch.setattr(stage_mod, "probe_confidence", spy)
     train, test = split_examples(_examples(30), 0.4, seed=3)
     opts = _options(judge_url, detectors=["p_ik", "length", "eavss_probe"], n_boot=0, n_shots=3)
-    res = run_hallucination_stage(tiny, train, test, opts, None)
+    res = run_hallucination_stage(tiny, train, test, opts, None, judges=_judges(judge_url))
     n_train = len(train) - 3
     assert calls and all(c == (n_train, len(test)) for c in calls)
     assert len(calls) == 3 + 4  # three detectors + one probe per layer
@@ -225,7 +230,7 @@ def test_overlapping_test_questions_are_dropped_and_cv_probe(tiny, judge_url) ->
     train, test = ex[:14], ex[12:]  # two questions on both sides
     opts = _options(judge_url, detectors=["sequence_likelihood", "eavss_probe"], probe_l2=None, n_boot=0,
                     layer_probes=False, token_scope="all", profile_context="question")
-    res = run_hallucination_stage(tiny, train, test, opts)
+    res = run_hallucination_stage(tiny, train, test, opts, judges=_judges(judge_url))
     assert res.summary["counts"]["test_answered"] == len(test) - 2
     assert any("also occur in the training split" in w for w in res.warnings)
     assert res.summary["probes"]["eavss_probe"]["cv_log_loss"] is not None
@@ -262,25 +267,30 @@ def test_failures(tiny, tmp_path) -> None:
                                 JobContext(is_cancelled=lambda: True))
 
 
-def test_judge_unreachable_fails_cleanly(tiny) -> None:
+def test_judge_unreachable_or_not_configured_fails_cleanly(tiny) -> None:
     opts = HallucinationOptions(n_shots=1, max_new_tokens=2, detectors=["length"], layer_probes=False,
-                                judge={"base_url": "http://127.0.0.1:9/v1", "model": "m", "timeout_s": 2,
-                                       "retries": 0})
+                                judge={"name": "down"})
     train, test = split_examples(_examples(10), 0.5, seed=0)
+    down = {"down": JudgeEndpoint(base_url="http://127.0.0.1:9/v1", model="m", timeout_s=2, retries=0)}
     with pytest.raises(JobFailed) as err:
-        run_hallucination_stage(tiny, train, test, opts)
+        run_hallucination_stage(tiny, train, test, opts, judges=down)
     assert err.value.error_type == "judge_failed"
+    for judges in (None, {"other": down["down"]}):  # the name must be one the operator configured
+        with pytest.raises(JobFailed) as err:
+            run_hallucination_stage(tiny, train, test, opts, judges=judges)
+        assert err.value.error_type == "judge_not_configured" and "'down'" in err.value.detail
 
 
 def test_deterministic(tiny, judge_url) -> None:
     train, test = split_examples(_examples(20), 0.5, seed=0)
     opts = _options(judge_url, detectors=["sequence_likelihood", "self_consistency", "eavss_probe"],
                     n_boot=10, layer_probes=False)
-    a = analyze_hallucination(tiny, train, test, opts)
-    b = analyze_hallucination(tiny, train, test, opts)
+    a = analyze_hallucination(tiny, train, test, opts, judges=_judges(judge_url))
+    b = analyze_hallucination(tiny, train, test, opts, judges=_judges(judge_url))
     assert [r.to_dict() for r in a.answers] == [r.to_dict() for r in b.answers]
     conf = np.array([r.confidence["eavss_probe"] for r in a.answers if r.split == "test"])
     assert np.all((conf >= 0) & (conf <= 1))
     # the prompt depends on the split, not on the order the examples came in
-    c = analyze_hallucination(tiny, train[::-1], test, opts.model_copy(update={"detectors": ["length"]}))
+    c = analyze_hallucination(tiny, train[::-1], test, opts.model_copy(update={"detectors": ["length"]}),
+                              judges=_judges(judge_url))
     assert c.shots == a.shots

@@ -172,8 +172,10 @@ def test_options_validation() -> None:
         HallucinationOptions(unknown=1)
     with pytest.raises(ValueError):
         HallucinationOptions(q_values=[0.0])
-    j = HallucinationOptions(judge={"base_url": "http://127.0.0.1:9/v1", "model": "m"})
+    j = HallucinationOptions(judge={"name": "gpt"})
     assert j.correctness_rules[-1] == "judge"
+    with pytest.raises(ValueError, match="LAYERSCOPE_JUDGES"):  # endpoints are server configuration
+        HallucinationOptions(judge={"base_url": "http://127.0.0.1:9/v1", "model": "m"})
 
 
 # --------------------------------------------------------------------------- probe

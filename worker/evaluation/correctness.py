@@ -30,9 +30,10 @@ lexical rules.
   fallback rule).
 - `judge`: an OpenAI-compatible chat-completions endpoint says whether the
   answer is semantically equivalent to a gold answer (`OpenAIJudge`). Off
-  unless a judge is passed. Any failure (timeout, connection, HTTP status,
-  malformed or unparseable reply) raises `JudgeError`; it never counts as
-  correct (or as incorrect) silently.
+  unless a judge is passed; in the service only a judge the operator
+  configured (`LAYERSCOPE_JUDGES`). Any failure (timeout, connection, HTTP
+  status, malformed or unparseable reply) raises `JudgeError`, whose message
+  never quotes the reply; it never counts as correct (or as incorrect) silently.
 
 `label_answer` tries the rules in the order given and returns the first one
 that decides the answer correct; `tally_rules` counts how many answers each
@@ -178,11 +179,15 @@ _VERDICT = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 class OpenAIJudge:
     """Client of an OpenAI-compatible `POST {base_url}/chat/completions` endpoint.
 
-    `api_key_env` names an environment variable holding the key (sent as
-    `Authorization: Bearer ...`); it is read when the judge is created, and a
-    missing variable is a `JudgeError` then. `retries` re-sends after a timeout,
-    a connection error or a 5xx/429 status. Use as a context manager or call
-    `close()` to release the HTTP connection pool.
+    The service builds one only from an operator-configured judge (`from_endpoint`,
+    `Settings.judges`): a spec names a judge, never a URL or a secret. `api_key_env`
+    names an environment variable holding the key (sent as `Authorization: Bearer ...`);
+    it is read when the judge is created, and a missing variable is a `JudgeError` then.
+    `retries` re-sends after a timeout, a connection error or a 5xx/429 status.
+    Redirects are not followed. Error messages name the judge (`label`: its configured
+    name, else the URL) and what failed (status, size, content type) and never quote the
+    reply: a failure reaches the job's `error.detail`, which the tenant reads. Use as a
+    context manager or call `close()` to release the HTTP connection pool.
     """
 
     def __init__(
@@ -196,23 +201,33 @@ class OpenAIJudge:
         temperature: float = 0.0,
         max_tokens: int = 8,
         transport: httpx.BaseTransport | None = None,
+        label: str | None = None,
     ) -> None:
         if not base_url:
             raise JudgeError("judge base_url is empty")
         if not model:
             raise JudgeError("judge model name is empty")
+        self.label = f"judge {label!r}" if label else f"judge at {base_url}"
         headers = {"Content-Type": "application/json"}
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
-                raise JudgeError(f"judge API key variable {api_key_env!r} is not set")
+                raise JudgeError(f"{self.label}: its API key variable {api_key_env!r} is not set on this worker")
             headers["Authorization"] = f"Bearer {key}"
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.retries = max(0, int(retries))
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport, follow_redirects=False)
+
+    @classmethod
+    def from_endpoint(cls, name: str, endpoint: Any, **kw: Any) -> OpenAIJudge:
+        """The judge the operator configured as `name` (an `app.config.JudgeEndpoint`)."""
+        return cls(
+            endpoint.base_url, endpoint.model, api_key_env=endpoint.api_key_env,
+            timeout=float(endpoint.timeout_s), retries=int(endpoint.retries), label=name, **kw,
+        )
 
     def close(self) -> None:
         self._client.close()
@@ -235,22 +250,29 @@ class OpenAIJudge:
             "max_tokens": self.max_tokens,
         }
 
+    @staticmethod
+    def _described(resp: httpx.Response) -> str:
+        """What came back, without any of its content."""
+        kind = resp.headers.get("content-type", "no content type").split(";")[0].strip()
+        return f"HTTP {resp.status_code}, {len(resp.content)} bytes, {kind}"
+
     def _post(self, payload: dict[str, Any]) -> httpx.Response:
         last: JudgeError | None = None
         for _ in range(self.retries + 1):
             try:
                 resp = self._client.post(self.url, json=payload)
             except httpx.TimeoutException as exc:
-                last = JudgeTimeout(f"judge at {self.url} timed out: {exc!r}")
+                last = JudgeTimeout(f"{self.label} timed out ({type(exc).__name__})")
                 continue
             except httpx.HTTPError as exc:
-                last = JudgeError(f"judge at {self.url} unreachable: {exc!r}")
+                last = JudgeError(f"{self.label} is unreachable ({type(exc).__name__})")
                 continue
             if resp.status_code == 429 or resp.status_code >= 500:
-                last = JudgeError(f"judge at {self.url} returned HTTP {resp.status_code}: {resp.text[:200]}")
+                last = JudgeError(f"{self.label} answered {self._described(resp)}")
                 continue
-            if resp.status_code >= 400:
-                raise JudgeError(f"judge at {self.url} returned HTTP {resp.status_code}: {resp.text[:200]}")
+            if resp.status_code >= 300:
+                extra = "; redirects are not followed" if resp.status_code < 400 else ""
+                raise JudgeError(f"{self.label} answered {self._described(resp)}{extra}")
             return resp
         assert last is not None
         raise last
@@ -261,13 +283,15 @@ class OpenAIJudge:
         resp = self._post(self._payload(question, answer, aliases))
         try:
             content = resp.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise JudgeError(f"judge reply is not chat-completions JSON: {resp.text[:200]!r}") from exc
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeError(
+                f"{self.label}: the reply is not chat-completions JSON ({self._described(resp)})"
+            ) from None
         if not isinstance(content, str):
-            raise JudgeError(f"judge reply content is not text: {content!r}")
+            raise JudgeError(f"{self.label}: the reply's message content is {type(content).__name__}, not text")
         m = _VERDICT.match(content.strip())
         if m is None:
-            raise JudgeError(f"judge reply is neither yes nor no: {content[:200]!r}")
+            raise JudgeError(f"{self.label}: the reply is neither yes nor no ({len(content)} characters)")
         return m.group(1).lower() == "yes"
 
 

@@ -47,12 +47,13 @@ import csv
 import io
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from app.config import unknown_judge
 from app.schemas import HallucinationOptions
 from worker.evaluation.calibration import calibration_report, to_metric_rows
 from worker.evaluation.correctness import (
@@ -206,18 +207,18 @@ def _options_dict(options: Any) -> dict[str, Any]:
     return d
 
 
-def _make_judge(options: Any) -> OpenAIJudge:
+def open_judge(options: Any, judges: Mapping[str, Any] | None) -> OpenAIJudge:
+    """The judge `options.judge.name` names among the operator's `judges` (`Settings.judges`).
+    A spec never supplies an endpoint or a secret; an unknown name is `judge_not_configured`."""
     cfg = _opt(options, "judge")
-    if cfg is None:
-        raise JobFailed("judge_not_configured", "correctness rule 'judge' needs judge.base_url and judge.model")
+    name = _field(cfg, "name") if cfg is not None else None
+    if not name:
+        raise JobFailed("judge_not_configured", "correctness rule 'judge' needs judge.name, a judge configured on the server")
+    endpoint = (judges or {}).get(name)
+    if endpoint is None:
+        raise JobFailed("judge_not_configured", unknown_judge(name, dict(judges or {})))
     try:
-        return OpenAIJudge(
-            _field(cfg, "base_url"),
-            _field(cfg, "model"),
-            api_key_env=_field(cfg, "api_key_env"),
-            timeout=float(_field(cfg, "timeout_s") or 30.0),
-            retries=int(_field(cfg, "retries") or 0),
-        )
+        return OpenAIJudge.from_endpoint(name, endpoint)
     except JudgeError as exc:
         raise JobFailed("judge_failed", f"cannot set up the correctness judge: {exc}") from exc
 
@@ -334,13 +335,14 @@ def analyze_hallucination(
     avss_options: Any = None,
     dataset_name: str | None = None,
     judge: Any = None,
+    judges: Mapping[str, Any] | None = None,
 ) -> HallucinationRun:
     """Run the whole analysis (module doc). `options`: `HallucinationOptions` (or any object
     with its attributes); `profile_options` / `avss_options`: `app.schemas.ProfileOptions` /
     `AvssOptions` (batch size and histogram of the profiler; variance mode and sparsity
     threshold of the layer scores), defaults when None. `judge`: an object with
-    `equivalent(question, answer, gold) -> bool` used instead of building an `OpenAIJudge`
-    from `options.judge` (tests). Raises `JobFailed` for data that cannot be analysed."""
+    `equivalent(question, answer, gold) -> bool` used instead of opening the `OpenAIJudge`
+    that `options.judge.name` names among the operator's `judges` (`Settings.judges`). Raises `JobFailed` for data that cannot be analysed."""
     from app.schemas import AvssOptions
     from worker.profiler import profile
     from worker.scoring.avss import compute_avss, sparsity_thresholds
@@ -442,7 +444,7 @@ def analyze_hallucination(
     t0 = time.monotonic()
     own_judge = None
     if "judge" in rules and judge is None:
-        own_judge = judge = _make_judge(options)
+        own_judge = judge = open_judge(options, judges)
     labels: list[tuple[bool, str | None]] = []
     try:
         for i, (x, g) in enumerate(zip(items, gens, strict=True)):

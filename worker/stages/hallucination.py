@@ -37,7 +37,7 @@ class HallucinationStage(Stage[HallucinationOptions]):
         run = analyze_hallucination(
             job.loaded, train, test, options, job.ctx,
             profile_options=job.spec.stages.profile, avss_options=job.spec.stages.avss,
-            dataset_name=job.dataset_name,
+            dataset_name=job.dataset_name, judges=job.settings.judges,
         )
         out = StageOutput(run.result)
         if run.eavss is not None:
