@@ -267,3 +267,34 @@ def test_gradient_scorers_keep_no_activation_for_parameter_grads(monkeypatch):
         )
         assert frozen < 0.9 * before, (name, frozen, before)
         print(f"{name}: saved activations {before} -> {frozen} bytes ({frozen / before:.2f}x)")
+
+
+# --------------------------------------------------------- at a call site: evaluation tasks
+
+
+def test_evaluation_tasks_back_off_and_match_an_unfailed_run(tiny_llama_lm):
+    from worker.evaluation.tasks import evaluate_classification, evaluate_perplexity, evaluate_qa
+
+    model, tok = tiny_llama_lm.model, tiny_llama_lm.tokenizer
+    questions = ["what flows to the sea?", "who sat on the mat?", "how many?", "why?", "where is the fox?"]
+    runs = {
+        "perplexity": lambda bs: evaluate_perplexity(model, tok, SCORE_TEXTS, batch_size=bs, n_boot=50),
+        "classification": lambda bs: evaluate_classification(
+            model, tok, SCORE_TEXTS, ["good", "bad", "good", "bad", "good"], label_words=["good", "bad"],
+            batch_size=bs, n_boot=50,
+        ),
+        "generate": lambda bs: evaluate_qa(
+            model, tok, questions, ["the river"] * 5, max_new_tokens=4, batch_size=bs, n_boot=50
+        ),
+    }
+    for workload, run in runs.items():
+        clean = run(2)
+        batching.forget()
+        handle = _oom_in_block(model, 1, above=2)
+        try:
+            failed = run(5)
+        finally:
+            handle.remove()
+        assert batching.remembered(workload, model) == 2, workload
+        assert failed.per_example == clean.per_example, workload
+        assert failed.metrics == clean.metrics, workload

@@ -62,6 +62,7 @@ import torch
 
 from worker.evaluation.bootstrap import bootstrap_ci
 from worker.evaluation.correctness import exact_match, split_aliases, token_f1
+from worker.lm.batching import AutoBatch
 from worker.stage import JobContext, JobFailed, finite_or_none
 
 __all__ = [
@@ -315,22 +316,25 @@ def evaluate_perplexity(
     device = model_device(model)
     pad = _pad_id(tokenizer)
     order = _by_length([len(p[1]) for p in pieces])
-    batches = list(iter_batches(order, batch_size))
-    ctx.progress(progress_stage, 0, len(batches))
+    batcher = AutoBatch("perplexity", model, batch_size)  # OOM back-off, see worker/lm/batching.py
+    ctx.progress(progress_stage, 0, batcher.total_for(order))
     with torch.inference_mode():
-        for b, batch in enumerate(batches):
+
+        def run_batch(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             ctx.check_cancelled()
             ids, mask = pad_batch([pieces[k][1] for k in batch], pad)
             target = mask.bool().clone()
             for row, k in enumerate(batch):
                 target[row, : pieces[k][2]] = False
             nll = _token_nll(model, ids.to(device), mask.to(device), target.to(device)).double().cpu()
-            tmask = target[:, 1:]
+            return nll, target[:, 1:]
+
+        for batch, (nll, tmask) in batcher.run(order, run_batch):  # summed only once a batch completed
             for row, k in enumerate(batch):
                 ex = pieces[k][0]
                 nll_sum[ex] += float(nll[row][tmask[row]].sum())
                 counts[ex] += float(tmask[row].sum())
-            ctx.progress(progress_stage, b + 1, len(batches))
+            ctx.progress(progress_stage, batcher.done, batcher.total)
 
     total = counts.sum()
     value = math.exp(nll_sum.sum() / total) if total > 0 else None
@@ -416,15 +420,19 @@ def evaluate_classification(
         label2id = None if label_words else getattr(model.config, "label2id", None)
         gold = np.array([_gold_index(lab, names, label2id) for lab in labels], dtype=np.int64)
         encoded = encode_texts(tokenizer, texts, max_tokens)
-        batches = list(iter_batches(_by_length([len(e) for e in encoded]), batch_size))
-        ctx.progress(progress_stage, 0, len(batches))
+        order = _by_length([len(e) for e in encoded])
+        batcher = AutoBatch("classification", model, batch_size)  # OOM back-off
+        ctx.progress(progress_stage, 0, batcher.total_for(order))
         with torch.inference_mode():
-            for b, batch in enumerate(batches):
+
+            def run_batch(batch: list[int]) -> None:  # writes its own rows: a retry rewrites them
                 ctx.check_cancelled()
                 ids, mask = pad_batch([encoded[i] for i in batch], pad)
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 pred[batch] = logits.argmax(-1).cpu().numpy()
-                ctx.progress(progress_stage, b + 1, len(batches))
+
+            for _ in batcher.run(order, run_batch):
+                ctx.progress(progress_stage, batcher.done, batcher.total)
         method = "classification_head"
     else:
         if not label_words:
@@ -445,10 +453,12 @@ def evaluate_classification(
             (i, k, prompts[i] + list(conts[k]), len(prompts[i])) for i in range(n) for k in range(len(names))
         ]
         scores = np.full((n, len(names)), -np.inf)
-        batches = list(iter_batches(_by_length([len(p[2]) for p in pairs]), batch_size))
-        ctx.progress(progress_stage, 0, len(batches))
+        order = _by_length([len(p[2]) for p in pairs])
+        batcher = AutoBatch("classification", model, batch_size)  # OOM back-off
+        ctx.progress(progress_stage, 0, batcher.total_for(order))
         with torch.inference_mode():
-            for b, batch in enumerate(batches):
+
+            def run_batch(batch: list[int]) -> None:  # writes its own rows: a retry rewrites them
                 ctx.check_cancelled()
                 ids, mask = pad_batch([pairs[j][2] for j in batch], pad)
                 target = mask.bool().clone()
@@ -459,7 +469,9 @@ def evaluate_classification(
                     i, k = pairs[j][0], pairs[j][1]
                     total = -float(nll[row].sum())
                     scores[i, k] = total / len(conts[k]) if length_norm == "mean" else total
-                ctx.progress(progress_stage, b + 1, len(batches))
+
+            for _ in batcher.run(order, run_batch):
+                ctx.progress(progress_stage, batcher.done, batcher.total)
         pred = scores.argmax(axis=1)
         method = "label_word_loglik"
 
@@ -544,10 +556,12 @@ def generate_answers(
         eos_token_id=eos,
         use_cache=True,
     )
-    batches = list(iter_batches(_by_length([len(e) for e in encoded]), batch_size))
-    ctx.progress(progress_stage, 0, len(batches))
+    order = _by_length([len(e) for e in encoded])
+    batcher = AutoBatch("generate", model, batch_size)  # OOM back-off, see worker/lm/batching.py
+    ctx.progress(progress_stage, 0, batcher.total_for(order))
     with torch.inference_mode():
-        for b, batch in enumerate(batches):
+
+        def run_batch(batch: list[int]) -> None:  # writes its own rows: a retry rewrites them
             ctx.check_cancelled()
             ids, mask = pad_batch([encoded[i] for i in batch], pad, side="left")
             stop = transformers.StoppingCriteriaList([_NewlineStop(tokenizer, ids.shape[1])])
@@ -560,7 +574,9 @@ def generate_answers(
             for row, i in enumerate(batch):
                 text = tokenizer.decode(out[row, ids.shape[1] :].tolist(), skip_special_tokens=True)
                 answers[i] = _first_line(text)
-            ctx.progress(progress_stage, b + 1, len(batches))
+
+        for _ in batcher.run(order, run_batch):
+            ctx.progress(progress_stage, batcher.done, batcher.total)
     return answers
 
 
