@@ -8,13 +8,14 @@ import sys
 import typer
 
 from app.config import DEV_KEY_PEPPER, Settings, get_settings
-from cli import client
+from cli import client, health
 
 app = typer.Typer(help="layerscope: which layers of a transformer matter, which can be pruned, which hallucinate.",
                   no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="Manage API keys (writes to the database directly).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 client.register(app)
+health.register(app)
 
 
 def _logging() -> None:

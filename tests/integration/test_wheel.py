@@ -1,6 +1,7 @@
 """The wheel, as a user installs it: built from a copy of the sources, installed (not editable) into a
 fresh virtualenv outside the checkout, and run from an unrelated folder: `layerscope migrate` on a fresh
-Postgres database, `keys create`, `serve` and `worker` on a private Redis, one job on a tiny model.
+Postgres database, `keys create`, `serve` and `worker` on a private Redis, `worker-health` (the image's healthcheck), one job
+on a tiny model.
 
 The fresh venv holds only the wheel. Its third-party packages (torch, transformers, ...) come from the
 test interpreter's site-packages through a `.pth` path line, so nothing is downloaded; a path line does
@@ -127,7 +128,7 @@ def test_the_wheel_migrates_serves_and_runs_a_job_outside_the_checkout(
     try:
         key = _run([layerscope, "keys", "create", "--project", "wheel", "--scopes", "read,submit"],
                    cwd=elsewhere, env=env).stdout.strip().splitlines()[-1]
-        worker = spawn("worker", "worker")
+        worker = spawn("worker", "worker", "--name", "wheel@%h")
         port = free_port()
         api = spawn("api", "serve", "--port", str(port))
         base = f"http://127.0.0.1:{port}"
@@ -137,6 +138,8 @@ def test_the_wheel_migrates_serves_and_runs_a_job_outside_the_checkout(
             assert time.monotonic() < deadline, f"not ready in 120 s\n{logs()}"
             time.sleep(0.3)
 
+        health = _run([layerscope, "worker-health", "--name", "wheel@%h"], cwd=elsewhere, env=env)
+        assert "answered a ping" in health.stdout
         with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
             assert client.get("/readyz").json()["checks"] == {"database": "ok", "broker": "ok"}
             page = client.get("/dashboard")  # the dashboard's files are package data
