@@ -41,17 +41,10 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from app.schemas import ProfileOptions  # noqa: E402
+from worker.lm.model import forward_callable  # noqa: E402
+from worker.lm.tokens import encode_texts, length_batches, pad_batch, pad_id  # noqa: E402
 from worker.profiler.hooks import capture  # noqa: E402
-from worker.profiler.profiler import (  # noqa: E402
-    _Collector,
-    _merge_batch,
-    encode,
-    forward_callable,
-    length_order,
-    pad_batch,
-    pad_id,
-    profile,
-)
+from worker.profiler.profiler import _Collector, _merge_batch, profile  # noqa: E402
 from worker.profiler.stats import BatchPlan, HistogramSpec, RunningStats  # noqa: E402
 from worker.stage import JobContext  # noqa: E402
 
@@ -93,10 +86,10 @@ def load_smollm2() -> Any:
 
 
 def prepared_batches(loaded: Any, texts: list[str], batch_size: int, max_tokens: int) -> list[tuple]:
-    lengths = [len(x) for x in encode(loaded.tokenizer, texts, max_tokens)]
+    lengths = [len(x) for x in encode_texts(loaded.tokenizer, texts, max_tokens)]
     out = []
-    for batch in length_order(lengths, batch_size):
-        ids = encode(loaded.tokenizer, [texts[i] for i in batch], max_tokens)
+    for batch in length_batches(lengths, batch_size):
+        ids = encode_texts(loaded.tokenizer, [texts[i] for i in batch], max_tokens)
         input_ids, mask = pad_batch(ids, pad_id(loaded.tokenizer))
         out.append((batch, [len(x) for x in ids], input_ids, mask))
     return out

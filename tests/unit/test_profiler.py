@@ -20,8 +20,9 @@ from tests.unit.test_profiler_fixtures import (
     tiny_llama,
 )
 from tests.unit.test_profiler_fixtures import loaded as loaded  # noqa: F401  (fixture)
+from worker.lm.tokens import length_batches
 from worker.profiler import Profile, profile
-from worker.profiler.profiler import _Collector, length_order
+from worker.profiler.profiler import _Collector
 from worker.profiler.stats import BatchPlan, HistogramSpec
 from worker.stage import JobCancelled, JobContext, JobFailed
 
@@ -127,7 +128,7 @@ def test_token_start_counts_only_answer_tokens(loaded: Loaded) -> None:
     assert prof.n_tokens == sum(max(0, n - s) for n, s in zip(lens, starts, strict=True))
     assert prof.answer_only and prof.n_profiled_examples == 6
     # reconstruct which example each row of each call was (batches are length-sorted)
-    order = [i for batch in length_order(lens, 4) for i in batch]
+    order = [i for batch in length_batches(lens, 4) for i in batch]
     it = iter(order)
     per_call_starts = []
     for m in masks:
@@ -160,7 +161,7 @@ def test_collect_pooled(loaded: Loaded) -> None:
     assert pooled.shape == (len(TEXTS), 3, 32) and pooled.dtype.name == "float32"
     lens = lengths(TEXTS, 24)
     assert list(prof.pooled_tokens) == lens
-    order = [i for batch in length_order(lens, 3) for i in batch]
+    order = [i for batch in length_batches(lens, 3) for i in batch]
     it = iter(order)
     for t, m in zip(ref["kept"][(1, "block_output")], masks, strict=True):
         for b in range(m.shape[0]):

@@ -14,15 +14,14 @@ from app.schemas import ModelSpec
 from worker.evaluation import tasks as tasks_mod
 from worker.evaluation.correctness import token_f1
 from worker.evaluation.tasks import (
-    encode_texts,
     evaluate_classification,
     evaluate_perplexity,
     evaluate_qa,
     example_field,
     generate_answers,
-    pad_batch,
     sliding_windows,
 )
+from worker.lm.tokens import encode_texts, pad_batch
 from worker.modelzoo import load_model
 from worker.stage import JobContext, JobFailed
 

@@ -53,7 +53,7 @@ Question answering, `evaluate_qa` -> `f1` (primary) and `exact_match` (causal LM
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -63,22 +63,19 @@ import torch
 from worker.evaluation.bootstrap import bootstrap_ci
 from worker.evaluation.correctness import exact_match, split_aliases, token_f1
 from worker.lm.batching import AutoBatch
+from worker.lm.loss import token_nll
+from worker.lm.model import has_classification_head, is_causal_lm, model_device
+from worker.lm.tokens import by_length, encode_texts, pad_batch, pad_id
 from worker.stage import JobContext, JobFailed, finite_or_none
 
 __all__ = [
     "MetricValue",
     "TaskResult",
-    "encode_texts",
     "evaluate_classification",
     "evaluate_perplexity",
     "evaluate_qa",
     "example_field",
     "generate_answers",
-    "has_classification_head",
-    "is_causal_lm",
-    "iter_batches",
-    "model_device",
-    "pad_batch",
     "sliding_windows",
 ]
 
@@ -150,78 +147,8 @@ def example_field(example: Any, name: str) -> Any:
     return value
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    return int(pad) if pad is not None else 0
-
-
-def encode_texts(
-    tokenizer: Any, texts: Sequence[str], max_tokens: int | None, *, add_special_tokens: bool = True
-) -> list[list[int]]:
-    """Token ids per text, with the tokenizer's default special tokens, truncated to max_tokens."""
-    if not texts:
-        return []
-    kw: dict[str, Any] = {"add_special_tokens": add_special_tokens}
-    if max_tokens is not None:
-        kw.update(truncation=True, max_length=int(max_tokens))
-    enc = tokenizer(list(texts), **kw)
-    return [list(map(int, ids)) for ids in enc["input_ids"]]
-
-
-def pad_batch(
-    seqs: Sequence[Sequence[int]], pad_id: int, side: Literal["right", "left"] = "right"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of shape [batch, max_len], padded on `side`."""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if not s:
-            continue
-        t = torch.as_tensor(list(s), dtype=torch.long)
-        if side == "right":
-            ids[i, : len(s)] = t
-            mask[i, : len(s)] = 1
-        else:
-            ids[i, width - len(s) :] = t
-            mask[i, width - len(s) :] = 1
-    return ids, mask
-
-
-def iter_batches(order: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    for start in range(0, len(order), batch_size):
-        yield list(order[start : start + batch_size])
-
-
-def _by_length(lengths: Sequence[int]) -> list[int]:
-    """Indices sorted by length, longest first (less padding per batch)."""
-    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-
-
 def _ctx(ctx: JobContext | None) -> JobContext:
     return ctx if ctx is not None else JobContext()
-
-
-def has_classification_head(model: torch.nn.Module) -> bool:
-    return type(model).__name__.endswith("ForSequenceClassification")
-
-
-def is_causal_lm(model: torch.nn.Module) -> bool:
-    """A decoder-only LM with an LM head (what perplexity, label-word scoring and QA need)."""
-    if has_classification_head(model) or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return False
-    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
-        return True
-    can_generate = getattr(model, "can_generate", None)
-    return bool(can_generate()) if callable(can_generate) else False
 
 
 def _require_causal(model: torch.nn.Module, task: str) -> None:
@@ -263,19 +190,6 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
     return out
 
 
-def _token_nll(
-    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, target_mask: torch.Tensor
-) -> torch.Tensor:
-    """Per-position NLL [batch, len-1] of token t+1 given tokens <= t; 0 where not a target."""
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    logits = logits[:, :-1].float()
-    targets = ids[:, 1:].masked_fill(~target_mask[:, 1:], -100)
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none", ignore_index=-100
-    )
-    return nll.view(targets.shape)
-
-
 def evaluate_perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -314,8 +228,8 @@ def evaluate_perplexity(
     nll_sum = np.zeros(n, dtype=np.float64)
     counts = np.zeros(n, dtype=np.float64)
     device = model_device(model)
-    pad = _pad_id(tokenizer)
-    order = _by_length([len(p[1]) for p in pieces])
+    pad = pad_id(tokenizer)
+    order = by_length([len(p[1]) for p in pieces])
     batcher = AutoBatch("perplexity", model, batch_size)  # OOM back-off, see worker/lm/batching.py
     ctx.progress(progress_stage, 0, batcher.total_for(order))
     with torch.inference_mode():
@@ -326,7 +240,7 @@ def evaluate_perplexity(
             target = mask.bool().clone()
             for row, k in enumerate(batch):
                 target[row, : pieces[k][2]] = False
-            nll = _token_nll(model, ids.to(device), mask.to(device), target.to(device)).double().cpu()
+            nll = token_nll(model, ids.to(device), mask.to(device), target.to(device)).double().cpu()
             return nll, target[:, 1:]
 
         for batch, (nll, tmask) in batcher.run(order, run_batch):  # summed only once a batch completed
@@ -409,7 +323,7 @@ def evaluate_classification(
         raise ValueError("texts and labels must have the same length")
     ctx = _ctx(ctx)
     device = model_device(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     n = len(texts)
     pred = np.zeros(n, dtype=np.int64)
 
@@ -420,7 +334,7 @@ def evaluate_classification(
         label2id = None if label_words else getattr(model.config, "label2id", None)
         gold = np.array([_gold_index(lab, names, label2id) for lab in labels], dtype=np.int64)
         encoded = encode_texts(tokenizer, texts, max_tokens)
-        order = _by_length([len(e) for e in encoded])
+        order = by_length([len(e) for e in encoded])
         batcher = AutoBatch("classification", model, batch_size)  # OOM back-off
         ctx.progress(progress_stage, 0, batcher.total_for(order))
         with torch.inference_mode():
@@ -453,7 +367,7 @@ def evaluate_classification(
             (i, k, prompts[i] + list(conts[k]), len(prompts[i])) for i in range(n) for k in range(len(names))
         ]
         scores = np.full((n, len(names)), -np.inf)
-        order = _by_length([len(p[2]) for p in pairs])
+        order = by_length([len(p[2]) for p in pairs])
         batcher = AutoBatch("classification", model, batch_size)  # OOM back-off
         ctx.progress(progress_stage, 0, batcher.total_for(order))
         with torch.inference_mode():
@@ -464,7 +378,7 @@ def evaluate_classification(
                 target = mask.bool().clone()
                 for row, j in enumerate(batch):
                     target[row, : pairs[j][3]] = False
-                nll = _token_nll(model, ids.to(device), mask.to(device), target.to(device)).double().cpu()
+                nll = token_nll(model, ids.to(device), mask.to(device), target.to(device)).double().cpu()
                 for row, j in enumerate(batch):
                     i, k = pairs[j][0], pairs[j][1]
                     total = -float(nll[row].sum())
@@ -531,7 +445,7 @@ def generate_answers(
 
     ctx = _ctx(ctx)
     device = model_device(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise JobFailed(
@@ -556,7 +470,7 @@ def generate_answers(
         eos_token_id=eos,
         use_cache=True,
     )
-    order = _by_length([len(e) for e in encoded])
+    order = by_length([len(e) for e in encoded])
     batcher = AutoBatch("generate", model, batch_size)  # OOM back-off, see worker/lm/batching.py
     ctx.progress(progress_stage, 0, batcher.total_for(order))
     with torch.inference_mode():

@@ -35,12 +35,13 @@ profiler's `worker.profiler.hooks.capture` registers through it too).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from worker.lm.hooks import first_tensor, input_tensor
 from worker.stage import JobFailed
 
 SITES = ("block_output", "mlp_activation", "attention_output")
@@ -70,7 +71,7 @@ class CaptureSite:
         if self.use_input:
 
             def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                tensor = first_tensor(args) if args else _input_kwarg(kwargs)
+                tensor = input_tensor(args, kwargs)
                 if tensor is not None:
                     fn(tensor)
 
@@ -82,28 +83,6 @@ class CaptureSite:
                 fn(tensor)
 
         return self.module.register_forward_hook(hook)
-
-
-def first_tensor(value: Any) -> torch.Tensor | None:
-    """The tensor a hook captures: the value itself, the first element of a tuple/list
-    (recursively), or the first tensor of a ModelOutput-like mapping; None otherwise."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, tuple | list):
-        return first_tensor(value[0]) if value else None
-    if isinstance(value, Mapping):
-        for item in value.values():
-            if isinstance(item, torch.Tensor):
-                return item
-    return None
-
-
-def _input_kwarg(kwargs: Mapping[str, Any]) -> torch.Tensor | None:
-    """The input tensor of a module called with keyword arguments only."""
-    for key in ("hidden_states", "input", "x"):
-        if isinstance(kwargs.get(key), torch.Tensor):
-            return kwargs[key]
-    return first_tensor(kwargs)
 
 
 @dataclass

@@ -18,9 +18,8 @@ The leading positions (< max(skip_positions, 1)) are also accumulated apart
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 
 from worker.lm.batching import AutoBatch
+from worker.lm.model import forward_callable, model_device
+from worker.lm.tokens import encode_texts, length_batches, pad_batch, pad_id
 from worker.profiler.hooks import capture
 from worker.profiler.stats import BatchPlan, HistogramSpec, RunningStats, reduce_activations, vector_length
 from worker.stage import JobContext, JobFailed
@@ -158,78 +159,6 @@ def example_text(example: Any) -> str:
     return example if isinstance(example, str) else example.as_text()
 
 
-def encode(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """Token ids per text (special tokens added, truncated to max_tokens), no padding."""
-    if not texts:
-        return []
-    enc = tokenizer(list(texts), truncation=True, max_length=max_tokens, add_special_tokens=True)
-    return [list(ids) for ids in enc["input_ids"]]
-
-
-def pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def pad_batch(ids: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention_mask, [B, max_len] int64."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return input_ids, mask
-
-
-def forward_callable(model: torch.nn.Module, blocks: Sequence[Any]) -> Callable[..., Any]:
-    """The cheapest module that runs every block: the base model (no LM head) when the
-    blocks live inside it, else the model. Passes use_cache=False where accepted."""
-    target = model
-    base = getattr(model, "base_model", None)
-    if isinstance(base, torch.nn.Module) and base is not model and blocks:
-        inside = {id(m) for m in base.modules()}
-        if all(id(b.module) in inside for b in blocks):
-            target = base
-    try:
-        params = inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):
-        params = {}  # type: ignore[assignment]
-    extra: dict[str, Any] = {}
-    if "use_cache" in params:
-        extra["use_cache"] = False
-
-    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        return target(input_ids=input_ids, attention_mask=attention_mask, **extra)
-
-    return run
-
-
-def model_device(loaded: Any) -> torch.device:
-    device = getattr(loaded, "device", None)
-    if device is not None:
-        try:
-            return torch.device(device)
-        except (TypeError, RuntimeError):
-            pass
-    try:
-        return next(loaded.model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def length_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Example indices in batches, longest first (less padding; the biggest batch runs
-    first so an out-of-memory shows at once). Empty examples are left out."""
-    arr = np.asarray(lengths, dtype=np.int64)
-    order = np.argsort(-arr, kind="stable")
-    order = order[arr[order] > 0]
-    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-
-
 class _Collector:
     """Hook callback: reduces each captured tensor on the device for the current batch."""
 
@@ -356,14 +285,14 @@ def profile(
     lengths: list[int] = []
     for i in range(0, n_examples, 256):
         chunk = [example_text(e) for e in examples[i : i + 256]]
-        lengths.extend(len(ids) for ids in encode(tokenizer, chunk, max_tokens))
+        lengths.extend(len(ids) for ids in encode_texts(tokenizer, chunk, max_tokens))
     batcher = AutoBatch(STAGE, model, int(options.batch_size))  # OOM back-off, see worker/lm/batching.py
-    batches = length_order(lengths, batcher.size)
+    batches = length_batches(lengths, batcher.size)
     total = len(batches)
     if collect_pooled:
         result.pooled_tokens = np.zeros(n_examples, dtype=np.int64)
 
-    device = model_device(loaded)
+    device = model_device(model)
     # MPS has no float64: reduce there on the CPU (one copy per hook), exact but slower.
     stats_device = torch.device("cpu") if device.type == "mps" else device
     forward = forward_callable(model, blocks)
@@ -377,7 +306,7 @@ def profile(
     def run_batch(batch: list[int]) -> tuple[Any, BatchPlan]:
         """One batch's reductions; nothing is merged until the forward completed (OOM retry)."""
         ctx.check_cancelled()
-        ids = encode(tokenizer, [example_text(examples[i]) for i in batch], max_tokens)
+        ids = encode_texts(tokenizer, [example_text(examples[i]) for i in batch], max_tokens)
         input_ids, mask = pad_batch(ids, pad)
         lens = [len(x) for x in ids]
         starts = None if token_start is None else [max(0, int(token_start[i])) for i in batch]
