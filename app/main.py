@@ -9,9 +9,10 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
 from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-from app import problems
+from app import openapi, problems
 from app.api import analyses, answers, dashboard, gates, health, keys, metrics, webhooks
 from app.auth import KeyCache
 from app.config import Settings, get_settings
@@ -106,7 +107,11 @@ class _Measure:
 
 def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="layerscope", version="0.1.0", description=DESCRIPTION)
+    # /docs and /redoc from assets shipped in a package, so they render without internet.
+    app = FastAPIOffline(
+        title="layerscope", version="0.1.0", description=DESCRIPTION,
+        generate_unique_id_function=openapi.operation_id,
+    )
     app.state.settings = settings
     app.state.session_factory = session_factory(settings.resolved_database_url)
     app.state.read_session_factory = read_session_factory(settings.resolved_database_url)
@@ -137,6 +142,7 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     app.include_router(dashboard.router)
     app.include_router(gates.router)
     app.include_router(webhooks.router)
+    openapi.install(app)
 
     @app.get("/", include_in_schema=False)
     def root() -> Response:

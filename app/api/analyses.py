@@ -126,7 +126,7 @@ def _one_out(session: Session, row: Analysis) -> AnalysisOut:
     ),
     responses={200: {"description": "Existing job for this Idempotency-Key", "model": AnalysisOut}, **PROBLEM_RESPONSES},
 )
-def submit(
+def submit_analysis(
     spec: AnalysisSpec,
     request: Request,
     response: Response,
@@ -328,7 +328,7 @@ def get_analysis(
     ),
     responses={409: {"description": "Already finished", "content": {"application/problem+json": {}}}, **PROBLEM_RESPONSES},
 )
-def cancel(
+def cancel_analysis(
     analysis_id: str,
     principal: Principal = Depends(require("submit")),
     session: Session = Depends(get_session),

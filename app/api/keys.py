@@ -57,7 +57,7 @@ def _out(row: ApiKey) -> KeyOut:
 
 
 @router.post("", status_code=201, response_model=KeyCreated, summary="Create an API key in this project")
-def create(
+def create_api_key(
     body: KeyCreate,
     principal: Principal = Depends(require("admin")),
     session: Session = Depends(get_session),
@@ -83,7 +83,7 @@ def list_keys(
 
 
 @router.delete("/{key_id}", status_code=204, summary="Revoke an API key")
-def revoke(
+def revoke_api_key(
     key_id: str,
     request: Request,
     principal: Principal = Depends(require("admin")),

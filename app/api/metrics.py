@@ -37,7 +37,7 @@ STAGE_SECONDS = Gauge(
         }.items()},
     },
 )
-def metrics(request: Request, principal: Principal = Depends(require("admin"))) -> Response:
+def prometheus_metrics(request: Request, principal: Principal = Depends(require("admin"))) -> Response:
     settings = request.app.state.settings
     with request.app.state.session_factory() as session:
         counts = dict(session.execute(select(Analysis.state, func.count()).group_by(Analysis.state)).all())

@@ -15,6 +15,7 @@ under two minutes and the same cases run every time.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -68,7 +69,9 @@ SEEN: Counter[tuple[str, int]] = Counter()  # (test, status) -> requests; printe
 
 
 def _config(mode: str) -> SchemathesisConfig:
-    return SchemathesisConfig.from_dict({"generation": {"mode": mode}})
+    # The tests set (or leave out) the Authorization header themselves, so schemathesis must not
+    # generate the bearer scheme's header, nor count leaving it out as a negative case.
+    return SchemathesisConfig.from_dict({"generation": {"mode": mode, "with-security-parameters": False}})
 
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=_config("all"))
@@ -191,10 +194,20 @@ def test_every_route_without_a_key_is_401(case) -> None:  # noqa: ANN001
     assert "401" in case.operation.definition.raw["responses"], case.operation.label
 
 
-def test_the_dashboard_is_the_only_key_less_route_outside_the_schema() -> None:
-    """/dashboard and its assets hold no data and need no key; nothing else under it is reachable."""
+def test_the_dashboard_and_docs_are_the_only_key_less_routes_outside_the_schema() -> None:
+    """/dashboard, /docs, /redoc and their assets hold no data and need no key; nothing else under
+    them is reachable, and the docs pages load only assets this server serves (no CDN)."""
     documented = set(APP.openapi()["paths"])
-    assert not any(p.startswith("/dashboard") for p in documented)
+    assert not any(p.startswith(("/dashboard", "/docs", "/redoc", "/static-offline-docs")) for p in documented)
+    with TestClient(APP) as client:
+        for page in ("/docs", "/redoc"):
+            html = client.get(page)
+            assert html.status_code == 200
+            assets = re.findall(r'(?:src|href)="([^"]+)"', html.text) + re.findall(r"url: '([^']+)'", html.text)
+            assert assets and not [a for a in assets if a.startswith(("http:", "https:", "//"))], assets
+            for asset in assets:
+                assert client.get(asset).status_code == 200, asset
+        assert client.get("/static-offline-docs/..%2F..%2Fcore.py").status_code == 404
     assert len(documented) >= 20
     with TestClient(APP) as client:
         assert client.get("/dashboard").status_code == 200
