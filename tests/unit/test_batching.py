@@ -298,3 +298,25 @@ def test_evaluation_tasks_back_off_and_match_an_unfailed_run(tiny_llama_lm):
         assert batching.remembered(workload, model) == 2, workload
         assert failed.per_example == clean.per_example, workload
         assert failed.metrics == clean.metrics, workload
+
+
+def test_generation_backs_off_and_matches_an_unfailed_run(tiny_llama_lm):
+    from worker.hallucination.generation import generate
+
+    prompts = [f"Q: what is {w}?\nA:" for w in ("water", "a fox", "the sea", "one", "a mat")]
+    for temperature, samples in ((0.0, 1), (0.8, 2)):
+        def run(bs: int, temperature: float = temperature, samples: int = samples):
+            return generate(tiny_llama_lm, prompts, max_new_tokens=5, batch_size=bs, temperature=temperature,
+                            num_samples=samples, seed=3, capture_last_hidden=True)
+
+        clean = run(2)
+        batching.forget()
+        handle = _oom_in_block(tiny_llama_lm.model, 1, above=2)
+        try:
+            failed = run(4)
+        finally:
+            handle.remove()
+        assert batching.remembered("generate", tiny_llama_lm.model) == 2
+        assert [g.token_ids for g in failed.generations] == [g.token_ids for g in clean.generations]
+        assert [g.logprobs for g in failed.generations] == [g.logprobs for g in clean.generations]
+        assert (failed.last_hidden == clean.last_hidden).all() and failed.batches == clean.batches

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker.lm.batching import AutoBatch
 from worker.stage import JobContext, JobFailed
 
 __all__ = [
@@ -367,10 +368,15 @@ def generate(
         rows = [(i, j) for i in range(n_prompts) for j in range(num_samples)]
         # Longest suffix first: less padding, and an out-of-memory shows at once.
         rows.sort(key=lambda r: (-len(enc[r[0]]), r[0], r[1]))
-        batches = [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
+        # OOM back-off (worker/lm/batching.py): a batch that runs out of memory is run again as
+        # two halves; it writes only its own rows, so a retry rewrites them.
+        batcher = AutoBatch("generate", model, batch_size)
         results: list[Generation | None] = [None] * (n_prompts * num_samples)
         hidden: np.ndarray | None = None
-        for b_idx, batch in enumerate(batches):
+
+        def run_batch(batch: list[tuple[int, int]]) -> None:
+            nonlocal hidden
+            b_idx = batcher.done  # the batch's index: its sampling seed
             if ctx is not None:
                 ctx.check_cancelled()
             generator = None
@@ -450,8 +456,10 @@ def generate(
                     tokenizer, toks[r], lps[r], stops, newline, hit_max=not done[r]
                 )
             del cache
+
+        for _ in batcher.run(rows, run_batch):
             if on_batch is not None:
-                on_batch(b_idx + 1, len(batches))
+                on_batch(batcher.done, batcher.total)
     finally:
         if was_training:
             model.train()
@@ -461,5 +469,5 @@ def generate(
         last_hidden=hidden,
         prompt_tokens=[len(x) for x in enc],
         shared_prefix_tokens=p,
-        batches=len(batches),
+        batches=batcher.done,
     )
