@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     requeue_after: float = 30.0
     max_attempts: int = 3
 
+    # Queue routing (app/routing.py): a `device: auto` job whose weights in float32 (or the requested
+    # dtype) are over this many GB goes to the `gpu` queue instead of `cpu`.
+    cpu_max_model_gb: float = Field(8.0, gt=0)
+
     # API limits. Rate: requests per minute per API key (bursts up to a sixth of it); 0 switches it off.
     rate_limit_per_minute: int = 1200
     max_page_size: int = 200

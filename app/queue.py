@@ -14,11 +14,11 @@ from typing import Any, Protocol
 from celery import Celery
 
 from app.config import Settings
+from app.routing import CPU_QUEUE
 
 log = logging.getLogger("layerscope.queue")
 
 RUN_TASK = "layerscope.run_analysis"
-QUEUE = "layerscope"
 
 
 def celery_settings(settings: Settings) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": settings.job_soft_time_limit,
         "task_time_limit": settings.job_hard_time_limit,
-        "task_default_queue": QUEUE,
+        "task_default_queue": CPU_QUEUE,
         "broker_connection_timeout": 2,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
@@ -53,8 +53,8 @@ def make_celery(settings: Settings) -> Celery:
 
 
 class Enqueuer(Protocol):
-    def enqueue(self, analysis_id: str) -> bool:
-        """Hand the job to a worker; False when that could not be done now."""
+    def enqueue(self, analysis_id: str, queue: str = CPU_QUEUE) -> bool:
+        """Hand the job to a worker of `queue` (`app/routing.py`); False when that could not be done now."""
         ...
 
 
@@ -62,9 +62,9 @@ class CeleryEnqueuer:
     def __init__(self, settings: Settings):
         self.celery = make_celery(settings)
 
-    def enqueue(self, analysis_id: str) -> bool:
+    def enqueue(self, analysis_id: str, queue: str = CPU_QUEUE) -> bool:
         try:
-            self.celery.send_task(RUN_TASK, args=[analysis_id], queue=QUEUE, retry=False)
+            self.celery.send_task(RUN_TASK, args=[analysis_id], queue=queue, retry=False)
             return True
         except Exception as exc:  # kombu raises several types when Redis is down
             log.warning("enqueue of %s failed (%s); the sweeper will retry", analysis_id, type(exc).__name__)
@@ -77,7 +77,7 @@ class EmbeddedEnqueuer:
     def __init__(self) -> None:
         self.wakeup = threading.Event()
 
-    def enqueue(self, analysis_id: str) -> bool:
+    def enqueue(self, analysis_id: str, queue: str = CPU_QUEUE) -> bool:
         self.wakeup.set()
         return True
 

@@ -27,6 +27,15 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------- model
 
 
+DeviceMapName = Literal["auto", "balanced", "balanced_low_0", "sequential"]
+DeviceMapKey = Annotated[str, Field(max_length=256, pattern=r"^[A-Za-z0-9_.]*$")]
+DeviceMapTarget = Annotated[int, Field(ge=0, le=255)] | Annotated[str, Field(pattern=r"^(cpu|disk|cuda:\d{1,3})$")]
+MaxMemoryKey = Annotated[str, Field(pattern=r"^(cpu|\d{1,3})$")]
+MaxMemoryValue = Annotated[int, Field(gt=0)] | Annotated[
+    str, Field(max_length=32, pattern=r"^\d+(\.\d+)?\s*([KMGT]i?B|B)$")
+]
+
+
 class ModelSpec(Strict):
     """Which model to analyse."""
 
@@ -45,7 +54,25 @@ class ModelSpec(Strict):
         "auto", description="Weights dtype; `auto` is float32 on CPU and bfloat16/float16 on an accelerator."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
-        "auto", description="`auto` picks cuda, then mps, then cpu."
+        "auto",
+        description="`auto` picks cuda, then mps, then cpu; a job routed to the `gpu` queue (see README, "
+        "queue routing) never falls back to cpu: it fails `gpu_unavailable`.",
+    )
+    device_map: DeviceMapName | dict[DeviceMapKey, DeviceMapTarget] | None = Field(
+        None,
+        description=(
+            "Spread the model over several devices with accelerate: `auto`, `balanced`, `balanced_low_0`, "
+            "`sequential`, or an explicit map from module name (e.g. `model.layers.3`) to a GPU index, "
+            "`cuda:N`, `cpu` or `disk` (offloaded to the worker's cache and streamed in per forward). "
+            "Unset: the whole model on `device`."
+        ),
+    )
+    max_memory: dict[MaxMemoryKey, MaxMemoryValue] | None = Field(
+        None,
+        description=(
+            "With `device_map`: the most each device may hold, e.g. `{\"0\": \"70GiB\", \"cpu\": \"200GiB\"}` "
+            "(GPU index or `cpu`; bytes or a size with a unit). What does not fit goes to disk."
+        ),
     )
     trust_remote_code: bool = Field(
         False, description="Refused unless the model is on the server's allow-list."
@@ -57,6 +84,18 @@ class ModelSpec(Strict):
             "stage. The patch records the base weights it was made from and is refused on any other base."
         ),
     )
+
+    @model_validator(mode="after")
+    def _placement(self) -> ModelSpec:
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("max_memory applies to a device_map; set device_map (e.g. \"auto\") as well")
+        if self.device in ("cpu", "mps") and isinstance(self.device_map, dict):
+            gpus = sorted({str(v) for v in self.device_map.values() if str(v) not in ("cpu", "disk")})
+            if gpus:
+                raise ValueError(f"device {self.device!r} with a device_map that puts modules on {', '.join(gpus)}")
+        if self.device in ("cpu", "mps") and self.max_memory and set(self.max_memory) - {"cpu"}:
+            raise ValueError(f"device {self.device!r} with max_memory for GPUs")
+        return self
 
 
 class PatchSpec(Strict):

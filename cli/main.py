@@ -121,21 +121,64 @@ def worker(
     concurrency: int = typer.Option(1, help="Jobs at once in this process (solo pool when 1)."),
     loglevel: str = typer.Option("INFO"),
     name: str = typer.Option(
-        None, help="Celery node name (`%h` = host name). Default: layerscope-<pid>@<host>, unique per process, "
-        "so several workers on one host (one per GPU) are told apart.",
+        None, help="Celery node name (`%h` = host name). Default: layerscope-<pid>@<host> "
+        "(layerscope-gpu<N>-<pid>@<host> with --gpu), unique per process, so several workers on one host "
+        "(one per GPU) are told apart.",
+    ),
+    gpu: str = typer.Option(
+        None, "--gpu", metavar="N",
+        help="Pin this worker to GPU N: sets CUDA_VISIBLE_DEVICES=N before torch is imported, so the job "
+        "sees it as cuda:0; consumes the `gpu` and `cpu` queues. `--gpu 0,1`: one process that sees both "
+        "GPUs (for a model sharded with model.device_map).",
+    ),
+    gpus: str = typer.Option(
+        None, "--gpus", metavar="0,1,...",
+        help="Start one worker process per listed GPU, each as `--gpu N` with the other options; a process "
+        "that exits is restarted; SIGTERM stops them all.",
+    ),
+    queues: str = typer.Option(
+        None, "--queues", metavar="Q,...",
+        help="Queues to consume instead of the default (`cpu`; `gpu,cpu` with --gpu/--gpus): `cpu`, `gpu`.",
     ),
 ) -> None:
-    """Run a Celery worker (needs REDIS_URL and DATABASE_URL)."""
+    """Run a Celery worker (needs REDIS_URL and DATABASE_URL). Jobs are routed at submit to the `cpu` or
+    `gpu` queue (README, queue routing); a worker without --gpu takes only `cpu` jobs."""
+    from cli import gpus as gpu_workers
+
     settings = get_settings()
     if settings.embedded:
         typer.echo("REDIS_URL is not set: `layerscope serve` runs jobs in-process in embedded mode.", err=True)
         raise typer.Exit(2)
+    try:
+        if gpu is not None and gpus is not None:
+            raise ValueError("give --gpu (one process) or --gpus (one process per GPU), not both")
+        ids = gpu_workers.parse_ids(gpus or gpu, "--gpus" if gpus else "--gpu") if (gpu or gpus) else []
+        consumed = gpu_workers.parse_queues(queues, gpu=bool(ids))
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    if gpus is not None:
+        child = [f"--concurrency={concurrency}", f"--loglevel={loglevel}"]
+        child += [f"--queues={queues}"] if queues else []
+        if name:  # each child its own node name: w@%h -> w-gpu0@%h
+            child.append("--name=" + (name.replace("@", "-gpu{gpu}@", 1) if "@" in name else name + "-gpu{gpu}"))
+        raise typer.Exit(gpu_workers.supervise(ids, child))
+    if ids:
+        visible = gpu_workers.pin(ids)
+        seen = gpu_workers.visible_cuda_devices()
+        typer.echo(f"worker pinned: CUDA_VISIBLE_DEVICES={visible}, {seen} CUDA device(s) visible, "
+                   f"queues {','.join(consumed)}")
+        if seen == 0:
+            typer.echo("WARNING: no CUDA device is visible to this GPU worker; the gpu-queue jobs it takes "
+                       "will fail with gpu_unavailable (they are never run on the CPU).", err=True)
     _logging()
     from worker.celery_app import celery
 
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
-    node = name or f"layerscope-{os.getpid()}@%h"
-    celery.worker_main(["worker", f"--loglevel={loglevel}", "-Q", "layerscope", f"--hostname={node}", *pool])
+    node = name or (f"layerscope-gpu{'-'.join(ids)}-{os.getpid()}@%h" if ids else f"layerscope-{os.getpid()}@%h")
+    celery.worker_main(
+        ["worker", f"--loglevel={loglevel}", "-Q", ",".join(consumed), f"--hostname={node}", *pool]
+    )
 
 
 @app.command()

@@ -165,7 +165,7 @@ class FlakyBroker:
         self.up = False
         self.sent: list[str] = []
 
-    def enqueue(self, analysis_id: str) -> bool:
+    def enqueue(self, analysis_id: str, queue: str = "cpu") -> bool:
         if self.up:
             self.sent.append(analysis_id)
         return self.up

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.db import session_scope, upsert
 from app.models import Analysis, Answer, Artifact, LayerScore, Metric, utcnow
+from app.routing import queue_of
 from app.schemas import JobState
 from worker.stage import AnswerRecord, StageResult, finite_or_none
 
@@ -64,6 +65,21 @@ def load_spec(sf: SessionFactory, analysis_id: str) -> dict[str, Any]:
     if spec is None:
         raise LostOwnership(analysis_id)
     return spec
+
+
+def load_queue(sf: SessionFactory, analysis_id: str) -> str:
+    """The queue the job was routed to at submit (`app/routing.py`)."""
+    with session_scope(sf) as s:
+        return queue_of(s.scalar(select(Analysis.summary).where(Analysis.id == analysis_id)))
+
+
+def set_summary_entry(sf: SessionFactory, analysis_id: str, token: str, key: str, value: dict[str, Any]) -> None:
+    """One top-level entry of the job's summary (e.g. `runtime`), next to the stages' entries."""
+    with session_scope(sf) as s:
+        job = s.scalar(select(Analysis).where(_owned(analysis_id, token)).with_for_update())
+        if job is None:
+            raise LostOwnership(analysis_id)
+        job.summary = {**(job.summary or {}), key: _json_safe(value)}
 
 
 def _owned(analysis_id: str, token: str) -> Any:

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 from app.config import Settings
 from app.logs import analysis_id_var
+from app.routing import GPU_QUEUE
 from app.schemas import AnalysisSpec, JobState
-from worker import jobstore
+from worker import jobstore, runtime
 from worker.jobstore import LostOwnership, SessionFactory
 from worker.lm.batching import is_out_of_memory as _is_out_of_memory
 from worker.stage import JobCancelled, JobContext, JobFailed, StageResult
@@ -95,7 +96,12 @@ def run_job(
     final: JobState | None = None
     try:
         spec = AnalysisSpec.from_stored(jobstore.load_spec(sf, analysis_id))
-        pipeline(spec, ctx, settings, save)
+        queue = jobstore.load_queue(sf, analysis_id)
+        record = lambda block: jobstore.set_summary_entry(sf, analysis_id, token, "runtime", block)  # noqa: E731
+        with runtime.recording(record, worker_name, queue):
+            if queue == GPU_QUEUE:
+                runtime.require_gpu(spec.model, worker_name)
+            pipeline(spec, ctx, settings, save)
         final = JobState.SUCCEEDED
         jobstore.finish(sf, analysis_id, token, final)
     except LostOwnership:

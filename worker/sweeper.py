@@ -17,6 +17,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.models import Analysis, utcnow
 from app.queue import Enqueuer
+from app.routing import queue_of
 from app.schemas import JobState
 from worker import webhooks
 from worker.jobstore import SessionFactory
@@ -70,9 +71,9 @@ def enqueue_pending(sf: SessionFactory, settings: Settings, enqueuer: Enqueuer, 
     now = utcnow()
     resend_before = now - dt.timedelta(seconds=settings.requeue_after)
     with session_scope(sf) as s:
-        ids = list(
-            s.scalars(
-                select(Analysis.id)
+        pending = list(
+            s.execute(
+                select(Analysis.id, Analysis.summary)
                 .where(
                     Analysis.state == JobState.QUEUED.value,
                     or_(Analysis.enqueued_at.is_(None), Analysis.enqueued_at < resend_before),
@@ -82,8 +83,8 @@ def enqueue_pending(sf: SessionFactory, settings: Settings, enqueuer: Enqueuer, 
             )
         )
     sent = 0
-    for analysis_id in ids:
-        if not enqueuer.enqueue(analysis_id):
+    for analysis_id, summary in pending:
+        if not enqueuer.enqueue(analysis_id, queue_of(summary)):
             break  # broker still down; try again next sweep
         with session_scope(sf) as s:
             s.execute(update(Analysis).where(Analysis.id == analysis_id).values(enqueued_at=utcnow()))

@@ -25,6 +25,7 @@ from app.config import Settings
 from app.deps import get_session, get_settings_dep
 from app.models import Analysis, AnalysisLabel, Artifact, LayerScore, Metric, utcnow
 from app.problems import Problem
+from app.routing import route
 from app.schemas import (
     PATCH_ARTIFACT,
     AnalysisOut,
@@ -121,7 +122,8 @@ def _one_out(session: Session, row: Analysis) -> AnalysisOut:
     response_model=AnalysisOut,
     summary="Submit an analysis",
     description=(
-        "Stores the job and queues it. Answers 201 with `Location`. With an `Idempotency-Key` header, "
+        "Stores the job and queues it on the `cpu` or `gpu` worker queue (the decision and its reason are in "
+        "`summary.routing`; see README, queue routing). Answers 201 with `Location`. With an `Idempotency-Key` header, "
         "a repeat of the same body returns the existing job with 200; the same key with another body is 422."
     ),
     responses={200: {"description": "Existing job for this Idempotency-Key", "model": AnalysisOut}, **PROBLEM_RESPONSES},
@@ -146,6 +148,7 @@ def submit_analysis(
         _check_patch_source(session, principal, spec.model.patch.analysis_id)
     check_submit(spec, settings)
     digest = spec_hash(spec)
+    routing = route(spec.model, settings)
 
     def existing_for_key() -> AnalysisOut | None:
         row = session.scalar(
@@ -178,7 +181,7 @@ def submit_analysis(
         progress_total=0,
         attempt=0,
         warnings=[],
-        summary={},
+        summary={"routing": routing.as_summary()},
         created_at=utcnow(),
     )
     session.add(row)
@@ -192,7 +195,7 @@ def submit_analysis(
             return found
         raise
 
-    if request.app.state.enqueuer.enqueue(row.id):
+    if request.app.state.enqueuer.enqueue(row.id, routing.queue):
         session.execute(update(Analysis).where(Analysis.id == row.id).values(enqueued_at=utcnow()))
         session.commit()
     response.headers["Location"] = f"/v1/analyses/{row.id}"

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from app.auth import Principal, require
 from app.models import Analysis
-from app.queue import QUEUE
+from app.routing import QUEUES
 from app.schemas import JobState
 
 router = APIRouter(tags=["health"])
@@ -20,7 +20,10 @@ HTTP_LATENCY = Histogram(
     registry=REGISTRY, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 JOBS = Gauge("layerscope_jobs", "Analyses by state", ["state"], registry=REGISTRY)
-QUEUE_DEPTH = Gauge("layerscope_queue_depth", "Messages waiting in the broker queue (-1: unknown)", registry=REGISTRY)
+QUEUE_DEPTH = Gauge(
+    "layerscope_queue_depth", "Messages waiting per broker queue, cpu and gpu (-1: unknown; embedded mode: "
+    "queued jobs, queue=embedded)", ["queue"], registry=REGISTRY,
+)
 STAGE_SECONDS = Gauge(
     "layerscope_stage_seconds_mean", "Mean duration of finished stages (from stored timings)", ["stage"],
     registry=REGISTRY,
@@ -56,12 +59,14 @@ def prometheus_metrics(request: Request, principal: Principal = Depends(require(
     for stage, values in per_stage.items():
         STAGE_SECONDS.labels(stage).set(sum(values) / len(values))
     if settings.embedded:
-        QUEUE_DEPTH.set(counts.get(JobState.QUEUED.value, 0))
+        QUEUE_DEPTH.labels("embedded").set(counts.get(JobState.QUEUED.value, 0))
     else:
         try:
             client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
-            QUEUE_DEPTH.set(client.llen(QUEUE))
+            for queue in QUEUES:
+                QUEUE_DEPTH.labels(queue).set(client.llen(queue))
             client.close()
         except redis.RedisError:
-            QUEUE_DEPTH.set(-1)
+            for queue in QUEUES:
+                QUEUE_DEPTH.labels(queue).set(-1)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -101,8 +101,9 @@ class Cluster:
         self.procs.append(p)
         return p
 
-    def start_worker(self) -> Proc:
-        worker = self.spawn("worker", "worker")
+    def start_worker(self, *args: str) -> Proc:
+        """`layerscope worker` with `args` (e.g. `--gpu`, `1`), once Celery says it is ready."""
+        worker = self.spawn("worker", "worker", *args)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if " ready." in worker.output():

@@ -47,7 +47,9 @@ import torch
 import transformers
 
 from app.config import Settings
+from app.modelpaths import local_candidate
 from app.schemas import ModelSpec
+from worker import runtime
 from worker.modelzoo.adapters import ArchitectureAdapter, adapter_for
 from worker.stage import JobFailed
 
@@ -219,6 +221,7 @@ def load_model(spec: ModelSpec, settings: Settings, *, use_cache: bool = True) -
                 cached.model.eval()
                 _prepare_tokenizer(cached.tokenizer)
                 cached.name = name
+                runtime.note_load(cached)
                 return cached
         if use_cache and _last is not None:
             # Free the previous model before loading another one.
@@ -256,6 +259,7 @@ def load_model(spec: ModelSpec, settings: Settings, *, use_cache: bool = True) -
         )
         if use_cache:
             _last = (key, loaded, _fingerprint(loaded))
+        runtime.note_load(loaded)
         return loaded
 
 
@@ -329,30 +333,6 @@ def _not_found_message(name: str, reason: str) -> str:
         f"to the Hugging Face hub, so use a local path under the model roots or a built-in model: "
         f"{', '.join(BUILTIN_MODELS)}."
     )
-
-
-def _looks_like_path(name: str) -> bool:
-    return (
-        name.startswith(("/", "./", "../", "~"))
-        or name in (".", "..")
-        or name.lower().endswith(".gguf")
-        or "\\" in name
-    )
-
-
-def local_candidate(name: str, settings: Settings) -> Path | None:
-    """The path `name` means, or None when it is a hub id. A relative name that exists
-    under a model root is local (roots can mirror hub ids offline)."""
-    path = Path(name).expanduser()
-    if path.is_absolute():
-        return path
-    for root in settings.model_roots:
-        candidate = Path(root).expanduser() / path
-        if candidate.exists():
-            return candidate
-    if _looks_like_path(name):
-        return path
-    return None
 
 
 def check_under_roots(name: str, path: Path, roots: list[Path]) -> Path:

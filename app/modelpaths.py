@@ -1,0 +1,41 @@
+"""Where a model name points on disk, without torch: shared by the worker's loader
+(`worker/modelzoo/loading.py`) and the API's size estimate for queue routing (`app/modelsize.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.config import Settings
+
+
+def looks_like_path(name: str) -> bool:
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or name in (".", "..")
+        or name.lower().endswith(".gguf")
+        or "\\" in name
+    )
+
+
+def local_candidate(name: str, settings: Settings) -> Path | None:
+    """The path `name` means, or None when it is a hub id. A relative name that exists
+    under a model root is local (roots can mirror hub ids offline)."""
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return path
+    for root in settings.model_roots:
+        candidate = Path(root).expanduser() / path
+        if candidate.exists():
+            return candidate
+    if looks_like_path(name):
+        return path
+    return None
+
+
+def resolved_under_roots(path: Path, roots: list[Path]) -> Path | None:
+    """`path` resolved (symlinks and `..`), or None when that is outside every root."""
+    resolved = path.resolve()
+    for root in roots:
+        if resolved.is_relative_to(Path(root).expanduser().resolve()):
+            return resolved
+    return None
