@@ -102,7 +102,9 @@ _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 def _parse(authorization: str | None) -> tuple[str, str]:
     """The key and its prefix, or 401."""
     if not authorization or not authorization.lower().startswith("bearer "):
-        raise Problem(401, "Send an API key as `Authorization: Bearer <key>`.", headers=_CHALLENGE)
+        raise Problem(401, "Send an API key as `Authorization: Bearer <key>`. An operator creates one with "
+                      "`layerscope keys create --project P --scopes read,submit` (or an admin with "
+                      "`POST /v1/keys`).", headers=_CHALLENGE)
     key = authorization[7:].strip()
     parts = key.split("_", 2)
     # The prefix is looked up in the database: only what `create_key` makes (hex) gets that far.

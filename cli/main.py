@@ -51,6 +51,26 @@ def _check_pepper(settings: Settings) -> None:
     raise typer.Exit(2)
 
 
+def _say_how_to_get_a_key(settings: Settings) -> None:
+    """Embedded serve needs a key like served mode; say how to make one when none exists yet."""
+    if settings.auth_disabled:
+        return
+    from sqlalchemy import func, select
+
+    from app.db import session_factory, session_scope
+    from app.models import ApiKey
+
+    with session_scope(session_factory(settings.resolved_database_url)) as session:
+        keys = session.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None)))
+    if not keys:
+        typer.echo(
+            "no API key yet: in another shell, with the same LAYERSCOPE_DATA_DIR, run\n"
+            f"  layerscope keys create --project {settings.default_project} --scopes read,submit,admin\n"
+            "and send it as `Authorization: Bearer <key>` (LAYERSCOPE_AUTH_DISABLED=true turns keys off, "
+            "for local use only)."
+        )
+
+
 def start_embedded_worker(api, settings: Settings):  # noqa: ANN001, ANN201
     """Start the in-process worker that runs queued jobs when no broker is configured."""
     from worker.embedded import EmbeddedWorker
@@ -111,6 +131,7 @@ def serve(
     if settings.embedded:
         typer.echo(f"embedded mode: database {settings.resolved_database_url}, in-process worker")
         start_embedded_worker(api, settings)
+        _say_how_to_get_a_key(settings)
     if settings.auth_disabled:
         typer.echo("WARNING: authentication is OFF (LAYERSCOPE_AUTH_DISABLED=true); local use only.")
     uvicorn.run(api, host=host, port=port, log_level="info")

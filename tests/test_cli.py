@@ -108,3 +108,14 @@ def test_embedded_mode_accepts_the_default_key_pepper(uvicorn_calls: list, monke
     result = _serve()
     assert result.exit_code == 0, result.output
     assert "PEPPER" not in result.stderr
+
+
+def test_embedded_serve_says_how_to_get_a_key_until_one_exists(uvicorn_calls: list) -> None:
+    first = _serve()
+    assert first.exit_code == 0, first.output
+    assert "no API key yet" in first.output and "layerscope keys create --project default" in first.output
+    made = CliRunner().invoke(cli.main.app, ["keys", "create", "--project", "default", "--scopes", "read"])
+    assert made.exit_code == 0, made.output
+    again = _serve()
+    assert again.exit_code == 0, again.output
+    assert "no API key yet" not in again.output
