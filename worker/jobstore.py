@@ -233,6 +233,32 @@ def finish(
         )
 
 
+def give_back(
+    sf: SessionFactory, analysis_id: str, token: str, max_attempts: int, error_type: str, detail: str
+) -> JobState | None:
+    """The worker, not the job, failed (its device is unusable): requeue the job for another
+    worker (QUEUED, sent again by the sweeper), or FAILED with `error_type` once it has used
+    `max_attempts` claims; a CANCELLING job ends CANCELLED. None when the job is no longer ours."""
+    with session_scope(sf) as s:
+        row = s.execute(
+            select(Analysis.state, Analysis.attempt).where(_owned(analysis_id, token)).with_for_update()
+        ).first()
+        if row is None or row.state not in (JobState.RUNNING.value, JobState.CANCELLING.value):
+            return None
+        values: dict[str, Any]
+        if row.state == JobState.CANCELLING.value:
+            state = JobState.CANCELLED
+            values = {"finished_at": utcnow()}
+        elif row.attempt >= max_attempts:
+            state = JobState.FAILED
+            values = {"finished_at": utcnow(), "error_type": error_type, "error_detail": detail[:4000]}
+        else:
+            state = JobState.QUEUED
+            values = {"enqueued_at": None, "worker": None}
+        s.execute(update(Analysis).where(_owned(analysis_id, token)).values(state=state.value, claim_token=None, **values))
+    return state
+
+
 def read_artifact(sf: SessionFactory, settings: Settings, job_id: str, analysis_id: str, name: str) -> bytes | None:
     """Artifact `name` of `analysis_id`, for the running job `job_id`: only a succeeded analysis
     of the job's own project is readable (None otherwise, as for a missing one)."""

@@ -23,6 +23,20 @@ from worker.webhooks import on_finished
 
 log = logging.getLogger("layerscope.worker")
 
+EXIT_DEVICE_ERROR = 75  # EX_TEMPFAIL: the worker exits after a CUDA error; its supervisor restarts it
+_DEVICE_ERROR_TEXT = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL error",
+                      "device-side assert", "CUDA driver")
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """A CUDA error other than out-of-memory (an illegal access, a device-side assert, a lost
+    device): the process's CUDA context is unusable, so every later job here would fail too."""
+    if _is_out_of_memory(exc):
+        return False
+    if type(exc).__name__ == "AcceleratorError":  # torch >= 2.8 raises it for CUDA errors
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _DEVICE_ERROR_TEXT)
+
 Pipeline = Callable[[AnalysisSpec, JobContext, Settings, Callable[[StageResult], None]], None]
 
 
@@ -51,8 +65,13 @@ def run_job(
     worker_name: str,
     pipeline: Pipeline | None = None,
     timeout_exceptions: tuple[type[BaseException], ...] = (),
+    on_device_error: Callable[[], None] | None = None,
 ) -> JobState | None:
-    """Returns the final state, or None when the job was not ours to run."""
+    """Returns the final state, or None when the job was not ours to run.
+
+    With `on_device_error` (the Celery worker: exit the process), a non-OOM CUDA error gives
+    the job back to the queue (`jobstore.give_back`, at most `max_attempts` claims) and then
+    calls it; without it (the embedded worker) the job fails as any other error."""
     token = jobstore.claim(sf, analysis_id, worker_name)
     if token is None:
         log.info("analysis %s not claimable (already taken, cancelled or gone); skipping", analysis_id)
@@ -94,6 +113,7 @@ def run_job(
         jobstore.save_stage(sf, settings, analysis_id, token, result)
 
     final: JobState | None = None
+    device_error = False
     try:
         spec = AnalysisSpec.from_stored(jobstore.load_spec(sf, analysis_id))
         queue = jobstore.load_queue(sf, analysis_id)
@@ -118,17 +138,32 @@ def run_job(
         jobstore.finish(sf, analysis_id, token, final, "timeout", "The job ran past its time limit.")
     except Exception as exc:
         final = JobState.FAILED
-        if _is_out_of_memory(exc):
+        if on_device_error is not None and is_device_error(exc):
+            log.exception("analysis %s: CUDA error; requeueing the job and exiting this worker", analysis_id)
+            device_error = True
+            final = jobstore.give_back(
+                sf, analysis_id, token, settings.max_attempts, "device_error",
+                f"The GPU failed on each of {settings.max_attempts} attempts ({type(exc).__name__}: {exc}); "
+                "check the worker logs and the GPU (nvidia-smi), or run on another worker.",
+            )
+        elif _is_out_of_memory(exc):
             kind, detail = "out_of_memory", (
                 "The model ran out of memory; try dtype float16, fewer examples per batch, or a bigger worker."
             )
         else:
             log.exception("analysis %s failed", analysis_id)
             kind, detail = "internal_error", f"{type(exc).__name__}: {exc}"
-        jobstore.finish(sf, analysis_id, token, final, kind, detail)
+        if not device_error:
+            jobstore.finish(sf, analysis_id, token, final, kind, detail)
     finally:
         beat.stop_event.set()
         log.info("analysis %s ended %s", analysis_id, final.value if final else "elsewhere")
         analysis_id_var.reset(log_context)
+    if device_error:
+        if final is not None and final != JobState.QUEUED:
+            on_finished(sf, settings, analysis_id, final)
+        assert on_device_error is not None
+        on_device_error()
+        return final
     on_finished(sf, settings, analysis_id, final)  # terminal event + the spec's gate verdict (outbox)
     return final

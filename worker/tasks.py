@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 from celery.exceptions import SoftTimeLimitExceeded
 
 from app.db import session_factory
 from app.queue import RUN_TASK
 from worker.celery_app import celery, settings
-from worker.runner import run_job
+from worker.runner import EXIT_DEVICE_ERROR, run_job
+
+
+def _exit_for_restart() -> None:
+    """After a non-OOM CUDA error (the job is already requeued): end this process, whose CUDA
+    context is unusable, so its supervisor (a restart policy, `layerscope worker --gpus`)
+    starts a fresh one. The unacknowledged message is harmless: only a QUEUED row is claimed."""
+    logging.shutdown()
+    os._exit(EXIT_DEVICE_ERROR)
 
 
 @celery.task(name=RUN_TASK, bind=True, acks_late=True, ignore_result=True)
@@ -18,5 +29,6 @@ def run_analysis(self, analysis_id: str) -> str | None:  # type: ignore[no-untyp
         settings,
         worker_name=self.request.hostname or "celery",
         timeout_exceptions=(SoftTimeLimitExceeded,),
+        on_device_error=_exit_for_restart,
     )
     return final.value if final else None
