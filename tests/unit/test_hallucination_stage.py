@@ -19,7 +19,7 @@ import torch
 
 from app.config import JudgeEndpoint, Settings
 from app.schemas import HallucinationOptions, ModelSpec
-from worker.hallucination import stage as stage_mod
+from worker.hallucination import probe as probe_mod
 from worker.hallucination.stage import (
     AnswerRecord,
     analyze_hallucination,
@@ -209,13 +209,13 @@ def test_progress_is_monotonic_and_completes(run) -> None:
 
 def test_probes_train_on_train_only(tiny, judge_url, monkeypatch) -> None:
     calls: list[tuple[int, int]] = []
-    real = stage_mod.probe_confidence
+    real = probe_mod.probe_confidence
 
     def spy(x_train, y_train, x_test, **kw):
         calls.append((len(x_train), len(x_test)))
         return real(x_train, y_train, x_test, **kw)
 
-    monkeypatch.setattr(stage_mod, "probe_confidence", spy)
+    monkeypatch.setattr(probe_mod, "probe_confidence", spy)
     train, test = split_examples(_examples(30), 0.4, seed=3)
     opts = _options(judge_url, detectors=["p_ik", "length", "eavss_probe"], n_boot=0, n_shots=3)
     res = run_hallucination_stage(tiny, train, test, opts, None, judges=_judges(judge_url))

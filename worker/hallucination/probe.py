@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_L2_GRID", "LogisticProbe", "fit_probe"]
+__all__ = ["DEFAULT_L2_GRID", "LogisticProbe", "fit_probe", "probe_confidence"]
 
 # Up to 1e5: with a few hundred answers and 576-1,728 features, CV chose the old top (1e3) with its
 # loss still falling. A choice at either end of the grid is flagged (`at_grid_edge`).
@@ -171,3 +171,18 @@ def fit_probe(
     probe.cv_losses = losses
     probe.at_grid_edge = best in (grid[0], grid[-1])
     return probe
+
+
+def probe_confidence(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    *,
+    l2: float | None = None,
+    l2_grid: Sequence[float] = DEFAULT_L2_GRID,
+    folds: int = 3,
+    seed: int = 0,
+) -> tuple[np.ndarray, LogisticProbe]:
+    """Fit a probe on the training split only and return its confidences on the test split."""
+    probe = fit_probe(x_train, y_train, l2=l2, l2_grid=l2_grid, folds=folds, seed=seed)
+    return np.clip(probe.predict_proba(x_test), 0.0, 1.0), probe

@@ -1,0 +1,106 @@
+"""What a hallucination detector is (the registry in `worker.hallucination.detectors`).
+
+A detector gives every test answer a confidence in [0, 1] that it is correct. It
+declares when it can run (`phase`), what it costs (`compute`, progress `units`),
+which `HallucinationOptions` fields it reads (`options`) and whether the greedy
+pass must keep the last prompt token's final hidden state (`needs_last_hidden`);
+`score` gets the labelled answers (and, in the `probe` phase, the pooled layer
+features) and returns a `Scored`.
+
+Phases, in the order the stage runs them:
+- `answers`: reads the greedy answers only (no model call);
+- `generation`: one more greedy generation per test answer;
+- `sampling`: K sampled answers per test question;
+- `probe`: trains a logistic probe on the training answers, scores the test answers
+  (after the layer scores, so a probe can read the top EAVSS layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from app.schemas import HallucinationOptions
+from worker.hallucination import probe as probes
+from worker.hallucination.answers import Answers
+from worker.modelzoo import LoadedModel
+from worker.stage import JobContext
+
+Phase = Literal["answers", "generation", "sampling", "probe"]
+PHASES: tuple[Phase, ...] = ("answers", "generation", "sampling", "probe")
+
+
+@dataclass
+class LayerFeatures:
+    """Mean-pooled activations of every answered example (probe phase)."""
+
+    pooled: np.ndarray  # [answers, layers, width]
+    top_layers: list[int]  # positions in `pooled`, by EAVSS, most hallucination-prone first
+    layer_ids: list[int]  # block index of each position
+
+
+@dataclass
+class DetectorInput:
+    loaded: LoadedModel
+    options: HallucinationOptions
+    ctx: JobContext
+    answers: Answers
+    on_batch: Callable[[int, int], None]  # fills the detector's progress units
+    features: LayerFeatures | None = None  # set in the probe phase
+
+
+@dataclass
+class Scored:
+    """A detector's output."""
+
+    confidence: np.ndarray  # per answer, training rows first; NaN where not scored
+    probe: dict[str, Any] | None = None  # the fitted probe, for summary["probes"]
+    replies: list[str] | None = None  # per test answer: the verbalized reply
+    samples: list[list[str]] | None = None  # per test answer: the sampled answers
+    warnings: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # merged into summary["counts"]
+
+
+class Detector:
+    """One detector (module doc); a subclass per module, registered in `DETECTORS`."""
+
+    name: ClassVar[str]
+    phase: ClassVar[Phase]
+    compute: ClassVar[str]  # what it costs, in words
+    options: ClassVar[tuple[str, ...]] = ()  # the HallucinationOptions fields it reads
+    needs_last_hidden: ClassVar[bool] = False
+    timing: ClassVar[str | None] = None  # its key in summary["timings_s"] (probes share "probes")
+
+    def units(self, n_test: int, options: HallucinationOptions) -> int:
+        """Progress units of this detector for `n_test` test answers."""
+        return 1
+
+    def score(self, inp: DetectorInput) -> Scored:
+        raise NotImplementedError
+
+
+def probe_scored(name: str, x: np.ndarray, inp: DetectorInput, **extra: Any) -> Scored:
+    """Train a probe on the training rows of `x` ([answers, ...]), score the test rows,
+    and describe the probe (with `extra`, which may be computed from it: a callable gets it)."""
+    n_train = inp.answers.qa.n_train
+    conf, probe = probes.probe_confidence(
+        x[:n_train], inp.answers.y_train, x[n_train:], l2=inp.options.probe_l2, seed=inp.options.seed
+    )
+    info = {
+        "l2": probe.l2, "degenerate": probe.degenerate, "converged": probe.converged,
+        "at_grid_edge": probe.at_grid_edge,
+        "cv_log_loss": None if probe.cv_losses is None else {str(k): v for k, v in probe.cv_losses.items()},
+        **{k: v(probe) if callable(v) else v for k, v in extra.items()},
+    }
+    warnings = []
+    if not probe.converged:
+        warnings.append(f"probe {name}: L-BFGS stopped at its iteration limit")
+    if probe.at_grid_edge:
+        warnings.append(
+            f"probe {name}: cross-validation chose L2 = {probe.l2:g}, an end of the grid; a value beyond it "
+            "might fit better (set probe_l2 to fix the strength)"
+        )
+    return Scored(confidence=inp.answers.full(conf), probe=info, warnings=warnings)
