@@ -33,21 +33,31 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from app.schemas import PATCH_ARTIFACT, HallucinationOptions, MitigateOptions
 from worker.evaluation.bootstrap import bootstrap_ci
 from worker.evaluation.calibration import auroc, brier, ece
 from worker.evaluation.correctness import label_answer
-from worker.evaluation.tasks import evaluate_perplexity
+from worker.evaluation.tasks import TaskResult, evaluate_perplexity
 from worker.hallucination.generation import build_prompt, first_alias, generate
-from worker.hallucination.stage import analyze_hallucination, qa_item, question_key, split_examples
+from worker.hallucination.stage import (
+    HallucinationRun,
+    analyze_hallucination,
+    qa_item,
+    question_key,
+    split_examples,
+)
 from worker.mitigation.contrastive import CandidateGroup, TrainReport, train_blocks
 from worker.mitigation.patch import block_parameters, restore, save_patch, snapshot, tensor_digest
+from worker.modelzoo import LoadedModel
 from worker.progress import PhasedProgress
+from worker.scoring.agreement import Ranking
 from worker.stage import (
     AnswerRecord,
     ArtifactFile,
@@ -64,6 +74,7 @@ SCORER = "mitigation"
 LEXICAL_RULES = ("exact", "contains", "token_f1", "rouge_l")
 DELTA_METRICS = {"ece": ece, "brier": brier, "auroc": auroc}
 TABLE_DETECTOR_METRICS = ("acc@50", "cov@50", "ece", "brier", "auroc")
+UNITS_TRAIN = 20  # progress units of one tuning run
 
 
 # ------------------------------------------------------------------ data
@@ -119,23 +130,38 @@ def candidate_groups(
 # ------------------------------------------------------------------ evaluation
 
 
-class _Variant:
+@dataclass
+class Variant:
     """What one model variant (base, eavss, random) did on the test questions."""
 
-    def __init__(self, name: str, layers: list[int], run: Any, ppl: Any, train: TrainReport | None) -> None:
-        self.name, self.layers, self.run, self.ppl, self.train = name, layers, run, ppl, train
-        test = [r for r in run.answers if r.split == "test"]
-        self.test_answers = test
-        self.keys = [question_key(r.question) for r in test]
-        self.correct = np.asarray([1.0 if r.correct else 0.0 for r in test])
-        self.metrics = {(m.scope, m.name): m for m in run.result.metrics}
+    name: str
+    layers: list[int]
+    run: HallucinationRun
+    ppl: TaskResult | None
+    train: TrainReport | None
+
+    @property
+    def test_answers(self) -> list[AnswerRecord]:
+        return [r for r in self.run.answers if r.split == "test"]
+
+    @property
+    def keys(self) -> list[str]:
+        return [question_key(r.question) for r in self.test_answers]
+
+    @property
+    def correct(self) -> np.ndarray:
+        return np.asarray([1.0 if r.correct else 0.0 for r in self.test_answers])
+
+    @property
+    def metrics(self) -> dict[tuple[str, str], MetricRow]:
+        return {(m.scope, m.name): m for m in self.run.result.metrics}
 
     def confidence(self, detector: str) -> np.ndarray:
         return np.asarray([np.nan if r.confidence.get(detector) is None else r.confidence[detector]
                            for r in self.test_answers], dtype=np.float64)
 
 
-def _paired_deltas(a: _Variant, b: _Variant, detectors: Sequence[str], n_boot: int, seed: int) -> list[MetricRow]:
+def _paired_deltas(a: Variant, b: Variant, detectors: Sequence[str], n_boot: int, seed: int) -> list[MetricRow]:
     """`a` minus `b` on the same test questions, with paired bootstrap intervals."""
     if a.keys != b.keys:
         raise JobFailed("internal_error", "variants were scored on different test questions")
@@ -178,7 +204,7 @@ def _paired_deltas(a: _Variant, b: _Variant, detectors: Sequence[str], n_boot: i
     return rows
 
 
-def _variant_metrics(v: _Variant) -> list[MetricRow]:
+def _variant_metrics(v: Variant) -> list[MetricRow]:
     scope = f"variant={v.name}"
     rows: list[MetricRow] = []
     # Every detector's report carries the same answer accuracy; take it once.
@@ -207,7 +233,7 @@ def _cell(m: MetricRow | None, signed: bool = False) -> str:
     return text
 
 
-def before_after_table(metrics: Sequence[MetricRow], variants: Sequence[_Variant], detectors: Sequence[str]) -> str:
+def before_after_table(metrics: Sequence[MetricRow], variants: Sequence[Variant], detectors: Sequence[str]) -> str:
     """Markdown: rows = metrics, columns = variants then the paired deltas against base."""
     by = {(m.scope, m.name): m for m in metrics}
     cols = [(f"variant={v.name}", f"{v.name}" + (f" (layers {', '.join(map(str, v.layers))})" if v.layers else ""),
@@ -231,15 +257,14 @@ def before_after_table(metrics: Sequence[MetricRow], variants: Sequence[_Variant
 
 
 def _choose_layers(
-    options: MitigateOptions, n_blocks: int, k: int, control: bool,
-    eavss_ranking: Sequence[int] | None, base_ranking: Sequence[int],
+    options: MitigateOptions, n_blocks: int, k: int, control: bool, eavss: Ranking | None, base: HallucinationRun,
 ) -> tuple[list[int], str, list[int]]:
     """(tuned layers, where their choice came from, control layers drawn from the others)."""
     if options.layers is not None:
         chosen, source = sorted(options.layers), "explicit"
     else:
-        ranking = list(eavss_ranking) if eavss_ranking else list(base_ranking)
-        source = "hallucination stage (training split)" if eavss_ranking else "base evaluation (probe part)"
+        ranking = eavss.highest_first() if eavss else base.ranking
+        source = "hallucination stage (training split)" if eavss else "base evaluation (probe part)"
         chosen = sorted(int(i) for i in ranking[:k])
     rng = np.random.default_rng(options.seed)
     others = [i for i in range(n_blocks) if i not in chosen]
@@ -247,15 +272,24 @@ def _choose_layers(
     return chosen, source, control_layers
 
 
+@dataclass
+class TuningData:
+    """Candidate groups of the tuning and validation questions (module doc, step 4)."""
+
+    fit: list[CandidateGroup]
+    val: list[CandidateGroup]
+    own_wrong: int  # base answers the lexical rules call wrong
+    negatives_mean: float
+
+
 def _tuning_groups(
-    loaded: Any, fit_part: Sequence[Any], val_part: Sequence[Any], shots: Sequence[tuple[str, str]],
-    hopts: HallucinationOptions, options: MitigateOptions, ctx: JobContext, on_batch: Any,
-) -> tuple[list[CandidateGroup], list[CandidateGroup], int, list[CandidateGroup]]:
-    """Candidate groups of the tuning and validation questions, from the base model's own
-    greedy answers (same prompt as the evaluation) labelled by the lexical rules.
-    Returns (tuning groups, validation groups, own wrong answers, all groups)."""
-    fit_items = [qa_item(e, f"tuning example {i}") for i, e in enumerate(fit_part)]
-    val_items = [qa_item(e, f"validation example {i}") for i, e in enumerate(val_part)]
+    loaded: LoadedModel, plan: Plan, shots: Sequence[tuple[str, str]], hopts: HallucinationOptions,
+    options: MitigateOptions, ctx: JobContext, on_batch: Callable[[int, int], None],
+) -> TuningData:
+    """Candidate groups from the base model's own greedy answers (same prompt as the
+    evaluation) to the tuning and validation questions, labelled by the lexical rules."""
+    fit_items = [qa_item(e, f"tuning example {i}") for i, e in enumerate(plan.fit_part)]
+    val_items = [qa_item(e, f"validation example {i}") for i, e in enumerate(plan.val_part)]
     items = fit_items + val_items
     prompts = [build_prompt(x.question, shots, instruction=hopts.instruction, tokenizer=loaded.tokenizer,
                             use_chat_template=hopts.use_chat_template) for x in items]
@@ -264,43 +298,35 @@ def _tuning_groups(
     rules = [r for r in hopts.correctness_rules if r in LEXICAL_RULES]
     rule_kw = {"contains_max_tokens": hopts.contains_max_tokens, "f1_threshold": hopts.f1_threshold,
                "rouge_threshold": hopts.rouge_threshold}
-    own_correct = [label_answer(x.question, g.text, x.aliases, rules, None, **rule_kw)[0]
+    own_correct = [label_answer(x.question, g.text, x.aliases, rules, None, **rule_kw)[0]  # type: ignore[arg-type]
                    for x, g in zip(items, own, strict=True)]
     groups = candidate_groups(items, [g.text for g in own], own_correct, options.negatives, options.seed,
-                              rules, **rule_kw)
+                              rules, **rule_kw)  # type: ignore[arg-type]
     fit_questions = {x.question for x in fit_items}
-    fit_groups = [g for g in groups if g.question in fit_questions]
-    val_groups = [g for g in groups if g.question not in fit_questions]
-    return fit_groups, val_groups, sum(1 for c in own_correct if not c), groups
+    return TuningData(
+        fit=[g for g in groups if g.question in fit_questions],
+        val=[g for g in groups if g.question not in fit_questions],
+        own_wrong=sum(1 for c in own_correct if not c),
+        negatives_mean=float(np.mean([len(g.negatives) for g in groups])) if groups else 0.0,
+    )
 
 
 # ------------------------------------------------------------------ the stage
 
 
-def run_mitigate_stage(
-    loaded: Any,
-    train_examples: Sequence[Any],
-    test_examples: Sequence[Any],
-    options: MitigateOptions | None = None,
-    ctx: JobContext | None = None,
-    *,
-    hallucination_options: HallucinationOptions | None = None,
-    eavss_ranking: Sequence[int] | None = None,
-    perplexity_texts: Sequence[str] = (),
-    dataset_name: str | None = None,
-) -> StageResult:
-    """The mitigate stage (module doc). `eavss_ranking`: block indices, most hallucination-prone
-    first, from a hallucination stage of the same analysis (None: from the base evaluation)."""
-    options = options or MitigateOptions()
-    ctx = ctx or JobContext()
-    hopts = hallucination_options or HallucinationOptions()
-    if not getattr(loaded, "is_causal_lm", False):
-        raise JobFailed("model_unsupported", "the mitigate stage generates answers, so it needs a causal language model")
-    started = time.monotonic()
-    warnings: list[str] = []
-    eval_opts = hopts.model_copy(update={
-        "detectors": list(options.eval_detectors), "layer_probes": False, "profile_context": "question",
-    })
+@dataclass
+class Plan:
+    """The data parts and the number of blocks to tune, checked before any work."""
+
+    probe_part: list[Any]
+    fit_part: list[Any]
+    val_part: list[Any]
+    n_blocks: int
+    k: int  # blocks per tuned variant
+    control: bool  # also tune k random other blocks
+
+
+def _plan(loaded: LoadedModel, train_examples: Sequence[Any], options: MitigateOptions, warnings: list[str]) -> Plan:
     probe_part, fit_part, val_part = _split_tuning(train_examples, options)
     n_blocks = len(loaded.model.get_submodule(loaded.adapter.block_list_path(loaded.model)))
     if options.layers is not None:
@@ -311,123 +337,189 @@ def run_mitigate_stage(
     control = options.control and n_blocks > k
     if options.control and not control:
         warnings.append("control skipped: every block is tuned, so no other blocks are left to choose from")
+    return Plan(probe_part, fit_part, val_part, n_blocks, k, control)
 
-    units_eval, units_train, units_ppl = 40, 20, 4
-    n_variants = 2 + (1 if control else 0)
-    progress = PhasedProgress(ctx, STAGE, n_variants * (units_eval + units_ppl) + 5 + (n_variants - 1) * units_train)
 
-    def evaluate(name: str, layers: list[int], train: TrainReport | None) -> _Variant:
-        run = analyze_hallucination(loaded, probe_part, test_examples, eval_opts, progress.sub_context(units_eval),
-                                    dataset_name=dataset_name)
+@dataclass
+class _Evaluation:
+    """How every variant is evaluated: the hallucination analysis on the probe part and
+    the test split (module doc, step 2), and perplexity of the general text."""
+
+    loaded: LoadedModel
+    test_examples: Sequence[Any]
+    probe_part: list[Any]
+    options: HallucinationOptions  # the hallucination options with the mitigate evaluation's changes
+    perplexity_texts: list[str]
+    n_boot: int
+    seed: int
+    dataset_name: str | None
+    progress: PhasedProgress
+    UNITS: ClassVar[int] = 40
+    PPL_UNITS: ClassVar[int] = 4
+
+    def __call__(self, name: str, layers: list[int], train: TrainReport | None) -> Variant:
+        run = analyze_hallucination(self.loaded, self.probe_part, self.test_examples, self.options,
+                                    self.progress.sub_context(self.UNITS), dataset_name=self.dataset_name)
+        sub = self.progress.sub_context(self.PPL_UNITS)
         ppl = None
-        sub = progress.sub_context(units_ppl)
-        if perplexity_texts:
-            ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, list(perplexity_texts), ctx=sub,
-                                      n_boot=options.n_boot, seed=options.seed)
-        return _Variant(name, layers, run, ppl, train)
+        if self.perplexity_texts:
+            ppl = evaluate_perplexity(self.loaded.model, self.loaded.tokenizer, self.perplexity_texts, ctx=sub,
+                                      n_boot=self.n_boot, seed=self.seed)
+        return Variant(name, layers, run, ppl, train)
 
+
+def run_mitigate_stage(
+    loaded: LoadedModel,
+    train_examples: Sequence[Any],
+    test_examples: Sequence[Any],
+    options: MitigateOptions | None = None,
+    ctx: JobContext | None = None,
+    *,
+    hallucination_options: HallucinationOptions | None = None,
+    eavss: Ranking | None = None,
+    perplexity_texts: Sequence[str] = (),
+    dataset_name: str | None = None,
+) -> StageResult:
+    """The mitigate stage (module doc). `eavss`: the EAVSS ranking of a hallucination stage of
+    the same analysis (None: ranked by the base evaluation)."""
+    options = options or MitigateOptions()
+    ctx = ctx or JobContext()
+    hopts = hallucination_options or HallucinationOptions()
+    if not loaded.is_causal_lm:
+        raise JobFailed("model_unsupported", "the mitigate stage generates answers, so it needs a causal language model")
+    started = time.monotonic()
+    warnings: list[str] = []
+    plan = _plan(loaded, train_examples, options, warnings)
+    n_variants = 2 + (1 if plan.control else 0)
+    units_eval = _Evaluation.UNITS + _Evaluation.PPL_UNITS
+    progress = PhasedProgress(ctx, STAGE, n_variants * units_eval + 5 + (n_variants - 1) * UNITS_TRAIN)
+    evaluate = _Evaluation(
+        loaded, test_examples, plan.probe_part,
+        hopts.model_copy(update={"detectors": list(options.eval_detectors), "layer_probes": False,
+                                 "profile_context": "question"}),
+        list(perplexity_texts), options.n_boot, options.seed, dataset_name, progress,
+    )
     base = evaluate("base", [], None)
-    for w in base.run.result.warnings:
-        warnings.append(f"base evaluation: {w}")
-
-    chosen, source, control_layers = _choose_layers(
-        options, n_blocks, k, control, eavss_ranking, base.run.result.summary["layer_scores"]["ranking"]
-    )
-    fit_groups, val_groups, own_wrong, groups = _tuning_groups(
-        loaded, fit_part, val_part, base.run.shots, hopts, options, ctx, progress.phase(5)
-    )
-
-    # ---------------------------------------------------------------- tune, evaluate, restore
-    recipe_base = {
-        "base_model": getattr(loaded, "name", None), "base_source": getattr(loaded, "source", None),
+    warnings.extend(f"base evaluation: {w}" for w in base.run.result.warnings)
+    chosen, source, control_layers = _choose_layers(options, plan.n_blocks, plan.k, plan.control, eavss, base.run)
+    data = _tuning_groups(loaded, plan, base.run.shots, hopts, options, ctx, progress.phase(5))
+    recipe = {
+        "base_model": loaded.name, "base_source": loaded.source,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "options": options.model_dump(mode="json"),
-        "hallucination_options": {k_: v for k_, v in eval_opts.model_dump(mode="json").items() if k_ != "judge"},
-        "dataset": dataset_name, "tuning_questions": len(fit_groups), "validation_questions": len(val_groups),
+        "hallucination_options": {k_: v for k_, v in evaluate.options.model_dump(mode="json").items() if k_ != "judge"},
+        "dataset": dataset_name, "tuning_questions": len(data.fit), "validation_questions": len(data.val),
     }
-    variants = [base]
+    tuned = [("eavss", chosen)] + ([("random", control_layers)] if plan.control else [])
+    variants, artifacts, weight_change = _tune_and_evaluate(loaded, tuned, data, options, ctx, progress, evaluate,
+                                                            {**recipe, "layer_source": source}, warnings)
+    metrics = _report_metrics([base, *variants], options)
+    table = before_after_table(metrics, [base, *variants], options.eval_detectors)
+    artifacts.append(ArtifactFile("before_after.md", "text/markdown", table.encode()))
+    answers = [replace(r, scope=f"variant={v.name}") for v in (base, *variants) for r in v.test_answers]
+    rank_of = {layer: i + 1 for i, layer in enumerate(eavss.highest_first() if eavss else base.run.ranking)}
+    layer_rows = _layer_rows(loaded, rank_of, chosen, control_layers, weight_change)
+    summary = _summary(loaded, plan, data, [base, *variants], metrics, table, chosen, source, control_layers,
+                       options, dataset_name)
+    summary["seconds"] = round(time.monotonic() - started, 2)
+    progress.finish()
+    return StageResult(stage=STAGE, layers=layer_rows, metrics=metrics, artifacts=artifacts, summary=summary,
+                       warnings=warnings, answers=answers)
+
+
+def _tune_and_evaluate(
+    loaded: LoadedModel, tuned: Sequence[tuple[str, list[int]]], data: TuningData, options: MitigateOptions,
+    ctx: JobContext, progress: PhasedProgress, evaluate: _Evaluation, recipe: dict[str, Any], warnings: list[str],
+) -> tuple[list[Variant], list[ArtifactFile], dict[str, dict[int, float]]]:
+    """Per tuned variant: tune its blocks, evaluate, write the patch (eavss only) and
+    restore the base weights, also on failure or cancel (module doc, step 5)."""
+    variants: list[Variant] = []
     artifacts: list[ArtifactFile] = []
     weight_change: dict[str, dict[int, float]] = {}
-    plan = [("eavss", chosen)] + ([("random", control_layers)] if control else [])
-    for name, layers in plan:
+    for name, layers in tuned:
         params = block_parameters(loaded, layers)
         saved = snapshot(params)
         try:
-            report = train_blocks(loaded, layers, fit_groups, val_groups, options, ctx,
-                                  on_step=progress.phase(units_train))
+            report = train_blocks(loaded, layers, data.fit, data.val, options, ctx,
+                                  on_step=progress.phase(UNITS_TRAIN))
             if report.best_epoch == 0:
                 warnings.append(f"{name}: no epoch lowered the validation loss; the tuned weights equal the base")
-            tuned = snapshot(params)
-            weight_change[name] = _relative_change(saved, tuned, loaded)
+            after = snapshot(params)
+            weight_change[name] = _relative_change(saved, after, loaded)
             variants.append(evaluate(name, list(layers), report))
             if name == "eavss":
-                recipe = {**recipe_base, "layers": list(layers), "layer_source": source, "training": report.to_dict()}
+                source = recipe["layer_source"]
+                full = {**{k: v for k, v in recipe.items() if k != "layer_source"}, "layers": list(layers),
+                        "layer_source": source, "training": report.to_dict()}
                 digests = {n: tensor_digest(t) for n, t in saved.items()}
                 artifacts.append(ArtifactFile(PATCH_ARTIFACT, "application/octet-stream",
-                                              save_patch(tuned, digests, recipe)))
+                                              save_patch(after, digests, full)))
                 artifacts.append(ArtifactFile("mitigation_recipe.json", "application/json",
-                                              json.dumps(recipe, indent=1, default=str).encode()))
+                                              json.dumps(full, indent=1, default=str).encode()))
         finally:
             restore(params, saved)
+    return variants, artifacts, weight_change
 
-    # ---------------------------------------------------------------- report
+
+# ------------------------------------------------------------------ report
+
+
+def _report_metrics(variants: Sequence[Variant], options: MitigateOptions) -> list[MetricRow]:
+    """Per variant its metrics, then each tuned variant minus base, then eavss minus random."""
     detectors = list(options.eval_detectors)
-    metrics: list[MetricRow] = []
-    for v in variants:
-        metrics.extend(_variant_metrics(v))
-    by_name = {v.name: v for v in variants}
+    base, by_name = variants[0], {v.name: v for v in variants}
+    metrics = [m for v in variants for m in _variant_metrics(v)]
     for v in variants[1:]:
         metrics.extend(_paired_deltas(v, base, detectors, options.n_boot, options.seed))
     if "random" in by_name:
         metrics.extend(_paired_deltas(by_name["eavss"], by_name["random"], detectors, options.n_boot, options.seed))
-    table = before_after_table(metrics, variants, detectors)
-    artifacts.append(ArtifactFile("before_after.md", "text/markdown", table.encode()))
+    return metrics
 
-    answers: list[AnswerRecord] = []
-    for v in variants:
-        for r in v.test_answers:
-            answers.append(_with_scope(r, f"variant={v.name}"))
 
-    base_rank = base.run.result.summary["layer_scores"]["ranking"]
-    rank_of = {layer: i + 1 for i, layer in enumerate(eavss_ranking or base_rank)}
-    blocks = loaded.adapter.blocks(loaded.model)
-    layer_rows = [
+def _layer_rows(
+    loaded: LoadedModel, rank_of: dict[int, int], chosen: Sequence[int], control_layers: Sequence[int],
+    weight_change: dict[str, dict[int, float]],
+) -> list[LayerRow]:
+    return [
         LayerRow(layer=b.index, block_name=b.name, scorer=SCORER, values={
             "eavss_rank": float(rank_of[b.index]) if b.index in rank_of else None,
             "tuned": 1.0 if b.index in chosen else 0.0,
             "control": 1.0 if b.index in control_layers else 0.0,
             "weight_change": weight_change.get("eavss", {}).get(b.index, weight_change.get("random", {}).get(b.index)),
         })
-        for b in blocks
+        for b in loaded.adapter.blocks(loaded.model)
     ]
+
+
+def _summary(
+    loaded: LoadedModel, plan: Plan, data: TuningData, variants: Sequence[Variant], metrics: Sequence[MetricRow],
+    table: str, chosen: list[int], source: str, control_layers: list[int], options: MitigateOptions,
+    dataset_name: str | None,
+) -> dict[str, Any]:
     delta = {(m.scope, m.name): m for m in metrics}
-    summary = {
+    return {
         "dataset": dataset_name,
-        "model": getattr(loaded, "name", None),
+        "model": loaded.name,
         "layers": chosen,
         "layer_source": source,
         "control_layers": control_layers,
         "counts": {
-            "probe_examples": len(probe_part), "tuning_questions": len(fit_groups),
-            "validation_questions": len(val_groups), "test_answered": len(base.test_answers),
-            "own_wrong_answers_as_negatives": own_wrong,
-            "negatives_mean": float(np.mean([len(g.negatives) for g in groups])) if groups else 0.0,
+            "probe_examples": len(plan.probe_part), "tuning_questions": len(data.fit),
+            "validation_questions": len(data.val), "test_answered": len(variants[0].test_answers),
+            "own_wrong_answers_as_negatives": data.own_wrong, "negatives_mean": data.negatives_mean,
         },
         "training": {v.name: v.train.to_dict() for v in variants if v.train is not None},
         "table_markdown": table,
         "headline": {
-            name: {
-                "accuracy_delta": _as_dict(delta.get((f"delta={name}-base", "accuracy"))),
-                "perplexity_delta": _as_dict(delta.get((f"delta={name}-base", "perplexity"))),
+            v.name: {
+                "accuracy_delta": _as_dict(delta.get((f"delta={v.name}-base", "accuracy"))),
+                "perplexity_delta": _as_dict(delta.get((f"delta={v.name}-base", "perplexity"))),
             }
-            for name in by_name if name != "base"
+            for v in variants[1:]
         },
-        "eval_options": {"detectors": detectors, "profile_context": "question", "layer_probes": False},
-        "seconds": round(time.monotonic() - started, 2),
+        "eval_options": {"detectors": list(options.eval_detectors), "profile_context": "question",
+                         "layer_probes": False},
     }
-    progress.finish()
-    return StageResult(stage=STAGE, layers=layer_rows, metrics=metrics, artifacts=artifacts, summary=summary,
-                       warnings=warnings, answers=answers)
 
 
 def _as_dict(m: MetricRow | None) -> dict[str, Any] | None:
@@ -436,13 +528,9 @@ def _as_dict(m: MetricRow | None) -> dict[str, Any] | None:
     return {"value": m.value, "ci_low": m.ci_low, "ci_high": m.ci_high, "n": m.n}
 
 
-def _with_scope(record: AnswerRecord, scope: str) -> AnswerRecord:
-    from dataclasses import replace
-
-    return replace(record, scope=scope)
-
-
-def _relative_change(before: dict[str, Any], after: dict[str, Any], loaded: Any) -> dict[int, float]:
+def _relative_change(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], loaded: LoadedModel
+) -> dict[int, float]:
     """Per tuned block: ||W_after - W_before|| / ||W_before|| over all its parameters."""
     path = loaded.adapter.block_list_path(loaded.model) + "."
     num: dict[int, float] = {}

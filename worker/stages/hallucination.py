@@ -39,7 +39,6 @@ class HallucinationStage(Stage[HallucinationOptions]):
             profile_options=job.spec.stages.profile, avss_options=job.spec.stages.avss,
             dataset_name=job.dataset_name, judges=job.settings.judges,
         )
-        out = StageOutput(run.result)
-        if run.eavss is not None:
-            out.provide(EAVSS_RANKING, Ranking(tuple(run.eavss.ranking), "highest", tuple(run.eavss.eavss)))
-        return out
+        return StageOutput(run.result).provide(
+            EAVSS_RANKING, Ranking(tuple(run.ranking), "highest", tuple(run.eavss.eavss))
+        )

@@ -25,7 +25,7 @@ class MitigateStage(Stage[MitigateOptions]):
         result = run_mitigate_stage(
             job.loaded, train, test, options, job.ctx,
             hallucination_options=job.spec.stages.hallucination or HallucinationOptions(),
-            eavss_ranking=eavss.highest_first() if eavss is not None else None,
+            eavss=eavss,
             perplexity_texts=[e.as_text() for e in general], dataset_name=job.dataset_name,
         )
         return StageOutput(result)
