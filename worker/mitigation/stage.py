@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from app.config import JudgeEndpoint
 from app.schemas import PATCH_ARTIFACT, HallucinationOptions, MitigateOptions
 from worker.evaluation.bootstrap import bootstrap_ci
 from worker.evaluation.calibration import auroc, brier, ece
@@ -354,12 +355,14 @@ class _Evaluation:
     seed: int
     dataset_name: str | None
     progress: PhasedProgress
+    judges: Mapping[str, JudgeEndpoint] | None = None
     UNITS: ClassVar[int] = 40
     PPL_UNITS: ClassVar[int] = 4
 
     def __call__(self, name: str, layers: list[int], train: TrainReport | None) -> Variant:
         run = analyze_hallucination(self.loaded, self.probe_part, self.test_examples, self.options,
-                                    self.progress.sub_context(self.UNITS), dataset_name=self.dataset_name)
+                                    self.progress.sub_context(self.UNITS), dataset_name=self.dataset_name,
+                                    judges=self.judges)
         sub = self.progress.sub_context(self.PPL_UNITS)
         ppl = None
         if self.perplexity_texts:
@@ -379,9 +382,11 @@ def run_mitigate_stage(
     eavss: Ranking | None = None,
     perplexity_texts: Sequence[str] = (),
     dataset_name: str | None = None,
+    judges: Mapping[str, JudgeEndpoint] | None = None,
 ) -> StageResult:
     """The mitigate stage (module doc). `eavss`: the EAVSS ranking of a hallucination stage of
-    the same analysis (None: ranked by the base evaluation)."""
+    the same analysis (None: ranked by the base evaluation). `judges`: the operator's
+    (`Settings.judges`), for the evaluations when the hallucination options name one."""
     options = options or MitigateOptions()
     ctx = ctx or JobContext()
     hopts = hallucination_options or HallucinationOptions()
@@ -397,7 +402,7 @@ def run_mitigate_stage(
         loaded, test_examples, plan.probe_part,
         hopts.model_copy(update={"detectors": list(options.eval_detectors), "layer_probes": False,
                                  "profile_context": "question"}),
-        list(perplexity_texts), options.n_boot, options.seed, dataset_name, progress,
+        list(perplexity_texts), options.n_boot, options.seed, dataset_name, progress, judges,
     )
     base = evaluate("base", [], None)
     warnings.extend(f"base evaluation: {w}" for w in base.run.result.warnings)

@@ -27,5 +27,6 @@ class MitigateStage(Stage[MitigateOptions]):
             hallucination_options=job.spec.stages.hallucination or HallucinationOptions(),
             eavss=eavss,
             perplexity_texts=[e.as_text() for e in general], dataset_name=job.dataset_name,
+            judges=job.settings.judges,
         )
         return StageOutput(result)
