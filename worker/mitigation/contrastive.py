@@ -13,13 +13,22 @@ gave one, and answers sampled from other questions). At each tuned block's outpu
   so the model keeps generating.
 
 Only the tuned blocks' parameters get gradients (everything else has requires_grad off
-for the duration and is left bit-identical). Early stopping keeps the weights of the epoch
+for the duration and is left bit-identical).
+
+Precision: in a bfloat16/float16 model an AdamW update of ~learning_rate (5e-5) is below half
+the spacing of any |w| >= 2^-6 and rounds away, so the optimizer works on float32 master
+copies of the tuned parameters (its state is float32 too): each step copies the model's
+gradient into the master, steps there and writes the master back rounded to the model's
+dtype, so updates accumulate as in float32. The forward runs in the model's dtype under
+autocast; the model (and the patch made from it) keeps its dtype. A float32 model trains
+exactly as before (no copies, no autocast). Early stopping keeps the weights of the epoch
 with the lowest validation loss, counting the untouched weights as epoch 0: when no epoch
 beats them the tuned weights are the base weights, and the report says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -188,6 +197,21 @@ def _validation_loss(loaded: Any, layers: Sequence[int], groups: Sequence[Candid
     return total / max(weight, 1)
 
 
+def _master_weights(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor] | None:
+    """float32 copies of the tuned parameters when any is in a lower precision, else None."""
+    if all(p.dtype == torch.float32 for p in params.values()):
+        return None
+    return {name: p.detach().float().clone().requires_grad_(True) for name, p in params.items()}
+
+
+def _autocast(params: dict[str, torch.nn.Parameter]) -> Any:
+    """The forward in the model's own low precision (no-op for a float32 model)."""
+    p = next(iter(params.values()))
+    if p.dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=p.device.type, dtype=p.dtype)
+
+
 def train_blocks(
     loaded: Any,
     layers: Sequence[int],
@@ -218,7 +242,9 @@ def train_blocks(
             p.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(list(params.values()), lr=options.learning_rate, weight_decay=0.0)
+        master = _master_weights(params)
+        trained = list(master.values()) if master is not None else list(params.values())
+        optimizer = torch.optim.AdamW(trained, lr=options.learning_rate, weight_decay=0.0)
         model.eval()
         best = initial = _validation_loss(loaded, layers, val_groups, options)
         if not math.isfinite(initial):
@@ -230,10 +256,11 @@ def train_blocks(
             for chunk in _chunks(rng.permutation(len(train_groups)).tolist(), options.batch_size):
                 ctx.check_cancelled()
                 with torch.enable_grad():
-                    nce, lm = group_losses(
-                        loaded, layers, [train_groups[i] for i in chunk],
-                        temperature=options.temperature, max_tokens=options.max_tokens,
-                    )
+                    with _autocast(params):
+                        nce, lm = group_losses(
+                            loaded, layers, [train_groups[i] for i in chunk],
+                            temperature=options.temperature, max_tokens=options.max_tokens,
+                        )
                     loss = nce + options.lm_weight * lm
                     if not torch.isfinite(loss):
                         raise JobFailed(
@@ -242,8 +269,16 @@ def train_blocks(
                         )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+                    if master is not None:  # the step in float32, written back in the model's dtype
+                        for name, p in params.items():
+                            master[name].grad = None if p.grad is None else p.grad.float()
+                            p.grad = None
+                    torch.nn.utils.clip_grad_norm_(trained, 1.0)
                     optimizer.step()
+                    if master is not None:
+                        with torch.no_grad():
+                            for name, p in params.items():
+                                p.copy_(master[name])
                 losses.append((float(nce.detach()), float(lm.detach())))
                 step += 1
                 if on_step:
@@ -266,7 +301,7 @@ def train_blocks(
                     break
         restore(params, best_state)
     finally:
-        optimizer = None
+        optimizer = master = None
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
             p.grad = None
