@@ -13,7 +13,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from app import openapi, problems
-from app.api import analyses, answers, dashboard, gates, health, keys, metrics, webhooks
+from app.api import analyses, answers, catalog, dashboard, gates, health, keys, metrics, webhooks
 from app.auth import KeyCache
 from app.config import Settings, get_settings
 from app.db import read_session_factory, session_factory
@@ -137,6 +137,7 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     app.include_router(health.router)
     app.include_router(analyses.router)
     app.include_router(answers.router)
+    app.include_router(catalog.router)
     app.include_router(keys.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)

@@ -100,6 +100,26 @@ def register(app: typer.Typer) -> None:
         typer.echo(job["id"])
 
     @app.command()
+    def catalog(
+        as_json: bool = typer.Option(False, "--json", help="The whole catalog as JSON (stage options included)."),
+        server: str = ServerOpt, key: str = KeyOpt,
+    ) -> None:
+        """List what a spec can name: built-in models and datasets, stages, scorers, tasks, detectors."""
+        try:
+            cat = Client(server, key).get("/v1/catalog")
+        except ApiError as exc:
+            _fail(exc)
+        if as_json:
+            typer.echo(json.dumps(cat, indent=2))
+            return
+        for kind in ("models", "datasets", "stages"):
+            typer.echo(f"{kind}:")
+            for entry in cat[kind]:
+                typer.echo(f"  {entry['name']:<26} {entry['description']}")
+        for kind in ("scorers", "tasks", "detectors", "correctness_rules", "sites"):
+            typer.echo(f"{kind}: {', '.join(cat[kind])}")
+
+    @app.command()
     def status(analysis_id: str, server: str = ServerOpt, key: str = KeyOpt) -> None:
         """Print an analysis as JSON."""
         try:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.catalog import BUILTIN_DATASETS
 from app.config import Settings
 from app.schemas import DatasetSpec
 from worker.stage import JobFailed
@@ -46,15 +47,6 @@ FIELDS = ("text", "question", "answer")
 ALIAS_SEPARATOR = "; "
 FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
-BUILTIN_DATASETS: dict[str, str] = {
-    "chatterbot-trivia": (
-        "About 260 trivia question/answer pairs (english/trivia.yml of the chatterbot-corpus package, BSD)."
-    ),
-    "chatterbot-conversations": (
-        "Every conversation line of the English chatterbot-corpus files (english/*.yml), one text each "
-        "(about 4,300 lines)."
-    ),
-}
 
 
 @dataclass

