@@ -171,6 +171,8 @@ def test_signing_matches_the_standard_webhooks_construction() -> None:
 
 def test_failed_delivery_is_retried_with_backoff_then_succeeds(env: Env) -> None:
     receiver = Receiver(generate_secret(), statuses=[500])
+    # A backoff long enough that "not due yet" holds on a loaded machine (0.2 s did not, under 8 busy processes).
+    env.settings.webhook_backoff_base, env.settings.webhook_backoff_max = 2.0, 4.0
     try:
         hook = env.register(receiver)
         job = env.submit()
