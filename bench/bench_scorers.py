@@ -43,13 +43,13 @@ import torch  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.schemas import AvssOptions, DatasetSpec, ModelSpec, ProfileOptions  # noqa: E402
 from worker.datasets import load_examples  # noqa: E402
-from worker.evaluation.tasks import encode_texts, pad_batch  # noqa: E402
+from worker.lm.model import forward_callable  # noqa: E402
+from worker.lm.tokens import encode_texts, pad_batch  # noqa: E402
 from worker.modelzoo import load_model  # noqa: E402
 from worker.profiler import profile  # noqa: E402
-from worker.profiler.profiler import forward_callable  # noqa: E402
 from worker.scoring.agreement import importance_from_order, spearman_rho  # noqa: E402
 from worker.scoring.avss import run_avss_stage  # noqa: E402
-from worker.scoring.baselines import BASELINE_SCORERS, compute_scores  # noqa: E402
+from worker.scoring.scorers import compute_scores, computed_scorers  # noqa: E402
 from worker.stage import JobContext  # noqa: E402
 
 PASSES = {
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--scorers", default=",".join(BASELINE_SCORERS))
+    ap.add_argument("--scorers", default=",".join(computed_scorers()))
     ap.add_argument("--data-dir", default=".layerscope")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the median is reported")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave the default)")

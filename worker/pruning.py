@@ -1,30 +1,6 @@
 """Layer pruning (docs/method.md section 3; paper section 3.2, appendix D.3 and H).
 
-Removing blocks
-- `remove_blocks(model, indices)` returns a model without the given blocks (0-based
-  positions in the adapter's block list). It works on a `copy.deepcopy` of the model
-  unless `inplace=True`: **the model a `LoadedModel` holds is shared** (the process
-  cache of `worker.modelzoo.load_model` hands the same object to later jobs), so it
-  must never be mutated. What changes:
-  * the block list (the adapter's `block_list_path`, e.g. `model.layers`,
-    `transformer.h`, `gpt_neox.layers`, `model.decoder.layers`, `encoder.layer`) is
-    replaced by a new `nn.ModuleList` of the kept blocks, in order;
-  * every integer `layer_idx` / `layer_id` attribute inside a kept block (the
-    attention's index into the KV cache) is renumbered to the block's new position;
-  * the config that describes those blocks (`model.config`, or its `text_config`
-    when the blocks live under `language_model`) gets the new count in every
-    layer-count field that held the old one (`num_hidden_layers`, `n_layer`,
-    `num_layers`, `n_layers`), per-layer lists of the old length whose name contains
-    "layer" (e.g. Gemma3's `layer_types`) are subset to the kept blocks, and lists of
-    layer indices (`mlp_only_layers`) are remapped.
-  The result runs, generates with its KV cache, saves with `save_pretrained` and loads
-  back with `from_pretrained` as an ordinary model with fewer layers.
-  Refused (`JobFailed("prune_unsupported")`): removing every block, heterogeneous
-  per-layer configs, and GPT-2 with `scale_attn_by_inverse_layer_idx` (its attention
-  scaling depends on the layer index, so a reloaded pruned model would differ).
-- `pruned_view(model, indices)`: the same change applied in place and undone on exit
-  (in `finally`); used on the stage's private working copy to evaluate many candidate
-  prunings without copying the weights each time.
+Removing blocks: `worker.modelzoo.surgery` (`remove_blocks`, `pruned_view`; re-exported here).
 
 Selecting layers (conventions of `worker.scoring.agreement`, the same as the avss
 stage: a score is higher = more important; a *ranking* lists the layer indices least
@@ -57,16 +33,13 @@ Measuring
 
 from __future__ import annotations
 
-import copy
-import gc
 import io
 import math
 import statistics
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,20 +48,12 @@ import numpy as np
 import torch
 
 from app.schemas import PruneOptions
-from worker.evaluation.tasks import (
-    TaskResult,
-    encode_texts,
-    evaluate_classification,
-    evaluate_perplexity,
-    evaluate_qa,
-    example_field,
-    has_classification_head,
-    is_causal_lm,
-    model_device,
-    pad_batch,
-)
+from worker.evaluation.tasks import TASKS, TaskResult, TaskRun, lm_texts, qa_pairs
+from worker.lm.model import is_causal_lm, model_device
+from worker.lm.tokens import encode_texts, pad_batch, pad_id
 from worker.modelzoo import LoadedModel, adapter_for
 from worker.modelzoo.adapters import ArchitectureAdapter
+from worker.modelzoo.surgery import block_count, pruned_view, remove_blocks
 from worker.scoring.agreement import (
     Ranking,
     importance_from_order,
@@ -96,7 +61,7 @@ from worker.scoring.agreement import (
     pruning_order,
     ranks_from_order,
 )
-from worker.scoring.baselines import BASELINE_SCORERS, ScoreTable, compute_scores, random_scores
+from worker.scoring.scorers import SCORERS, ScoreTable, random_scores
 from worker.stage import ArtifactFile, JobContext, JobFailed, LayerRow, MetricRow, StageResult, finite_or_none
 
 __all__ = [
@@ -117,142 +82,6 @@ __all__ = [
     "select_fraction",
     "select_iterative",
 ]
-
-LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-LAYER_INDEX_LIST_FIELDS = ("mlp_only_layers",)
-LAYER_INDEX_ATTRS = ("layer_idx", "layer_id")
-
-
-# ------------------------------------------------------------ removing blocks
-
-
-def _adapter(model: torch.nn.Module, adapter: ArchitectureAdapter | None) -> ArchitectureAdapter:
-    return adapter if adapter is not None else adapter_for(model)
-
-
-def block_count(model: torch.nn.Module, adapter: ArchitectureAdapter | None = None) -> int:
-    return len(model.get_submodule(_adapter(model, adapter).block_list_path(model)))
-
-
-def _block_config(model: torch.nn.Module, path: str) -> Any:
-    """The config object whose layer fields describe the block list at `path`."""
-    config = model.config
-    text = getattr(config, "text_config", None)
-    if text is not None and text is not config and "language_model" in path:
-        return text
-    return config
-
-
-@dataclass
-class _Undo:
-    parent: torch.nn.Module
-    attr: str
-    old_list: torch.nn.ModuleList
-    index_attrs: list[tuple[torch.nn.Module, str, Any]]
-    config: Any
-    config_fields: dict[str, Any]
-
-
-def _check_indices(indices: Iterable[int], n: int) -> list[int]:
-    drop = sorted({int(i) for i in indices})
-    bad = [i for i in drop if not 0 <= i < n]
-    if bad:
-        raise JobFailed("prune_invalid", f"layer indices {bad} are out of range for a model with {n} blocks")
-    if len(drop) >= n:
-        raise JobFailed("prune_unsupported", f"cannot remove all {n} blocks of the model")
-    return drop
-
-
-def _apply(model: torch.nn.Module, indices: Iterable[int], adapter: ArchitectureAdapter | None) -> _Undo:
-    """Remove the blocks in place; returns what is needed to undo it."""
-    path = _adapter(model, adapter).block_list_path(model)
-    old_list = model.get_submodule(path)
-    n = len(old_list)
-    drop = _check_indices(indices, n)
-    keep = [i for i in range(n) if i not in set(drop)]
-    new_pos = {old: new for new, old in enumerate(keep)}
-    config = _block_config(model, path)
-    if getattr(config, "is_heterogeneous", False):
-        raise JobFailed(
-            "prune_unsupported", "pruning a model with a heterogeneous per-layer config is not supported"
-        )
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        raise JobFailed(
-            "prune_unsupported",
-            "this GPT-2 scales attention by its layer index (scale_attn_by_inverse_layer_idx), so a pruned "
-            "model would not reload as the same model; pruning it is not supported",
-        )
-
-    # Config fields, computed before anything changes.
-    updates: dict[str, Any] = {}
-    for name in LAYER_COUNT_FIELDS:
-        if getattr(config, name, None) == n:
-            updates[name] = len(keep)
-    for name, value in list(vars(config).items()):
-        if isinstance(value, (list, tuple)) and len(value) == n and "layer" in name and name not in updates:
-            if name in LAYER_INDEX_LIST_FIELDS:
-                continue
-            updates[name] = type(value)(value[i] for i in keep)
-    for name in LAYER_INDEX_LIST_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, (list, tuple)):
-            updates[name] = type(value)(new_pos[i] for i in value if i in new_pos)
-
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    undo = _Undo(parent, attr, old_list, [], config, {k: getattr(config, k, None) for k in updates})
-    try:
-        for old in keep:
-            for module in old_list[old].modules():
-                for name in LAYER_INDEX_ATTRS:
-                    value = getattr(module, name, None)
-                    if isinstance(value, int) and not isinstance(value, bool):
-                        undo.index_attrs.append((module, name, value))
-                        setattr(module, name, new_pos[old])
-        setattr(parent, attr, torch.nn.ModuleList([old_list[i] for i in keep]))
-        for name, value in updates.items():
-            setattr(config, name, value)
-    except BaseException:
-        _undo(undo)
-        raise
-    return undo
-
-
-def _undo(undo: _Undo) -> None:
-    setattr(undo.parent, undo.attr, undo.old_list)
-    for module, name, value in undo.index_attrs:
-        setattr(module, name, value)
-    # Restore the count before per-layer lists, so a validating config never sees a mismatch.
-    for name in sorted(undo.config_fields, key=lambda k: k not in LAYER_COUNT_FIELDS):
-        setattr(undo.config, name, undo.config_fields[name])
-
-
-def remove_blocks(
-    model: torch.nn.Module,
-    indices: Iterable[int],
-    *,
-    adapter: ArchitectureAdapter | None = None,
-    inplace: bool = False,
-) -> torch.nn.Module:
-    """A model without the blocks at `indices` (see module doc). Works on a deepcopy
-    unless `inplace=True`; never pass `inplace=True` with a `LoadedModel.model`."""
-    target = model if inplace else copy.deepcopy(model)
-    _apply(target, indices, adapter)
-    return target
-
-
-@contextmanager
-def pruned_view(
-    model: torch.nn.Module, indices: Iterable[int], *, adapter: ArchitectureAdapter | None = None
-) -> Iterator[torch.nn.Module]:
-    """Temporarily remove blocks from `model` in place (restored on exit, errors included).
-    Only for a private copy: other users of `model` would see the pruned model meanwhile."""
-    undo = _apply(model, indices, adapter)
-    try:
-        yield model
-    finally:
-        _undo(undo)
-
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of parameter elements, each tensor counted once (tied weights once)."""
@@ -432,151 +261,7 @@ def select_iterative(
     return result
 
 
-# ------------------------------------------------------------------ options
-
-
-# -------------------------------------------------------------------- stage
-
-
-@dataclass
-class _Data:
-    texts: list[str] = field(default_factory=list)  # language modeling
-    questions: list[str] = field(default_factory=list)
-    answers: list[str] = field(default_factory=list)
-    cls_texts: list[str] = field(default_factory=list)
-    cls_labels: list[Any] = field(default_factory=list)
-
-
-def _collect(examples: Sequence[Any], qa_examples: Sequence[Any] | None, options: PruneOptions) -> _Data:
-    data = _Data()
-    for ex in examples:
-        text, q, a, label = (example_field(ex, k) for k in ("text", "question", "answer", "label"))
-        if isinstance(text, str) and text.strip():
-            data.texts.append(text)
-        elif isinstance(q, str) and isinstance(a, str) and q.strip():
-            data.texts.append(options.qa_prompt.format(question=q) + " " + a)
-        if label is not None and isinstance(text, str) and text.strip():
-            data.cls_texts.append(text)
-            data.cls_labels.append(label)
-    for ex in qa_examples if qa_examples is not None else examples:
-        q, a = example_field(ex, "question"), example_field(ex, "answer")
-        if isinstance(q, str) and q.strip() and a is not None and str(a).strip():
-            data.questions.append(q)
-            data.answers.append(a if isinstance(a, str) else "; ".join(map(str, a)))
-    limit = options.eval_examples
-    if limit is not None:
-        data.texts, data.questions, data.answers = (
-            data.texts[:limit],
-            data.questions[:limit],
-            data.answers[:limit],
-        )
-        data.cls_texts, data.cls_labels = data.cls_texts[:limit], data.cls_labels[:limit]
-    return data
-
-
-def _runnable_tasks(
-    options: PruneOptions, data: _Data, model: torch.nn.Module, warnings: list[str]
-) -> list[str]:
-    causal = is_causal_lm(model)
-    tasks: list[str] = []
-    for task in options.tasks:
-        if task == "perplexity":
-            if not causal:
-                warnings.append(f"perplexity skipped: {type(model).__name__} is not a causal LM")
-            elif not data.texts:
-                warnings.append("perplexity skipped: the dataset has no text")
-            else:
-                tasks.append(task)
-        elif task == "qa":
-            if not causal:
-                warnings.append(
-                    f"qa skipped: generative QA needs a causal LM, {type(model).__name__} is not one"
-                )
-            elif not data.questions:
-                warnings.append("qa skipped: no examples with question and answer fields were given")
-            else:
-                tasks.append(task)
-        else:
-            if not data.cls_labels:
-                warnings.append("classification skipped: the dataset has no label field")
-            elif not has_classification_head(model) and not (causal and options.label_words):
-                warnings.append(
-                    "classification skipped: a causal LM needs label_words, an encoder a classification head"
-                )
-            else:
-                tasks.append(task)
-    if not tasks:
-        raise JobFailed(
-            "prune_no_task",
-            "no task can be evaluated for pruning with this model and data: " + "; ".join(warnings),
-        )
-    return tasks
-
-
-def _evaluate_task(
-    task: str,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    data: _Data,
-    options: PruneOptions,
-    ctx: JobContext,
-    max_tokens: int,
-    *,
-    limit: int | None = None,
-    n_boot: int | None = None,
-    stage: str = "prune:evaluate",
-) -> TaskResult:
-    n_boot = options.n_boot if n_boot is None else n_boot
-    common: dict[str, Any] = {
-        "max_tokens": max_tokens,
-        "batch_size": options.batch_size,
-        "ctx": ctx,
-        "progress_stage": f"{stage}:{task}",
-        "n_boot": n_boot,
-        "seed": options.seed,
-    }
-    if task == "perplexity":
-        texts = data.texts[:limit]
-        window = options.ppl_window or None
-        if window is not None:
-            window = min(window, max_tokens) if max_tokens else window
-        stride = options.ppl_stride
-        if window is not None and stride is not None:
-            stride = min(stride, window)
-        return evaluate_perplexity(model, tokenizer, texts, window=window, stride=stride, **common)
-    if task == "qa":
-        return evaluate_qa(
-            model,
-            tokenizer,
-            data.questions[:limit],
-            data.answers[:limit],
-            prompt_template=options.qa_prompt,
-            max_new_tokens=options.qa_max_new_tokens,
-            chat_template=options.qa_chat_template,
-            **common,
-        )
-    return evaluate_classification(
-        model,
-        tokenizer,
-        data.cls_texts[:limit],
-        data.cls_labels[:limit],
-        label_words=options.label_words,
-        prompt_template=options.classification_prompt,
-        **common,
-    )
-
-
-def _timing_batch(
-    tokenizer: Any, data: _Data, options: PruneOptions, max_tokens: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    texts = data.texts or data.cls_texts or [options.qa_prompt.format(question=q) for q in data.questions]
-    texts = texts[: options.timing_batch_size]
-    encoded = [e for e in encode_texts(tokenizer, texts, max_tokens) if e]
-    if not encoded:
-        return None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = pad_batch(encoded, int(pad))
-    return ids.to(device), mask.to(device)
+# ------------------------------------------------------------------ measuring
 
 
 def _time_once(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> float:
@@ -598,8 +283,8 @@ def measure_speedup(
     runs: int = 5,
     adapter: ArchitectureAdapter | None = None,
 ) -> dict[str, float]:
-    """Median forward time of `model` and of it without `dropped` (via `pruned_view`, so
-    on a private copy only), timed alternately (one warm-up each) so drift hits both."""
+    """Median forward time of `model` and of it without `dropped` (via `pruned_view`: blocks
+    removed in place and restored), timed alternately (one warm-up each) so drift hits both."""
     original: list[float] = []
     pruned: list[float] = []
     with torch.inference_mode():
@@ -623,6 +308,75 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+# -------------------------------------------------------------------- stage
+
+
+@dataclass
+class _Prune:
+    """What every step of the prune stage reads."""
+
+    model: torch.nn.Module  # the loaded (shared) model: blocks are removed in place and restored
+    tokenizer: Any
+    adapter: ArchitectureAdapter
+    options: PruneOptions
+    ctx: JobContext
+    max_tokens: int
+    block_names: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.block_names)
+
+    def evaluate(
+        self, task: str, data: Any, *, stage: str = "prune:evaluate", limit: int | None = None,
+        n_boot: int | None = None,
+    ) -> TaskResult:
+        run = TaskRun(
+            max_tokens=self.max_tokens, batch_size=self.options.batch_size, ctx=self.ctx,
+            progress_stage=f"{stage}:{task}", n_boot=self.options.n_boot if n_boot is None else n_boot,
+            seed=self.options.seed, limit=limit,
+        )
+        return TASKS[task].evaluate(self.model, self.tokenizer, data, self.options, run)
+
+
+@dataclass
+class _Ranked:
+    """Every scorer's ranking: computed here (`tables`) or passed in; `importance` per layer
+    (higher = more important: the scores, or L - rank when only an order was given)."""
+
+    orders: dict[str, list[int]] = field(default_factory=dict)
+    importance: dict[str, list[float]] = field(default_factory=dict)
+    given_scores: dict[str, list[float]] = field(default_factory=dict)
+    tables: dict[str, ScoreTable] = field(default_factory=dict)
+
+
+@dataclass
+class _Selection:
+    dropped_by: dict[str, list[int]]
+    details: dict[str, Any]
+    random_sets: list[tuple[int, list[int]]]
+    k_random: int
+
+
+@dataclass
+class _Measured:
+    """The metrics of every distinct pruned model, its parameters and speed-up."""
+
+    n_params: int
+    evaluated: dict[tuple[int, ...], dict[str, TaskResult]]
+    params_after: dict[tuple[int, ...], int]
+    timing: dict[tuple[int, ...], dict[str, float]]
+
+    def reduction(self, key: tuple[int, ...]) -> float:
+        return 100.0 * (self.n_params - self.params_after[key]) / self.n_params if self.n_params else 0.0
+
+    def speedup(self, key: tuple[int, ...]) -> float | None:
+        if not key:
+            return 1.0
+        return finite_or_none(self.timing[key]["speedup"]) if key in self.timing else None
+
+
 def run_prune_stage(
     loaded: LoadedModel,
     examples: Sequence[Any],
@@ -641,158 +395,149 @@ def run_prune_stage(
     Ranking>}`), pruned lowest first; their per-layer `scores` (higher = more important,
     e.g. nAVSS) are what the `cumulative` strategy reads. `qa_examples`: question/answer
     examples for the QA task (default: the examples that have `question` and `answer`
-    fields). The loaded model is never modified: the stage works on one private deepcopy
-    (twice the model's memory)."""
-    started = time.perf_counter()
-    warnings: list[str] = []
-    orders = {name: r.lowest_first() for name, r in rankings.items()}
-    scores = {name: list(r.scores) for name, r in rankings.items() if r.scores is not None}
-    try:
-        work = copy.deepcopy(loaded.model)
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise JobFailed(
-            "out_of_memory",
-            "pruning works on a private copy of the model and there is no memory for it; "
-            "use a smaller model, dtype float16, or a worker with more memory",
-        ) from exc
-    work.eval()
-    try:
-        return _run(
-            loaded, work, examples, options, ctx, orders, scores, qa_examples, max_tokens, warnings, started
-        )
-    finally:
-        del work
-        gc.collect()
+    fields). No copy of the model is made: candidate prunings are evaluated by removing
+    blocks in place (`pruned_view`), restored after each, so the loaded model is unchanged
+    when the stage returns (or fails)."""
+    model = loaded.model
+    adapter = adapter_for(model)
+    job = _Prune(model, loaded.tokenizer, adapter, options, ctx, max_tokens, [b.name for b in adapter.blocks(model)])
+    tasks = _runnable_tasks(job, examples, qa_examples)
+    texts = lm_texts(examples, options)
+    scoring = texts[: options.scoring_examples]
+    ranked = _rankings(job, rankings, scoring)
+    original = {task: job.evaluate(task, data, stage="prune:original") for task, data in tasks.items()}
+    selection = _select(job, ranked, tasks, original)
+    timing_texts = texts or [options.qa_prompt.format(question=q) for q in qa_pairs(examples, qa_examples, options).questions]
+    measured = _measure(job, tasks, selection, timing_texts)
+    metrics, table = _task_tables(job, original, selection, measured)
+    metrics.extend(_scorer_metrics(job, ranked, selection, measured))
+    summary: dict[str, Any] = {
+        "strategy": options.strategy,
+        "options": options.model_dump(),
+        "n_layers": job.n_layers,
+        "original_parameters": measured.n_params,
+        "tasks": list(tasks),
+        "table": table,
+        "layers_removed": selection.dropped_by,
+        "random_baseline": {
+            "seeds": [s for s, _ in selection.random_sets],
+            "layers_removed_count": selection.k_random,
+            "layers_removed": {str(s): d for s, d in selection.random_sets},
+            "note": "each seed removes as many random layers as AVSS did (floor(fraction x L) without AVSS)",
+        },
+        "agreement": pairwise_agreement({name: ranked.importance[name] for name in ranked.orders}),
+        "scoring_seconds": {name: t.seconds for name, t in ranked.tables.items()},
+        "scoring_examples": len(scoring),
+        "selection": selection.details,
+        "choices": _choices(options),
+    }
+    if measured.timing:
+        summary["timing"] = {",".join(map(str, k)): v for k, v in measured.timing.items()}
+    return StageResult(
+        stage="prune", layers=_layer_rows(job, ranked, selection), metrics=metrics,
+        artifacts=_export(job, selection, measured), summary=summary, warnings=job.warnings,
+    )
 
 
-def _run(
-    loaded: LoadedModel,
-    work: torch.nn.Module,
-    examples: Sequence[Any],
-    options: PruneOptions,
-    ctx: JobContext,
-    rankings: dict[str, list[int]],
-    given_scores: dict[str, list[float]],
-    qa_examples: Sequence[Any] | None,
-    max_tokens: int,
-    warnings: list[str],
-    started: float,
-) -> StageResult:
-    tokenizer = loaded.tokenizer
-    adapter = adapter_for(work)
-    blocks = adapter.blocks(work)
-    n_layers = len(blocks)
-    block_names = [b.name for b in blocks]
-    data = _collect(examples, qa_examples, options)
-    tasks = _runnable_tasks(options, data, work, warnings)
-    scoring_texts = (data.texts or data.cls_texts)[: options.scoring_examples]
+def _choices(options: PruneOptions) -> dict[str, Any]:
+    return {
+        "ranking": "higher score = more important; ties: lower layer index first",
+        "angular_distance_positions": options.angular_positions,
+        **{name: s.description for name, s in SCORERS.items()},
+        "retained_pct": "pruned / original x 100; original / pruned x 100 for perplexity",
+        "speedup": "median original / median pruned forward time on one batch, timed alternately; measured",
+        "scoring_data": "the baselines score on the first scoring_examples texts of the evaluated set",
+    }
 
-    # ---- rankings: passed in, and the baselines computed here
-    tables: dict[str, ScoreTable] = {}
-    orders: dict[str, list[int]] = {}
-    importance: dict[str, list[float]] = {}
-    for name in options.scorers:
-        ctx.check_cancelled()
-        if name in BASELINE_SCORERS:
-            if name in ("gbis", "lrp", "cim") and not is_causal_lm(work):
-                warnings.append(f"scorer {name} skipped: it needs a causal LM (the LM loss is its task loss)")
-                continue
-            if not scoring_texts:
-                warnings.append(f"scorer {name} skipped: no text to score layers on")
-                continue
-            kw: dict[str, Any] = {
-                "adapter": adapter,
-                "max_tokens": max_tokens,
-                "ctx": ctx,
-                "progress_stage": f"prune:score:{name}",
-                "batch_size": options.batch_size
-                if name in ("block_influence", "angular_distance", "cim")
-                else max(1, options.batch_size // 2),
-            }
-            if name == "angular_distance":
-                kw["positions"] = options.angular_positions
-            if name == "lrp":
-                kw["epsilon"] = options.lrp_epsilon
-            table = compute_scores(name, work, tokenizer, scoring_texts, **kw)
-            warnings.extend(table.warnings)
-            tables[name] = table
-            orders[name] = table.order()
-            importance[name] = list(table.scores)
+
+def _runnable_tasks(job: _Prune, examples: Sequence[Any], qa_examples: Sequence[Any] | None) -> dict[str, Any]:
+    """Each asked-for task's data; a task that cannot run here is skipped with a warning."""
+    tasks: dict[str, Any] = {}
+    for name in job.options.tasks:
+        data = TASKS[name].prepare(job.model, examples, qa_examples, job.options)
+        if isinstance(data, str):
+            job.warnings.append(f"{name} skipped: {data}")
         else:
-            if name not in rankings:
-                warnings.append(f"scorer {name} skipped: no {name} ranking was passed to the prune stage")
-                continue
-            orders[name] = check_order(rankings[name], n_layers, f"the {name} ranking")
-            given = given_scores.get(name)
-            if given is not None and len(given) != n_layers:
-                raise JobFailed(
-                    "prune_invalid", f"{name} scores have {len(given)} values for {n_layers} layers"
-                )
-            importance[name] = (
-                [float(v) for v in given] if given is not None else importance_from_order(orders[name])
-            )
-    if not orders:
-        raise JobFailed("prune_no_scorer", "no scorer produced a ranking: " + "; ".join(warnings))
-
-    # ---- original metrics
-    original: dict[str, TaskResult] = {}
-    for task in tasks:
-        original[task] = _evaluate_task(
-            task, work, tokenizer, data, options, ctx, max_tokens, stage="prune:original"
+            tasks[name] = data
+    if not tasks:
+        raise JobFailed(
+            "prune_no_task",
+            "no task can be evaluated for pruning with this model and data: " + "; ".join(job.warnings),
         )
+    return tasks
 
-    # ---- selection per scorer
-    selection_task = tasks[0]
-    selection_cache: dict[tuple[int, ...], float | None] = {}
 
-    def selection_metric(dropped: list[int]) -> float | None:
-        key = tuple(sorted(dropped))
-        if key not in selection_cache:
-            with pruned_view(work, key, adapter=adapter):
-                res = _evaluate_task(
-                    selection_task,
-                    work,
-                    tokenizer,
-                    data,
-                    options,
-                    ctx,
-                    max_tokens,
-                    limit=options.scoring_examples,
-                    n_boot=0,
-                    stage="prune:iterative",
-                )
-            selection_cache[key] = res.value
-        return selection_cache[key]
+def _rankings(job: _Prune, given: Mapping[str, Ranking], texts: Sequence[str]) -> _Ranked:
+    """The rankings of the asked-for scorers: computed here, or passed in by an earlier stage."""
+    ranked = _Ranked()
+    for name in job.options.scorers:
+        job.ctx.check_cancelled()
+        scorer = SCORERS[name]
+        if scorer.from_stage is None:
+            if scorer.needs_causal_lm and not is_causal_lm(job.model):
+                job.warnings.append(f"scorer {name} skipped: it needs a causal LM (the LM loss is its task loss)")
+                continue
+            if not texts:
+                job.warnings.append(f"scorer {name} skipped: no text to score layers on")
+                continue
+            table = scorer.score(
+                job.model, job.tokenizer, texts, adapter=job.adapter, max_tokens=job.max_tokens, ctx=job.ctx,
+                progress_stage=f"prune:score:{name}", batch_size=scorer.batch_size(job.options.batch_size),
+                **scorer.options(job.options),
+            )
+            job.warnings.extend(table.warnings)
+            ranked.tables[name] = table
+            ranked.orders[name] = table.order()
+            ranked.importance[name] = list(table.scores)
+            continue
+        if name not in given:
+            job.warnings.append(f"scorer {name} skipped: no {name} ranking was passed to the prune stage")
+            continue
+        ranked.orders[name] = check_order(given[name].lowest_first(), job.n_layers, f"the {name} ranking")
+        scores = given[name].scores
+        if scores is not None and len(scores) != job.n_layers:
+            raise JobFailed("prune_invalid", f"{name} scores have {len(scores)} values for {job.n_layers} layers")
+        if scores is not None:
+            ranked.given_scores[name] = [float(v) for v in scores]
+        ranked.importance[name] = (
+            list(ranked.given_scores[name]) if scores is not None else importance_from_order(ranked.orders[name])
+        )
+    if not ranked.orders:
+        raise JobFailed("prune_no_scorer", "no scorer produced a ranking: " + "; ".join(job.warnings))
+    return ranked
 
+
+def _select(
+    job: _Prune, ranked: _Ranked, tasks: Mapping[str, Any], original: Mapping[str, TaskResult]
+) -> _Selection:
+    """The layers each scorer's ranking drops under the strategy, and the random baseline."""
+    options = job.options
     dropped_by: dict[str, list[int]] = {}
-    selection_details: dict[str, Any] = {}
-    default_budget = math.floor(options.fraction * n_layers + 1e-9)
-    for name, order in orders.items():
+    details: dict[str, Any] = {}
+    default_budget = math.floor(options.fraction * job.n_layers + 1e-9)
+    metric = _selection_metric(job, next(iter(tasks)), tasks[next(iter(tasks))])
+    for name, order in ranked.orders.items():
         if options.strategy == "fraction":
             dropped_by[name] = select_fraction(order, options.fraction)
         elif options.strategy == "cumulative":
-            if name not in tables and name not in given_scores:
-                warnings.append(
+            if name not in ranked.tables and name not in ranked.given_scores:
+                job.warnings.append(
                     f"cumulative selection for {name} used L - rank as scores: no {name} scores were passed"
                 )
-            dropped, cumulative, warns = select_cumulative(importance[name], options.tau)
-            warnings.extend(f"{name}: {w}" for w in warns)
+            dropped, cumulative, warns = select_cumulative(ranked.importance[name], options.tau)
+            job.warnings.extend(f"{name}: {w}" for w in warns)
             dropped_by[name] = dropped
-            selection_details[name] = {"cumulative": cumulative}
+            details[name] = {"cumulative": cumulative}
         else:
+            task = next(iter(tasks))
             res = select_iterative(
-                order,
-                selection_metric,
-                higher_is_better=original[selection_task].higher_is_better,
-                delta=options.delta,
-                lam=options.lam,
-                budget=options.budget if options.budget is not None else max(1, default_budget),
-                epsilon=options.epsilon,
-                check=ctx.check_cancelled,
+                order, metric, higher_is_better=original[task].higher_is_better, delta=options.delta,
+                lam=options.lam, budget=options.budget if options.budget is not None else max(1, default_budget),
+                epsilon=options.epsilon, check=job.ctx.check_cancelled,
             )
             dropped_by[name] = res.dropped
-            selection_details[name] = {
-                "metric": f"{selection_task} on the first {options.scoring_examples} examples",
+            details[name] = {
+                "metric": f"{task} on the first {options.scoring_examples} examples",
                 "initial": res.initial,
                 "final": res.final,
                 "tolerance": res.tolerance,
@@ -800,237 +545,221 @@ def _run(
                 "restored": res.kept_after_trial,
                 "steps": [vars(s) for s in res.steps],
             }
-
-    # ---- random-layer baseline: as many layers as AVSS removed (else floor(fraction x L))
+    # The random-layer baseline: as many layers as AVSS removed (else floor(fraction x L)).
     k_random = len(dropped_by["avss"]) if "avss" in dropped_by else default_budget
-    random_sets: list[tuple[int, list[int]]] = []
-    for s in range(options.random_seeds):
-        seed = options.seed + s
-        order = random_scores(n_layers, seed).order()
-        random_sets.append((seed, sorted(order[:k_random])))
+    random_sets = [
+        (seed, sorted(random_scores(job.n_layers, seed).order()[:k_random]))
+        for seed in range(options.seed, options.seed + options.random_seeds)
+    ]
+    return _Selection(dropped_by, details, random_sets, k_random)
 
-    # ---- evaluate every distinct pruned model once
-    distinct = {tuple(d) for d in dropped_by.values()} | {tuple(d) for _, d in random_sets}
-    evaluated: dict[tuple[int, ...], dict[str, TaskResult]] = {}
-    n_params = count_parameters(work)
-    params_after: dict[tuple[int, ...], int] = {}
-    timing: dict[tuple[int, ...], dict[str, float]] = {}
-    batch = (
-        _timing_batch(tokenizer, data, options, max_tokens, model_device(work))
-        if options.timing_runs
-        else None
-    )
+
+def _selection_metric(job: _Prune, task: str, data: Any) -> Callable[[list[int]], float | None]:
+    """The iterative strategy's metric of the model without `dropped` (the first task on the
+    first scoring_examples examples, no bootstrap), each pruning evaluated once."""
+    cache: dict[tuple[int, ...], float | None] = {}
+
+    def metric(dropped: list[int]) -> float | None:
+        key = tuple(sorted(dropped))
+        if key not in cache:
+            with pruned_view(job.model, key, adapter=job.adapter):
+                res = job.evaluate(task, data, stage="prune:iterative", limit=job.options.scoring_examples, n_boot=0)
+            cache[key] = res.value
+        return cache[key]
+
+    return metric
+
+
+def _measure(job: _Prune, tasks: Mapping[str, Any], selection: _Selection, timing_texts: Sequence[str]) -> _Measured:
+    """Evaluate every distinct pruned model once (blocks removed in place, restored after)."""
+    distinct = {tuple(d) for d in selection.dropped_by.values()} | {tuple(d) for _, d in selection.random_sets}
+    measured = _Measured(count_parameters(job.model), {}, {}, {})
+    batch = _timing_batch(job, timing_texts) if job.options.timing_runs else None
     for i, key in enumerate(sorted(distinct)):
-        ctx.check_cancelled()
-        ctx.progress("prune:pruned_models", i, len(distinct))
-        with pruned_view(work, key, adapter=adapter):
-            params_after[key] = count_parameters(work)
-            evaluated[key] = {
-                task: _evaluate_task(task, work, tokenizer, data, options, ctx, max_tokens) for task in tasks
-            }
+        job.ctx.check_cancelled()
+        job.ctx.progress("prune:pruned_models", i, len(distinct))
+        with pruned_view(job.model, key, adapter=job.adapter):
+            measured.params_after[key] = count_parameters(job.model)
+            measured.evaluated[key] = {task: job.evaluate(task, data) for task, data in tasks.items()}
         if batch is not None and key:
-            timing[key] = measure_speedup(work, key, *batch, runs=options.timing_runs, adapter=adapter)
-    ctx.progress("prune:pruned_models", len(distinct), len(distinct))
+            measured.timing[key] = measure_speedup(
+                job.model, key, *batch, runs=job.options.timing_runs, adapter=job.adapter
+            )
+    job.ctx.progress("prune:pruned_models", len(distinct), len(distinct))
+    return measured
 
-    def reduction(key: tuple[int, ...]) -> float:
-        return 100.0 * (n_params - params_after[key]) / n_params if n_params else 0.0
 
-    def speedup(key: tuple[int, ...]) -> float | None:
-        if not key:
-            return 1.0
-        return finite_or_none(timing[key]["speedup"]) if key in timing else None
+def _timing_batch(job: _Prune, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    encoded = [e for e in encode_texts(job.tokenizer, texts[: job.options.timing_batch_size], job.max_tokens) if e]
+    if not encoded:
+        return None
+    ids, mask = pad_batch(encoded, pad_id(job.tokenizer))
+    device = model_device(job.model)
+    return ids.to(device), mask.to(device)
 
-    # ---- assemble rows, table and summary
+
+def _metric_rows(scope: str, res: TaskResult) -> list[MetricRow]:
+    return [MetricRow(scope, name, mv.value, mv.ci_low, mv.ci_high, mv.n) for name, mv in res.metrics.items()]
+
+
+def _scorer_row(
+    task: str, name: str, dropped: list[int], orig: TaskResult, measured: _Measured, metrics: list[MetricRow]
+) -> dict[str, Any]:
+    key = tuple(dropped)
+    res = measured.evaluated[key][task]
+    scope = f"task={task},scorer={name}"
+    row: dict[str, Any] = {"scorer": name, "layers_removed": list(dropped)}
+    for mname, mv in res.metrics.items():
+        metrics.append(MetricRow(scope, mname, mv.value, mv.ci_low, mv.ci_high, mv.n))
+        kept = retained_pct(orig.metrics[mname].value, mv.value, mv.higher_is_better)
+        suffix = "" if mname == res.primary else f"_{mname}"
+        metrics.append(MetricRow(scope, f"retained_pct{suffix}", finite_or_none(kept)))
+        row[mname] = mv.value
+        row[f"{mname}_ci"] = [mv.ci_low, mv.ci_high]
+        row[f"retained_pct{suffix}"] = finite_or_none(kept)
+    row["parameter_reduction_pct"] = measured.reduction(key)
+    row["speedup"] = measured.speedup(key)
+    return row
+
+
+def _random_row(
+    task: str, orig: TaskResult, selection: _Selection, measured: _Measured, metrics: list[MetricRow]
+) -> dict[str, Any]:
+    per_seed: dict[str, list[float]] = {}
+    for seed, dropped in selection.random_sets:
+        res = measured.evaluated[tuple(dropped)][task]
+        metrics.extend(_metric_rows(f"task={task},scorer=random,seed={seed}", res))
+        for mname, mv in res.metrics.items():
+            if mv.value is not None:
+                per_seed.setdefault(mname, []).append(mv.value)
+    row: dict[str, Any] = {
+        "scorer": "random", "seeds": [s for s, _ in selection.random_sets],
+        "layers_removed_count": selection.k_random,
+    }
+    scope = f"task={task},scorer=random"
+    for mname, values in per_seed.items():
+        mean = float(np.mean(values)) if values else None
+        std = float(np.std(values)) if values else None
+        kept = retained_pct(orig.metrics[mname].value, mean, orig.metrics[mname].higher_is_better)
+        suffix = "" if mname == orig.primary else f"_{mname}"
+        metrics.append(MetricRow(scope, mname, finite_or_none(mean), n=len(values)))
+        metrics.append(MetricRow(scope, f"{mname}_std", finite_or_none(std), n=len(values)))
+        metrics.append(MetricRow(scope, f"retained_pct{suffix}", finite_or_none(kept)))
+        row[mname] = finite_or_none(mean)
+        row[f"{mname}_std"] = finite_or_none(std)
+        row[f"{mname}_per_seed"] = values
+        row[f"retained_pct{suffix}"] = finite_or_none(kept)
+    keys = [tuple(d) for _, d in selection.random_sets]
+    row["parameter_reduction_pct"] = float(np.mean([measured.reduction(k) for k in keys]))
+    sp = [v for v in (measured.speedup(k) for k in keys) if v is not None]
+    row["speedup"] = float(np.mean(sp)) if sp else None
+    return row
+
+
+def _task_tables(
+    job: _Prune, original: Mapping[str, TaskResult], selection: _Selection, measured: _Measured
+) -> tuple[list[MetricRow], list[dict[str, Any]]]:
+    """Per task: the original metrics, a row per scorer and the random baseline's row."""
     metrics: list[MetricRow] = []
     table: list[dict[str, Any]] = []
-    for task in tasks:
-        orig = original[task]
-        hib = orig.higher_is_better
-        for mname, mv in orig.metrics.items():
-            metrics.append(
-                MetricRow(f"task={task},scorer=original", mname, mv.value, mv.ci_low, mv.ci_high, mv.n)
-            )
-        rows: list[dict[str, Any]] = []
-        for name, dropped in dropped_by.items():
-            key = tuple(dropped)
-            res = evaluated[key][task]
-            scope = f"task={task},scorer={name}"
-            row: dict[str, Any] = {"scorer": name, "layers_removed": list(dropped)}
-            for mname, mv in res.metrics.items():
-                metrics.append(MetricRow(scope, mname, mv.value, mv.ci_low, mv.ci_high, mv.n))
-                kept = retained_pct(orig.metrics[mname].value, mv.value, mv.higher_is_better)
-                suffix = "" if mname == res.primary else f"_{mname}"
-                metrics.append(MetricRow(scope, f"retained_pct{suffix}", finite_or_none(kept)))
-                row[mname] = mv.value
-                row[f"{mname}_ci"] = [mv.ci_low, mv.ci_high]
-                row[f"retained_pct{suffix}"] = finite_or_none(kept)
-            row["parameter_reduction_pct"] = reduction(key)
-            row["speedup"] = speedup(key)
-            rows.append(row)
-        if random_sets:
-            per_seed: dict[str, list[float]] = {}
-            for seed, dropped in random_sets:
-                res = evaluated[tuple(dropped)][task]
-                for mname, mv in res.metrics.items():
-                    metrics.append(
-                        MetricRow(
-                            f"task={task},scorer=random,seed={seed}",
-                            mname,
-                            mv.value,
-                            mv.ci_low,
-                            mv.ci_high,
-                            mv.n,
-                        )
-                    )
-                    if mv.value is not None:
-                        per_seed.setdefault(mname, []).append(mv.value)
-            row = {"scorer": "random", "seeds": [s for s, _ in random_sets], "layers_removed_count": k_random}
-            for mname, values in per_seed.items():
-                mean = float(np.mean(values)) if values else None
-                std = float(np.std(values)) if values else None
-                kept = retained_pct(orig.metrics[mname].value, mean, orig.metrics[mname].higher_is_better)
-                suffix = "" if mname == orig.primary else f"_{mname}"
-                scope = f"task={task},scorer=random"
-                metrics.append(MetricRow(scope, mname, finite_or_none(mean), n=len(values)))
-                metrics.append(MetricRow(scope, f"{mname}_std", finite_or_none(std), n=len(values)))
-                metrics.append(MetricRow(scope, f"retained_pct{suffix}", finite_or_none(kept)))
-                row[mname] = finite_or_none(mean)
-                row[f"{mname}_std"] = finite_or_none(std)
-                row[f"{mname}_per_seed"] = values
-                row[f"retained_pct{suffix}"] = finite_or_none(kept)
-            keys = [tuple(d) for _, d in random_sets]
-            row["parameter_reduction_pct"] = float(np.mean([reduction(k) for k in keys]))
-            sp = [speedup(k) for k in keys]
-            row["speedup"] = (
-                float(np.mean([v for v in sp if v is not None])) if any(v is not None for v in sp) else None
-            )
-            rows.append(row)
+    for task, orig in original.items():
+        metrics.extend(_metric_rows(f"task={task},scorer=original", orig))
+        rows = [
+            _scorer_row(task, name, dropped, orig, measured, metrics)
+            for name, dropped in selection.dropped_by.items()
+        ]
+        if selection.random_sets:
+            rows.append(_random_row(task, orig, selection, measured, metrics))
+        primary = orig.metrics[orig.primary]
         entry = {
             "task": task,
             "metric": orig.primary,
-            "higher_is_better": hib,
+            "higher_is_better": orig.higher_is_better,
             "original": orig.value,
-            "original_ci": [orig.metrics[orig.primary].ci_low, orig.metrics[orig.primary].ci_high],
-            "n": orig.metrics[orig.primary].n,
+            "original_ci": [primary.ci_low, primary.ci_high],
+            "n": primary.n,
             "rows": rows,
             "details": orig.details,
         }
-        # Does AVSS lose to a baseline here?
-        avss_row = next((r for r in rows if r["scorer"] == "avss"), None)
-        if avss_row is not None and avss_row.get(orig.primary) is not None:
-            a = avss_row[orig.primary]
-            better = [
-                r["scorer"]
-                for r in rows
-                if r["scorer"] != "avss"
-                and r.get(orig.primary) is not None
-                and ((r[orig.primary] > a) if hib else (r[orig.primary] < a))
-            ]
-            entry["avss_beaten_by"] = better
-            if better:
-                best = max if hib else min
-                b_row = best((r for r in rows if r["scorer"] in better), key=lambda r: r[orig.primary])
-                warnings.append(
-                    f"AVSS loses on {task}: pruned by AVSS the {orig.primary} is {_fmt(a)}, worse than with "
-                    f"{', '.join(better)} (best: {b_row['scorer']} {_fmt(b_row[orig.primary])}; "
-                    f"original {_fmt(orig.value)})"
-                )
+        _compare_avss(job, task, orig, rows, entry)
         table.append(entry)
+    return metrics, table
 
-    for name, dropped in dropped_by.items():
-        scope = f"scorer={name}"
-        key = tuple(dropped)
+
+def _compare_avss(job: _Prune, task: str, orig: TaskResult, rows: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+    """Does AVSS lose to a baseline here? (`avss_beaten_by`, and a warning when it does)."""
+    avss_row = next((r for r in rows if r["scorer"] == "avss"), None)
+    if avss_row is None or avss_row.get(orig.primary) is None:
+        return
+    a, hib, primary = avss_row[orig.primary], orig.higher_is_better, orig.primary
+    better = [
+        r["scorer"] for r in rows
+        if r["scorer"] != "avss" and r.get(primary) is not None and ((r[primary] > a) if hib else (r[primary] < a))
+    ]
+    entry["avss_beaten_by"] = better
+    if better:
+        best = max if hib else min
+        b_row = best((r for r in rows if r["scorer"] in better), key=lambda r: r[primary])
+        job.warnings.append(
+            f"AVSS loses on {task}: pruned by AVSS the {primary} is {_fmt(a)}, worse than with "
+            f"{', '.join(better)} (best: {b_row['scorer']} {_fmt(b_row[primary])}; original {_fmt(orig.value)})"
+        )
+
+
+def _scorer_metrics(job: _Prune, ranked: _Ranked, selection: _Selection, measured: _Measured) -> list[MetricRow]:
+    metrics: list[MetricRow] = []
+    for name, dropped in selection.dropped_by.items():
+        scope, key = f"scorer={name}", tuple(dropped)
         metrics.append(MetricRow(scope, "layers_removed", float(len(dropped))))
-        metrics.append(MetricRow(scope, "parameter_reduction_pct", finite_or_none(reduction(key))))
-        metrics.append(MetricRow(scope, "speedup", speedup(key), n=options.timing_runs or None))
-        if name in tables:
-            metrics.append(MetricRow(scope, "scoring_seconds", finite_or_none(tables[name].seconds)))
+        metrics.append(MetricRow(scope, "parameter_reduction_pct", finite_or_none(measured.reduction(key))))
+        metrics.append(MetricRow(scope, "speedup", measured.speedup(key), n=job.options.timing_runs or None))
+        if name in ranked.tables:
+            metrics.append(MetricRow(scope, "scoring_seconds", finite_or_none(ranked.tables[name].seconds)))
+    return metrics
 
-    # ---- per-layer rows
+
+def _layer_rows(job: _Prune, ranked: _Ranked, selection: _Selection) -> list[LayerRow]:
+    """Per scorer and layer: its score or rank, whether it is pruned, the cumulative share."""
     layers: list[LayerRow] = []
-    for name in dropped_by:
-        drop = set(dropped_by[name])
-        if name in tables:
-            rows_l = tables[name].layer_rows()
+    for name, dropped in selection.dropped_by.items():
+        drop = set(dropped)
+        if name in ranked.tables:
+            rows = ranked.tables[name].layer_rows()
         else:
-            ranks = ranks_from_order(orders[name])
-            given = given_scores.get(name)
-            rows_l = [
+            ranks = ranks_from_order(ranked.orders[name])
+            given = ranked.given_scores.get(name)
+            rows = [
                 LayerRow(
-                    layer=i,
-                    block_name=block_names[i],
-                    scorer=name,
-                    values={
-                        "rank": float(ranks[i]),
-                        **({"score": finite_or_none(given[i])} if given else {}),
-                    },
+                    layer=i, block_name=job.block_names[i], scorer=name,
+                    values={"rank": float(ranks[i]), **({"score": finite_or_none(given[i])} if given else {})},
                 )
-                for i in range(n_layers)
+                for i in range(job.n_layers)
             ]
-        for r in rows_l:
+        cumulative = selection.details.get(name, {}).get("cumulative")
+        for r in rows:
             r.values["prune"] = 1.0 if r.layer in drop else 0.0
-            cum = selection_details.get(name, {}).get("cumulative")
-            if cum is not None:
-                r.values["cumulative"] = finite_or_none(cum[r.layer])
-        layers.extend(rows_l)
+            if cumulative is not None:
+                r.values["cumulative"] = finite_or_none(cumulative[r.layer])
+        layers.extend(rows)
+    return layers
 
-    agreement = pairwise_agreement({name: importance[name] for name in orders})
 
-    # ---- optional export
-    artifacts: list[ArtifactFile] = []
-    if options.export:
-        name = options.export_scorer
-        if name not in dropped_by:
-            warnings.append(f"export skipped: scorer {name} produced no ranking")
-        else:
-            key = tuple(dropped_by[name])
-            est = (
-                sum(p.numel() * p.element_size() for p in work.parameters())
-                * params_after[key]
-                / max(n_params, 1)
-            )
-            if est > options.export_max_bytes:
-                warnings.append(
-                    f"export skipped: the pruned model is about {est / 1e6:.0f} MB, above export_max_bytes"
-                )
-            else:
-                ctx.check_cancelled()
-                with pruned_view(work, key, adapter=adapter):
-                    blob = export_pruned_model(work, tokenizer)
-                artifacts.append(ArtifactFile(f"pruned-model-{name}.tar.gz", "application/gzip", blob))
-
-    summary: dict[str, Any] = {
-        "strategy": options.strategy,
-        "options": options.model_dump(),
-        "n_layers": n_layers,
-        "original_parameters": n_params,
-        "tasks": tasks,
-        "table": table,
-        "layers_removed": dropped_by,
-        "random_baseline": {
-            "seeds": [s for s, _ in random_sets],
-            "layers_removed_count": k_random,
-            "layers_removed": {str(s): d for s, d in random_sets},
-            "note": "each seed removes as many random layers as AVSS did (floor(fraction x L) without AVSS)",
-        },
-        "agreement": agreement,
-        "scoring_seconds": {name: t.seconds for name, t in tables.items()},
-        "scoring_examples": len(scoring_texts),
-        "selection": selection_details,
-        "choices": {
-            "ranking": "higher score = more important; ties: lower layer index first",
-            "angular_distance_positions": options.angular_positions,
-            "lrp": "epsilon rule on linear layers, gradient x input elsewhere; relevance of each block's residual "
-            "update (approximation, see worker/scoring/baselines.py)",
-            "cim": "leave-one-layer-out increase of the mean next-token NLL per context",
-            "retained_pct": "pruned / original x 100; original / pruned x 100 for perplexity",
-            "speedup": "median original / median pruned forward time on one batch, timed alternately; measured",
-            "scoring_data": "the baselines score on the first scoring_examples texts of the evaluated set",
-        },
-        "seconds": time.perf_counter() - started,
-    }
-    if timing:
-        summary["timing"] = {",".join(map(str, k)): v for k, v in timing.items()}
-    return StageResult(
-        stage="prune", layers=layers, metrics=metrics, artifacts=artifacts, summary=summary, warnings=warnings
-    )
+def _export(job: _Prune, selection: _Selection, measured: _Measured) -> list[ArtifactFile]:
+    """The pruned model of `export_scorer` (save_pretrained, .tar.gz), when asked and small enough."""
+    options = job.options
+    if not options.export:
+        return []
+    name = options.export_scorer
+    if name not in selection.dropped_by:
+        job.warnings.append(f"export skipped: scorer {name} produced no ranking")
+        return []
+    key = tuple(selection.dropped_by[name])
+    size = sum(p.numel() * p.element_size() for p in job.model.parameters())
+    est = size * measured.params_after[key] / max(measured.n_params, 1)
+    if est > options.export_max_bytes:
+        job.warnings.append(f"export skipped: the pruned model is about {est / 1e6:.0f} MB, above export_max_bytes")
+        return []
+    job.ctx.check_cancelled()
+    with pruned_view(job.model, key, adapter=job.adapter):
+        blob = export_pruned_model(job.model, job.tokenizer)
+    return [ArtifactFile(f"pruned-model-{name}.tar.gz", "application/gzip", blob)]

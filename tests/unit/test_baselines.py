@@ -11,7 +11,7 @@ import torch
 from app.config import Settings
 from app.schemas import ModelSpec
 from worker.modelzoo import load_model
-from worker.pruning import remove_blocks
+from worker.modelzoo.surgery import remove_blocks
 from worker.scoring.agreement import (
     average_ranks,
     importance_from_order,
@@ -21,16 +21,12 @@ from worker.scoring.agreement import (
     ranks_from_order,
     spearman_rho,
 )
-from worker.scoring.baselines import (
-    BASELINE_SCORERS,
-    angular_distance,
-    block_influence,
-    cim,
-    compute_scores,
-    gbis,
-    lrp,
-    random_scores,
-)
+from worker.scoring.scorers import SCORERS, compute_scores, computed_scorers, random_scores
+from worker.scoring.scorers.angular_distance import angular_distance
+from worker.scoring.scorers.block_influence import block_influence
+from worker.scoring.scorers.cim import cim
+from worker.scoring.scorers.gbis import gbis
+from worker.scoring.scorers.lrp import lrp
 from worker.stage import JobFailed
 
 TEXTS = [
@@ -67,7 +63,7 @@ def _lm_loss_sum(logits, ids, mask):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("scorer", sorted(BASELINE_SCORERS))
+@pytest.mark.parametrize("scorer", sorted(computed_scorers()))
 def test_scorer_table_shape_finite_permutation(models, arch, scorer):
     loaded = models[arch]
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
@@ -89,16 +85,22 @@ def test_scorer_table_shape_finite_permutation(models, arch, scorer):
 
 
 def test_unknown_scorer_and_encoder_refusals(models):
-    with pytest.raises(JobFailed) as exc:
-        compute_scores("nope", models["llama"].model, models["llama"].tokenizer, TEXTS)
-    assert exc.value.error_type == "scorer_unknown"
-    bert = models["bert"]
-    for fn in (gbis, lrp, cim):
+    for name in ("nope", "avss"):  # avss's ranking comes from its stage, not from compute_scores
         with pytest.raises(JobFailed) as exc:
-            fn(bert.model, bert.tokenizer, TEXTS)
-        assert exc.value.error_type == "scorer_unsupported"
-    table = block_influence(bert.model, bert.tokenizer, TEXTS)
-    assert len(table.scores) == 4 and all(math.isfinite(s) for s in table.scores)
+            compute_scores(name, models["llama"].model, models["llama"].tokenizer, TEXTS)
+        assert exc.value.error_type == "scorer_unknown"
+    bert = models["bert"]
+    # What a scorer declares is what it does: those needing a causal LM refuse an encoder.
+    for name in computed_scorers():
+        if SCORERS[name].needs_causal_lm:
+            with pytest.raises(JobFailed) as exc:
+                compute_scores(name, bert.model, bert.tokenizer, TEXTS)
+            assert exc.value.error_type == "scorer_unsupported"
+        else:
+            table = compute_scores(name, bert.model, bert.tokenizer, TEXTS)
+            assert len(table.scores) == 4 and all(math.isfinite(s) for s in table.scores)
+    assert {n for n in computed_scorers() if SCORERS[n].needs_causal_lm} == {"gbis", "lrp", "cim"}
+    assert {n for n in SCORERS if SCORERS[n].needs_gradients} == {"gbis", "lrp"}
 
 
 # ------------------------------------------------------ direct computations

@@ -209,7 +209,7 @@ SCORE_TEXTS = [
 
 @pytest.mark.parametrize("scorer", ["block_influence", "gbis", "lrp", "cim"])
 def test_scorers_back_off_and_match_an_unfailed_run(tiny_llama_lm, scorer):
-    from worker.scoring.baselines import compute_scores
+    from worker.scoring.scorers import compute_scores
 
     model, tok = tiny_llama_lm.model, tiny_llama_lm.tokenizer
     clean = compute_scores(scorer, model, tok, SCORE_TEXTS, batch_size=2, max_tokens=32)
@@ -229,11 +229,14 @@ def test_gradient_scorers_keep_no_activation_for_parameter_grads(monkeypatch):
     layer input kept for a weight gradient); measured as the distinct bytes packed by
     saved-tensor hooks on a small-vocabulary Llama (so the LM head's logits do not dominate)."""
     import contextlib
+    import importlib
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.unit.test_profiler_fixtures import CharTokenizer
-    from worker.scoring import baselines
+    from worker.scoring import scorers
+
+    gbis, lrp = (importlib.import_module(f"worker.scoring.scorers.{n}") for n in ("gbis", "lrp"))
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
@@ -256,10 +259,11 @@ def test_gradient_scorers_keep_no_activation_for_parameter_grads(monkeypatch):
         return sum(seen.values()), table
 
     for name in ("gbis", "lrp"):
-        run = lambda name=name: baselines.compute_scores(name, model, tok, SCORE_TEXTS, batch_size=5)  # noqa: E731
+        run = lambda name=name: scorers.compute_scores(name, model, tok, SCORE_TEXTS, batch_size=5)  # noqa: E731
         frozen, table_frozen = saved_bytes(run)
         with monkeypatch.context() as m:
-            m.setattr(baselines, "_frozen_parameters", lambda model: contextlib.nullcontext())
+            for module in (gbis, lrp):
+                m.setattr(module, "frozen_parameters", lambda model: contextlib.nullcontext())
             before, table_before = saved_bytes(run)
         assert all(p.requires_grad for p in model.parameters())  # flags restored
         torch.testing.assert_close(

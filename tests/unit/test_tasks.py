@@ -11,7 +11,6 @@ import transformers as tf
 
 from app.config import Settings
 from app.schemas import ModelSpec
-from worker.evaluation import tasks as tasks_mod
 from worker.evaluation.correctness import token_f1
 from worker.evaluation.tasks import (
     evaluate_classification,
@@ -21,6 +20,7 @@ from worker.evaluation.tasks import (
     generate_answers,
     sliding_windows,
 )
+from worker.evaluation.tasks import qa as tasks_mod
 from worker.lm.tokens import encode_texts, pad_batch
 from worker.modelzoo import load_model
 from worker.stage import JobContext, JobFailed

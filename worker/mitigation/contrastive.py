@@ -39,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.evaluation.tasks import model_device
+from worker.lm.model import model_device
+from worker.lm.tokens import pad_id
 from worker.mitigation.patch import block_parameters, restore, snapshot
 from worker.stage import JobContext, JobFailed
 
@@ -117,7 +118,7 @@ def _encode(tokenizer: Any, groups: Sequence[CandidateGroup], max_tokens: int) -
             rows.append((ids, n_prefix))
         members.append(mine)
     width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     question = torch.zeros((len(rows), width), dtype=torch.bool)

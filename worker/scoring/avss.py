@@ -34,7 +34,7 @@ import numpy as np
 
 from worker.profiler.profiler import Profile
 from worker.profiler.stats import RunningStats
-from worker.scoring.agreement import Ranking
+from worker.scoring.agreement import Ranking, pruning_order, ranks_from_order, spearman_rho
 from worker.stage import ArtifactFile, JobFailed, LayerRow, MetricRow, StageResult, finite_or_none
 
 if TYPE_CHECKING:
@@ -170,18 +170,13 @@ def normalized_avss(avss: Sequence[float] | np.ndarray) -> np.ndarray:
 
 def ranking(scores: Sequence[float] | np.ndarray) -> list[int]:
     """Layer positions sorted ascending by score (lowest first, ties by position; a
-    non-finite score sorts last)."""
-    s = _arr(scores)
-    key = np.where(np.isfinite(s), s, np.inf)
-    return [int(i) for i in np.argsort(key, kind="stable")]
+    non-finite score sorts last): `worker.scoring.agreement.pruning_order`."""
+    return pruning_order(_arr(scores).tolist())
 
 
 def rank_ascending(scores: Sequence[float] | np.ndarray) -> np.ndarray:
     """Rank per layer, 1 = lowest score (first pruning candidate)."""
-    order = ranking(scores)
-    ranks = np.empty(len(order), dtype=np.int64)
-    ranks[order] = np.arange(1, len(order) + 1)
-    return ranks
+    return np.asarray(ranks_from_order(ranking(scores)), dtype=np.int64)
 
 
 def cumulative_impact(navss: Sequence[float] | np.ndarray, ranks: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -208,15 +203,13 @@ def massive_activation_layers(
 
 
 def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Spearman rank correlation of two score vectors (NaN when undefined)."""
-    ra = rank_ascending(a).astype(np.float64)
-    rb = rank_ascending(b).astype(np.float64)
-    if ra.size < 2:
+    """Spearman rank correlation of two score vectors, ties sharing their mean rank
+    (`worker.scoring.agreement.spearman_rho`); NaN when undefined or a score is not finite."""
+    x, y = _arr(a), _arr(b)
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         return math.nan
-    ra -= ra.mean()
-    rb -= rb.mean()
-    den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / den) if den > 0 else math.nan
+    rho = spearman_rho(x.tolist(), y.tolist())
+    return math.nan if rho is None else rho
 
 
 @dataclass

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from worker.scoring.agreement import Ranking
 from worker.stage import LayerRow, finite_or_none
 
 __all__ = ["Combine", "EAVSSResult", "ZeroSum", "compute_eavss", "to_layer_rows"]
@@ -178,10 +179,8 @@ def compute_eavss(
     else:
         eavss = beta * nav + (1.0 - beta) * hcs
 
-    ranking = [int(i) for i in np.argsort(-eavss, kind="stable")]
-    rank = [0] * n_layers
-    for pos, layer in enumerate(ranking):
-        rank[layer] = pos + 1
+    order = Ranking.from_scores(eavss.tolist(), first="highest")  # ties: lower index first; NaN last
+    ranking, rank = list(order.order), order.ranks()
 
     def out(x: np.ndarray) -> list[float]:
         return [float(v) for v in np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)]

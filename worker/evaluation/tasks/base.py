@@ -1,0 +1,142 @@
+"""What every evaluation task is and shares: the `Task` declaration, the `TaskResult`
+it returns, and reading fields of examples.
+
+Each evaluator runs the model batched under `torch.inference_mode`, reports
+progress with `ctx.progress(stage, done, total)` and checks for cancellation
+between batches, and returns a `TaskResult`: every metric with its value, a
+bootstrap 95% percentile interval over *examples* (`worker.evaluation.bootstrap`)
+and the number of examples it is over.
+
+Examples: an example is a `str` (its text), a mapping, or an object with
+attributes (e.g. `worker.datasets.Example`); the fields read are `text`,
+`question`, `answer` and `label`, the latter also from `meta["columns"]`
+(`example_field`).
+
+A `Task` (one module each, registered in `worker.evaluation.tasks`) declares its
+`name`, whether its primary metric is `higher_is_better`, a `prepare` step that
+collects its data from the examples or says why it cannot run (a skip reason the
+prune stage turns into a warning), and `evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+import torch
+
+from worker.lm.model import is_causal_lm
+from worker.stage import JobContext, JobFailed, finite_or_none
+
+if TYPE_CHECKING:
+    from app.schemas import PruneOptions
+
+D = TypeVar("D")
+
+
+@dataclass
+class MetricValue:
+    """One metric: value, bootstrap 95% interval over examples, number of examples."""
+
+    name: str
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+    higher_is_better: bool
+
+
+@dataclass
+class TaskResult:
+    """What an evaluator measured. `metrics` keeps the primary metric first."""
+
+    task: str  # "perplexity" | "classification" | "qa"
+    primary: str
+    metrics: dict[str, MetricValue]
+    per_example: dict[str, list[float]] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def value(self) -> float | None:
+        return self.metrics[self.primary].value
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metrics[self.primary].higher_is_better
+
+
+def metric(name: str, value: float | None, ci: Any, n: int, higher_is_better: bool) -> MetricValue:
+    return MetricValue(
+        name=name,
+        value=finite_or_none(value),
+        ci_low=finite_or_none(ci.low) if ci is not None else None,
+        ci_high=finite_or_none(ci.high) if ci is not None else None,
+        n=n,
+        higher_is_better=higher_is_better,
+    )
+
+
+def example_field(example: Any, name: str) -> Any:
+    """The field `name` of an example (str = its text; mapping; or attribute), or None.
+    A field missing there is looked up in `meta["columns"]`, where
+    `worker.datasets.Example` keeps unmapped source columns (e.g. a `label`)."""
+    if isinstance(example, str):
+        return example if name == "text" else None
+    if isinstance(example, Mapping):
+        value = example.get(name)
+        meta = example.get("meta")
+    else:
+        value = getattr(example, name, None)
+        meta = getattr(example, "meta", None)
+    if value is None and isinstance(meta, Mapping):
+        columns = meta.get("columns")
+        if isinstance(columns, Mapping):
+            value = columns.get(name)
+    return value
+
+
+def job_context(ctx: JobContext | None) -> JobContext:
+    return ctx if ctx is not None else JobContext()
+
+
+def require_causal(model: torch.nn.Module, task: str) -> None:
+    if not is_causal_lm(model):
+        raise JobFailed(
+            "task_unsupported",
+            f"{task} needs a causal language model with an LM head; {type(model).__name__} is not one "
+            "(an encoder such as BERT cannot compute it)",
+        )
+
+
+@dataclass
+class TaskRun:
+    """How the prune stage runs a task: batching, progress, bootstrap, and at most `limit` examples."""
+
+    max_tokens: int
+    batch_size: int
+    ctx: JobContext
+    progress_stage: str
+    n_boot: int
+    seed: int
+    limit: int | None = None
+
+
+class Task(Generic[D]):
+    """An evaluation task, declared as a class (as the architecture adapters are)."""
+
+    name: ClassVar[str]
+    higher_is_better: ClassVar[bool]  # of its primary metric
+    description: ClassVar[str]
+
+    def prepare(
+        self, model: torch.nn.Module, examples: Sequence[Any], qa_examples: Sequence[Any] | None,
+        options: PruneOptions,
+    ) -> D | str:
+        """The task's data (at most `options.eval_examples` examples), or why it cannot run here."""
+        raise NotImplementedError
+
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer: Any, data: D, options: PruneOptions, run: TaskRun
+    ) -> TaskResult:
+        raise NotImplementedError

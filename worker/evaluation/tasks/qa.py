@@ -1,0 +1,237 @@
+"""`qa` -> `f1` (primary) and `exact_match` (causal LMs).
+
+- Generative: greedy decoding (no sampling, one beam) after
+  `prompt_template.format(question=...)` (optionally wrapped as a user message in
+  the tokenizer's chat template, `chat_template=True`, for instruct models),
+  prompts left-padded, the model's KV cache in use, at most `max_new_tokens`
+  tokens; the answer is the generated text, leading whitespace skipped, up to its
+  first newline (an immediate end-of-sequence gives an empty answer, scored 0). Scored with SQuAD token F1 and exact match
+  after SQuAD normalization (`worker.evaluation.correctness`), the maximum
+  over the gold aliases (split on "; ").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from worker.evaluation.bootstrap import bootstrap_ci
+from worker.evaluation.correctness import exact_match, split_aliases, token_f1
+from worker.evaluation.tasks.base import (
+    Task,
+    TaskResult,
+    TaskRun,
+    example_field,
+    job_context,
+    metric,
+    require_causal,
+)
+from worker.lm.batching import AutoBatch
+from worker.lm.model import is_causal_lm, model_device
+from worker.lm.tokens import by_length, encode_texts, pad_batch, pad_id
+from worker.stage import JobContext, JobFailed
+
+if TYPE_CHECKING:
+    from app.schemas import PruneOptions
+
+
+def _first_line(text: str) -> str:
+    """The answer: the generated text up to its first newline, leading whitespace skipped."""
+    return text.lstrip().split("\n", 1)[0].strip()
+
+
+class _NewlineStop:
+    """Stopping criterion: a row is done once its generated text, leading whitespace
+    skipped, holds a newline."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int):
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, self.prompt_len :].tolist()
+        done = ["\n" in self.tokenizer.decode(row, skip_special_tokens=True).lstrip() for row in new]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 24,
+    max_tokens: int | None = 256,
+    batch_size: int = 8,
+    ctx: JobContext | None = None,
+    progress_stage: str = "evaluate:qa",
+    chat_template: bool = False,
+) -> list[str]:
+    """Greedy answers (up to the first newline), prompts left-padded, KV cache on.
+    `chat_template=True` wraps each prompt as a user message in the tokenizer's chat
+    template (with the generation prompt); `JobFailed` when the tokenizer has none."""
+    import transformers
+
+    ctx = job_context(ctx)
+    device = model_device(model)
+    pad = pad_id(tokenizer)
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise JobFailed(
+                "task_invalid", "qa_chat_template was asked for but the tokenizer has no chat template"
+            )
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+        encoded = encode_texts(tokenizer, texts, max_tokens, add_special_tokens=False)
+    else:
+        encoded = encode_texts(tokenizer, prompts, max_tokens)
+    answers = [""] * len(prompts)
+    eos = tokenizer.eos_token_id
+    gen_config = transformers.GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        use_cache=True,
+    )
+    order = by_length([len(e) for e in encoded])
+    batcher = AutoBatch("generate", model, batch_size)  # OOM back-off, see worker/lm/batching.py
+    ctx.progress(progress_stage, 0, batcher.total_for(order))
+    with torch.inference_mode():
+
+        def run_batch(batch: list[int]) -> None:  # writes its own rows: a retry rewrites them
+            ctx.check_cancelled()
+            ids, mask = pad_batch([encoded[i] for i in batch], pad, side="left")
+            stop = transformers.StoppingCriteriaList([_NewlineStop(tokenizer, ids.shape[1])])
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=gen_config,
+                stopping_criteria=stop,
+            )
+            for row, i in enumerate(batch):
+                text = tokenizer.decode(out[row, ids.shape[1] :].tolist(), skip_special_tokens=True)
+                answers[i] = _first_line(text)
+
+        for _ in batcher.run(order, run_batch):
+            ctx.progress(progress_stage, batcher.done, batcher.total)
+    return answers
+
+
+def evaluate_qa(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    questions: Sequence[str],
+    answers: Sequence[str | Sequence[str]],
+    *,
+    prompt_template: str = "Question: {question}\nAnswer:",
+    max_new_tokens: int = 24,
+    max_tokens: int | None = 256,
+    batch_size: int = 8,
+    ctx: JobContext | None = None,
+    progress_stage: str = "evaluate:qa",
+    n_boot: int = 1000,
+    seed: int = 0,
+    keep_predictions: int = 5,
+    chat_template: bool = False,
+) -> TaskResult:
+    """Generative QA: SQuAD token F1 (primary) and exact match, max over gold aliases."""
+    if len(questions) != len(answers):
+        raise ValueError("questions and answers must have the same length")
+    require_causal(model, "generative question answering")
+    golds = [split_aliases(a) for a in answers]
+    prompts = [prompt_template.format(question=q) for q in questions]
+    preds = generate_answers(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        ctx=ctx,
+        progress_stage=progress_stage,
+        chat_template=chat_template,
+    )
+    f1 = np.array(
+        [max((token_f1(p, g) for g in gs), default=0.0) for p, gs in zip(preds, golds, strict=True)],
+        dtype=np.float64,
+    )
+    em = np.array(
+        [float(any(exact_match(p, g) for g in gs)) for p, gs in zip(preds, golds, strict=True)],
+        dtype=np.float64,
+    )
+    n = len(preds)
+    mean = lambda a: a.mean(axis=1)  # noqa: E731
+    ci_f1 = bootstrap_ci(mean, f1, n_boot=n_boot, seed=seed, batched=True)
+    ci_em = bootstrap_ci(mean, em, n_boot=n_boot, seed=seed, batched=True)
+    return TaskResult(
+        task="qa",
+        primary="f1",
+        metrics={
+            "f1": metric("f1", float(f1.mean()) if n else None, ci_f1, n, True),
+            "exact_match": metric("exact_match", float(em.mean()) if n else None, ci_em, n, True),
+        },
+        per_example={"f1": f1.tolist(), "exact_match": em.tolist()},
+        details={
+            "prompt_template": prompt_template,
+            "max_new_tokens": max_new_tokens,
+            "decoding": "greedy, stop at newline",
+            "chat_template": chat_template,
+            "examples": [
+                {"question": q, "prediction": p, "gold": "; ".join(g)}
+                for q, p, g in list(zip(questions, preds, golds, strict=True))[:keep_predictions]
+            ],
+        },
+    )
+
+
+@dataclass
+class QAPairs:
+    questions: list[str]
+    answers: list[str]
+
+
+def qa_pairs(examples: Sequence[Any], qa_examples: Sequence[Any] | None, options: PruneOptions) -> QAPairs:
+    """Question/answer pairs of `qa_examples` (default: the examples), at most `eval_examples`;
+    several gold answers joined by "; "."""
+    data = QAPairs([], [])
+    for ex in qa_examples if qa_examples is not None else examples:
+        q, a = example_field(ex, "question"), example_field(ex, "answer")
+        if isinstance(q, str) and q.strip() and a is not None and str(a).strip():
+            data.questions.append(q)
+            data.answers.append(a if isinstance(a, str) else "; ".join(map(str, a)))
+    limit = options.eval_examples
+    return QAPairs(data.questions[:limit], data.answers[:limit])
+
+
+class QA(Task[QAPairs]):
+    name = "qa"
+    higher_is_better = True
+    description = "generative QA, greedy up to the first newline: SQuAD token F1 and exact match"
+
+    def prepare(
+        self, model: torch.nn.Module, examples: Sequence[Any], qa_examples: Sequence[Any] | None,
+        options: PruneOptions,
+    ) -> QAPairs | str:
+        if not is_causal_lm(model):
+            return f"generative QA needs a causal LM, {type(model).__name__} is not one"
+        data = qa_pairs(examples, qa_examples, options)
+        return data if data.questions else "no examples with question and answer fields were given"
+
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer: Any, data: QAPairs, options: PruneOptions, run: TaskRun
+    ) -> TaskResult:
+        return evaluate_qa(
+            model, tokenizer, data.questions[: run.limit], data.answers[: run.limit],
+            prompt_template=options.qa_prompt, max_new_tokens=options.qa_max_new_tokens,
+            chat_template=options.qa_chat_template, max_tokens=run.max_tokens, batch_size=run.batch_size,
+            ctx=run.ctx, progress_stage=run.progress_stage, n_boot=run.n_boot, seed=run.seed,
+        )
