@@ -21,7 +21,9 @@ MAX_TOKENS = 8192
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A float must be finite: `"inf"`/`"nan"` as text as well (JSON's Infinity/NaN/1e400 are refused
+    # before validation, app/api/guard.py); the stored spec would hold null instead.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------- model

@@ -19,6 +19,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.api.guard import GuardedRoute
 from app.api.precheck import check_submit
 from app.auth import Principal, require
 from app.config import Settings
@@ -42,7 +43,7 @@ from app.schemas import (
     Progress,
 )
 
-router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
+router = APIRouter(prefix="/v1/analyses", tags=["analyses"], route_class=GuardedRoute)
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": desc, "content": {"application/problem+json": {}}}

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.analyses import decode_created_cursor, encode_created_cursor, labels_for
+from app.api.guard import GuardedRoute
 from app.api.webhooks import enqueue_event
 from app.auth import Principal, require
 from app.deps import get_session
@@ -41,7 +42,7 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
         503: "Database unavailable",
     }.items()
 }
-router = APIRouter(tags=["gates"], responses=PROBLEMS)
+router = APIRouter(tags=["gates"], responses=PROBLEMS, route_class=GuardedRoute)
 log = logging.getLogger("layerscope.gates")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"

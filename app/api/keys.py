@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.api.guard import GuardedRoute
 from app.auth import SCOPES, Principal, create_key, require
 from app.config import Settings
 from app.deps import get_session, get_settings_dep
@@ -30,7 +31,7 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
         503: "Database unavailable",
     }.items()
 }
-router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=PROBLEMS)
+router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=PROBLEMS, route_class=GuardedRoute)
 
 
 class KeyCreate(Strict):

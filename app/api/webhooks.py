@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.api.guard import GuardedRoute
 from app.auth import Principal, require
 from app.config import Settings
 from app.deps import get_session, get_settings_dep
@@ -38,7 +39,7 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
         503: "Database unavailable",
     }.items()
 }
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=PROBLEMS)
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=PROBLEMS, route_class=GuardedRoute)
 
 DeliveryState = Literal["pending", "delivered", "failed"]
 

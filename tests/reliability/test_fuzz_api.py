@@ -3,7 +3,9 @@
 With an admin key on every case: no 5xx, every error is problem+json, every status code,
 content type and body matches what `/openapi.json` documents (schemathesis' built-in
 checks), for valid and invalid (negative) inputs. Without a key: every documented route
-but `/healthz` and `/readyz` answers 401 problem+json.
+but `/healthz` and `/readyz` answers 401 problem+json. Hostile bodies: schema-valid bodies of
+every POST/PUT with one value replaced by what JSON can spell but the service cannot hold (a
+non-finite number, a lone surrogate, nesting past the limit) are 422 saying which.
 
 The app runs on a fresh SQLite database seeded with one finished analysis (layers,
 metrics, answers, an artifact), a gate policy and verdict, and a webhook; path parameters are
@@ -14,6 +16,8 @@ under two minutes and the same cases run every time.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
 import shutil
@@ -155,6 +159,8 @@ def seeded() -> Iterator[None]:
     for test in sorted({t for t, _ in SEEN}):
         codes = {code: n for (t, code), n in sorted(SEEN.items()) if t == test}
         print(f"\n{test}: {sum(codes.values())} requests, by status {codes}")
+    if _HOSTILE_SEEN:
+        print(f"hostile bodies by kind: {dict(sorted(_HOSTILE_SEEN.items()))}")
     KNOWN.clear()
     engine_for(url).dispose()
     shutil.rmtree(_TMP, ignore_errors=True)
@@ -192,6 +198,68 @@ def test_every_route_without_a_key_is_401(case) -> None:  # noqa: ANN001
     assert response.headers["www-authenticate"] == ["Bearer"]
     # ... and 401 is a documented answer of that operation.
     assert "401" in case.operation.definition.raw["responses"], case.operation.label
+
+
+# Values JSON can spell but the service cannot hold (app/api/guard.py): each put in place of one value
+# of a schema-valid body, a different value each case.
+HOSTILE = {
+    "number_not_finite": ["Infinity", "-Infinity", "NaN", "1e400", "-1e999", "1" + "0" * 400 + ".5"],
+    "string_surrogate": ['"a\\ud800b"', '"\\udfff"', '{"k\\udbff": 1}', '["ok", "\\ud83d"]'],
+    "json_too_deep": ["[" * 65 + "]" * 65, "[" * 300 + "]" * 300, '{"a":' * 900 + "1" + "}" * 900, "[" * 5000 + "]" * 5000],
+}
+_HOSTILE_CASES = [(kind, fragment) for kind, fragments in HOSTILE.items() for fragment in fragments]
+_HOSTILE_SEEN = Counter[str]()
+schema_bodies = schemathesis.openapi.from_asgi("/openapi.json", APP, config=_config("positive")).include(
+    method=["POST", "PUT"]
+)
+
+
+def _leaf_paths(value: object, path: tuple = ()) -> list[tuple]:
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _leaf_paths(v, (*path, k))] or [path]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _leaf_paths(v, (*path, i))] or [path]
+    return [path]
+
+
+def _with_hostile(body: object, n: int) -> tuple[str, bytes]:
+    """`body` as JSON text with its n-th leaf (cycling) replaced by the n-th hostile fragment."""
+    kind, fragment = _HOSTILE_CASES[n % len(_HOSTILE_CASES)]
+    mark = "@@hostile@@"
+    if not isinstance(body, dict | list) or not body:
+        body = {"x": mark}
+    else:
+        leaves = _leaf_paths(body)
+        *parents, last = leaves[(n // len(_HOSTILE_CASES)) % len(leaves)] or ("x",)
+        node = body
+        for key in parents:
+            node = node[key]
+        node[last] = mark
+    text = json.dumps(body).replace(json.dumps(mark), fragment)
+    return kind, text.encode("utf-8", "surrogatepass")
+
+
+@schema_bodies.parametrize()
+@FUZZ_SETTINGS
+def test_every_body_with_a_hostile_value_is_422_naming_it(case) -> None:  # noqa: ANN001
+    """Schema-valid bodies of every POST/PUT with one value replaced by a non-finite number, a lone
+    surrogate or a nesting past the limit: 422 problem+json saying which, never a 5xx or a 2xx."""
+    if case.body is None or not (case.media_type or "").endswith("json"):
+        return
+    _aim_at_known(case)
+    n = sum(_HOSTILE_SEEN.values())
+    kind, content = _with_hostile(copy.deepcopy(case.body), n)
+    _HOSTILE_SEEN[kind] += 1
+    with TestClient(APP) as client:
+        response = client.request(
+            case.method, case.formatted_path, params=case.query, content=content,
+            headers={"Authorization": f"Bearer {KEYS['admin']}", "content-type": "application/json"},
+        )
+    SEEN["hostile bodies", response.status_code] += 1
+    assert response.status_code == 422, f"{case.method} {case.formatted_path} {kind}: {response.status_code} {response.text}"
+    assert response.headers["content-type"].startswith("application/problem+json")
+    types = {e.get("type") for e in response.json()["errors"]}
+    assert kind in types or (kind == "string_surrogate" and "string_nul" in types), (kind, response.text)
 
 
 def test_the_dashboard_and_docs_are_the_only_key_less_routes_outside_the_schema() -> None:
