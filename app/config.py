@@ -83,6 +83,16 @@ class Settings(BaseSettings):
     judges: dict[str, JudgeEndpoint] = Field(default_factory=dict)
     max_data_file_bytes: int = 512 * 1024 * 1024
 
+    # Large artifacts (over 16 MB, e.g. a mitigation patch): one store every worker and API replica
+    # reads (app/artifact_store.py). Unset: <data_dir>/artifacts, for one machine.
+    artifact_store: str | None = Field(
+        None, description="A shared directory (or file:///path) mounted on every machine, or "
+        "s3://bucket/prefix (S3-compatible, through boto3; credentials from the AWS_* variables).",
+    )
+    artifact_s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible server (MinIO, Ceph, ...); unset for AWS S3.",
+    )
+
     # Job control (seconds). soft < hard < broker visibility timeout.
     job_soft_time_limit: int = 6 * 3600
     job_hard_time_limit: int = 6 * 3600 + 300
@@ -115,6 +125,14 @@ class Settings(BaseSettings):
     webhook_backoff_base: float = 10.0
     webhook_backoff_max: float = 3600.0
     webhook_event_window: float = 86400.0
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _artifact_store(cls, value: str | None) -> str | None:
+        from app.artifact_store import parse_store
+
+        parse_store(value, Path("."))  # a bad URL fails at start, not at the first large artifact
+        return value or None
 
     @field_validator("judges")
     @classmethod

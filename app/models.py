@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -172,7 +171,8 @@ class Answer(Base):
 
 
 class Artifact(Base):
-    """A file a stage produced: small ones live in the row, large ones on the artifact volume."""
+    """A file a stage produced: small ones live in the row, large ones in the artifact store
+    (app/artifact_store.py) under the key in `path`."""
 
     __tablename__ = "artifacts"
 
@@ -186,13 +186,6 @@ class Artifact(Base):
     content: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     path: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-    def stored_file(self, artifacts_dir: Path) -> Path | None:
-        """The file of an artifact kept on the artifact volume; None when it is gone or its
-        recorded path would lead outside `artifacts_dir`."""
-        root = artifacts_dir.resolve()
-        path = (root / (self.path or "")).resolve()
-        return path if path.is_file() and root in path.parents else None
 
 
 # ------------------------------------------------------------ gates and webhooks

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.artifact_store import INLINE_BYTES, artifact_key, store_for
 from app.config import Settings
 from app.db import session_scope, upsert
 from app.models import Analysis, Answer, Artifact, LayerScore, Metric, utcnow
@@ -22,7 +23,7 @@ from app.schemas import JobState
 from worker.stage import AnswerRecord, StageResult, finite_or_none
 
 SessionFactory = sessionmaker[Session]
-INLINE_ARTIFACT_BYTES = 16 * 1024 * 1024
+INLINE_ARTIFACT_BYTES = INLINE_BYTES
 # Rows per INSERT of the answers table: 16 columns x 500 rows stays far below SQLite's 32,766 and
 # Postgres' 65,535 bound parameters per statement, for any number of answers.
 ANSWER_CHUNK = 500
@@ -153,14 +154,10 @@ def save_stage(sf: SessionFactory, settings: Settings, analysis_id: str, token: 
         }
         if len(art.data) <= INLINE_ARTIFACT_BYTES:
             row["content"] = art.data
-        else:
-            rel = f"{analysis_id}/{art.name}"
-            dest = settings.artifacts_dir / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_suffix(dest.suffix + ".tmp")
-            tmp.write_bytes(art.data)
-            tmp.replace(dest)
-            row["path"] = rel
+        else:  # to the store every worker and API replica reads (app/artifact_store.py)
+            key = artifact_key(analysis_id, art.name)
+            store_for(settings).put(key, art.data)
+            row["path"] = key
         artifact_rows.append(row)
 
     with session_scope(sf) as s:
@@ -274,8 +271,7 @@ def read_artifact(sf: SessionFactory, settings: Settings, job_id: str, analysis_
             return None
         if art.content is not None:
             return bytes(art.content)
-        path = art.stored_file(settings.artifacts_dir)
-        return None if path is None else path.read_bytes()
+        return None if art.path is None else store_for(settings).get(art.path)
 
 
 def _json_safe(value: Any) -> Any:

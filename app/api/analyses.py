@@ -8,19 +8,21 @@ import datetime as dt
 import hashlib
 import io
 import json
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.guard import GuardedRoute
 from app.api.precheck import check_submit
+from app.artifact_store import StoreError, store_for
 from app.auth import Principal, require
 from app.config import Settings
 from app.deps import get_session, get_settings_dep
@@ -43,6 +45,7 @@ from app.schemas import (
     Progress,
 )
 
+log = logging.getLogger("layerscope.api")
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"], route_class=GuardedRoute)
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -379,8 +382,12 @@ def delete_analysis(
         session.rollback()
         raise Problem(409, f"The analysis is {row.state}; cancel it and wait for it to end before deleting.")
     session.commit()
-    for rel in paths:
-        (settings.artifacts_dir / rel).unlink(missing_ok=True)
+    store = store_for(settings)
+    for key in paths:
+        try:
+            store.delete(key)
+        except StoreError as exc:  # the analysis is gone; a leftover object is only space
+            log.warning("artifact %s not deleted from the store: %s", key, exc)
     return Response(status_code=204)
 
 
@@ -501,7 +508,15 @@ def download_artifact(
     headers = {"Content-Disposition": f'attachment; filename="{Path(name).name}"'}
     if art.content is not None:
         return Response(art.content, media_type=art.media_type, headers=headers)
-    path = art.stored_file(settings.artifacts_dir)
-    if path is None:
+    store = store_for(settings)
+    path = store.local_path(art.path or "")
+    if path is not None:
+        return FileResponse(path, media_type=art.media_type, filename=Path(name).name)
+    try:
+        chunks = store.chunks(art.path) if art.path else None
+    except StoreError as exc:
+        log.warning("artifact %s/%s: %s", row.id, name, exc)
+        raise Problem(503, "The artifact store is unreachable; try again later.") from None
+    if chunks is None:
         raise Problem(404, f"Artifact {name!r} is recorded but its file is gone from the artifact store.")
-    return FileResponse(path, media_type=art.media_type, filename=Path(name).name)
+    return StreamingResponse(chunks, media_type=art.media_type, headers={**headers, "Content-Length": str(art.size)})
