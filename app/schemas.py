@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -220,7 +220,7 @@ class AvssOptions(Strict):
 
 ScorerName = Literal["avss", "gbis", "lrp", "cim", "block_influence", "angular_distance"]
 TaskName = Literal["perplexity", "qa", "classification"]
-ALL_SCORERS: tuple[str, ...] = ("avss", "gbis", "lrp", "cim", "block_influence", "angular_distance")
+ALL_SCORERS: tuple[str, ...] = get_args(ScorerName)  # the order of the scorer registry (a test checks)
 
 
 class PruneOptions(Strict):

@@ -23,10 +23,9 @@ import httpx
 from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
 
-from app.api.gates import evaluate_and_store, find_policy, split_policy_ref
-from app.api.webhooks import enqueue_event
 from app.config import Settings
 from app.db import session_scope
+from app.events import enqueue_event
 from app.models import (
     Analysis,
     AnalysisLabel,
@@ -37,6 +36,7 @@ from app.models import (
     utcnow,
 )
 from app.schemas import JobState
+from app.verdicts import evaluate_and_store, find_policy, split_policy_ref
 from app.webhooks import TERMINAL_EVENT, UrlRefused, backoff, check_url, encode_body, headers
 from worker.jobstore import SessionFactory
 

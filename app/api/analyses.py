@@ -44,6 +44,7 @@ from app.schemas import (
     MetricTable,
     Progress,
 )
+from app.verdicts import labels_for
 
 log = logging.getLogger("layerscope.api")
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"], route_class=GuardedRoute)
@@ -70,15 +71,6 @@ T = TypeVar("T")
 def spec_hash(spec: AnalysisSpec) -> str:
     canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def labels_for(session: Session, ids: list[str]) -> dict[str, dict[str, str]]:
-    """Labels of each analysis id (every id present, possibly with none)."""
-    out: dict[str, dict[str, str]] = {i: {} for i in ids}
-    if ids:
-        for lab in session.scalars(select(AnalysisLabel).where(AnalysisLabel.analysis_id.in_(ids))):
-            out[lab.analysis_id][lab.key] = lab.value
-    return out
 
 
 def to_out(row: Analysis, labels: dict[str, str]) -> AnalysisOut:

@@ -3,7 +3,7 @@
 Events are written to an outbox table (`webhook_events`, fanned out to one
 `webhook_deliveries` row per subscribed webhook) in the same transaction as the
 change they report; the workers' sweeper sends them with retries
-(`worker/webhooks.py`). `enqueue_event` is the one way to emit an event.
+(`worker/webhooks.py`). `app.events.enqueue_event` is the one way to emit an event.
 """
 
 from __future__ import annotations
@@ -42,40 +42,6 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=PROBLEMS, route_class=GuardedRoute)
 
 DeliveryState = Literal["pending", "delivered", "failed"]
-
-
-# ----------------------------------------------------------------- outbox
-
-
-def enqueue_event(
-    session: Session,
-    project: str,
-    event_type: str,
-    data: dict[str, Any],
-    *,
-    analysis_id: str | None = None,
-    dedupe_key: str | None = None,
-) -> WebhookEvent:
-    """Store an event and one pending delivery per subscribed webhook, in the caller's transaction.
-
-    With a `dedupe_key` a second emission of the same event raises IntegrityError at the flush.
-    """
-    assert event_type in EVENT_TYPES, event_type
-    now = utcnow()
-    event = WebhookEvent(
-        id=f"evt_{uuid.uuid4().hex}", project=project, type=event_type, analysis_id=analysis_id,
-        dedupe_key=dedupe_key, payload=data, created_at=now,
-    )
-    session.add(event)
-    session.flush()
-    for hook in session.scalars(select(Webhook).where(Webhook.project == project)):
-        if hook.event_types and event_type not in hook.event_types:
-            continue
-        session.add(WebhookDelivery(
-            id=str(uuid.uuid4()), webhook_id=hook.id, event_id=event.id, state="pending", attempts=0,
-            next_attempt_at=now, created_at=now,
-        ))
-    return event
 
 
 # ----------------------------------------------------------------- models

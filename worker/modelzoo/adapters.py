@@ -44,8 +44,6 @@ import torch
 from worker.lm.hooks import first_tensor, input_tensor
 from worker.stage import JobFailed
 
-SITES = ("block_output", "mlp_activation", "attention_output")
-
 
 @dataclass
 class CaptureSite:

@@ -18,8 +18,6 @@ from typing import Protocol
 
 import torch
 
-SITES = ("block_output", "mlp_activation", "attention_output")
-
 Callback = Callable[[int, str, torch.Tensor], None]
 
 

@@ -1,0 +1,132 @@
+"""Gate verdicts as a service: find a policy, evaluate it on an analysis and store the
+verdict (with its `gate.verdict` event). Shared by the gate routes (`app/api/gates.py`)
+and the worker, which evaluates a spec's `gate_policy` when the job succeeds; the rule
+language itself is `app/gates.py`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.events import enqueue_event
+from app.gates import LayerRecord, MetricRecord, RuleError, Snapshot, evaluate, parse_rules
+from app.models import Analysis, AnalysisLabel, GatePolicy, GateVerdict, LayerScore, Metric, utcnow
+
+log = logging.getLogger("layerscope.gates")
+
+
+class RuleResultOut(BaseModel):
+    rule: str
+    source: str = Field(description="The path the rule read (aliases expanded).")
+    op: str
+    threshold: float | str
+    observed: float | str | None = Field(description="null when the data is missing; the rule then fails.")
+    ci_low: float | None
+    ci_high: float | None
+    n: int | None
+    passed: bool
+    reason: str | None
+
+
+class VerdictOut(BaseModel):
+    id: str
+    analysis_id: str
+    model: str
+    labels: dict[str, str]
+    policy: str
+    policy_version: int | None
+    passed: bool
+    verdict: Literal["pass", "fail"]
+    rules: list[RuleResultOut]
+    error: str | None = Field(description="Why no rule could be evaluated (e.g. the spec named an unknown policy).")
+    trigger: Literal["api", "spec"]
+    created_at: dt.datetime
+    links: dict[str, str]
+
+
+def labels_for(session: Session, ids: list[str]) -> dict[str, dict[str, str]]:
+    """Labels of each analysis id (every id present, possibly with none)."""
+    out: dict[str, dict[str, str]] = {i: {} for i in ids}
+    if ids:
+        for lab in session.scalars(select(AnalysisLabel).where(AnalysisLabel.analysis_id.in_(ids))):
+            out[lab.analysis_id][lab.key] = lab.value
+    return out
+
+
+def find_policy(session: Session, project: str, name: str, version: int | None = None) -> GatePolicy | None:
+    query = select(GatePolicy).where(GatePolicy.project == project, GatePolicy.name == name)
+    if version is not None:
+        query = query.where(GatePolicy.version == version)
+    return session.scalar(query.order_by(GatePolicy.version.desc()).limit(1))
+
+
+def load_snapshot(session: Session, analysis: Analysis) -> Snapshot:
+    metrics = [
+        MetricRecord(m.stage, m.scope, m.name, m.value, m.ci_low, m.ci_high, m.n)
+        for m in session.scalars(select(Metric).where(Metric.analysis_id == analysis.id))
+    ]
+    layers = [
+        LayerRecord(r.stage, r.scorer, r.layer, r.values or {})
+        for r in session.scalars(select(LayerScore).where(LayerScore.analysis_id == analysis.id))
+    ]
+    return Snapshot(metrics, layers, list(analysis.warnings or []), dict(analysis.summary or {}))
+
+
+def verdict_out(row: GateVerdict, labels: dict[str, str]) -> VerdictOut:
+    return VerdictOut(
+        id=row.id, analysis_id=row.analysis_id, model=row.model_name, labels=labels, policy=row.policy_name,
+        policy_version=row.policy_version, passed=row.passed, verdict="pass" if row.passed else "fail",
+        rules=[RuleResultOut(**r) for r in row.results], error=row.error, trigger=row.trigger,  # type: ignore[arg-type]
+        created_at=row.created_at,
+        links={"self": f"/v1/gates/verdicts/{row.id}", "analysis": f"/v1/analyses/{row.analysis_id}"},
+    )
+
+
+def evaluate_and_store(
+    session: Session,
+    analysis: Analysis,
+    policy_name: str,
+    policy: GatePolicy | None,
+    trigger: str,
+    error: str | None = None,
+) -> GateVerdict:
+    """Evaluate, store the verdict and its `gate.verdict` event in the caller's transaction (not committed)."""
+    passed, stored = False, []
+    if policy is not None and error is None:
+        try:
+            rules = parse_rules(policy.rules)
+        except RuleError as exc:  # stored under an older rule language
+            error = f"policy {policy_name!r} version {policy.version} no longer parses: {exc}"
+        else:
+            try:
+                passed, results = evaluate(rules, load_snapshot(session, analysis))
+                stored = [r.as_dict() for r in results]
+            except Exception as exc:  # a failing verdict that says why, rather than none
+                log.exception("gate %s on %s could not be evaluated", policy_name, analysis.id)
+                error = f"internal error evaluating the policy: {type(exc).__name__}: {exc}"
+    else:
+        passed, stored = False, []
+        error = error or f"no gate policy {policy_name!r} in this project"
+    row = GateVerdict(
+        id=str(uuid.uuid4()), project=analysis.project, analysis_id=analysis.id, model_name=analysis.model_name,
+        policy_name=policy_name, policy_version=policy.version if policy else None, passed=passed, results=stored,
+        error=error, trigger=trigger, created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    out = verdict_out(row, labels_for(session, [analysis.id])[analysis.id])
+    enqueue_event(session, analysis.project, "gate.verdict", out.model_dump(mode="json"), analysis_id=analysis.id)
+    return row
+
+
+def split_policy_ref(ref: str) -> tuple[str, int | None]:
+    """`name` or `name@version`, as a spec's `gate_policy` names it."""
+    name, sep, version = ref.partition("@")
+    return name, (int(version) if sep and version.isdigit() else None)
