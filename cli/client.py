@@ -1,4 +1,5 @@
-"""Client commands of `layerscope`: submit, status, wait, results (talk to a running service)."""
+"""Client commands of `layerscope`: submit, status, wait, results, gate, catalog (through the Python
+client, `layerscope.Client`, so the CLI and the SDK read answers and errors the same way)."""
 
 from __future__ import annotations
 
@@ -8,43 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import typer
 import yaml
 
-FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
+from app.schemas import AnalysisOut
+from layerscope import Client, LayerscopeError
+from layerscope.errors import ApiError
 
 ServerOpt = typer.Option("http://127.0.0.1:8000", "--server", envvar="LAYERSCOPE_SERVER", help="Service base URL.")
 KeyOpt = typer.Option(None, "--key", envvar="LAYERSCOPE_API_KEY", help="API key (Bearer).")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
-class Client:
-    def __init__(self, server: str, key: str | None, timeout: float = 30):
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=timeout)
-
-    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            resp = self.http.request(method, path, **kw)
-        except httpx.TransportError as exc:
-            raise ApiError(0, f"cannot reach {self.http.base_url}: {exc}") from None
-        if resp.status_code >= 400:
-            try:
-                body = resp.json()
-                detail = body.get("detail") or resp.text
-            except ValueError:
-                detail = resp.text
-            raise ApiError(resp.status_code, f"{resp.status_code}: {detail}")
-        return resp
-
-    def get(self, path: str, **kw: Any) -> Any:
-        return self.request("GET", path, **kw).json()
 
 
 def load_spec(path: Path | None, model: str | None, dataset: str | None, stages: str | None,
@@ -72,8 +45,12 @@ def load_spec(path: Path | None, model: str | None, dataset: str | None, stages:
     return spec
 
 
-def _fail(exc: ApiError, code: int = 2) -> None:
-    typer.echo(f"error: {exc.detail}", err=True)
+def _fail(exc: LayerscopeError, code: int = 2) -> None:
+    if isinstance(exc, ApiError):
+        fields = "".join(f"\n  {e.field}: {e.message}" for e in exc.errors)
+        typer.echo(f"error: {exc.status}: {exc.detail}{fields}", err=True)
+    else:
+        typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(code)
 
 
@@ -92,12 +69,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Submit an analysis; prints its id."""
         spec = load_spec(spec_file, model, dataset, stages, limit, label)
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         try:
-            job = Client(server, key).request("POST", "/v1/analyses", json=spec, headers=headers).json()
-        except ApiError as exc:
+            job = Client(server, key).submit(spec, idempotency_key=idempotency_key)
+        except LayerscopeError as exc:
             _fail(exc)
-        typer.echo(job["id"])
+        typer.echo(job.id)
 
     @app.command()
     def catalog(
@@ -106,8 +82,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """List what a spec can name: built-in models and datasets, stages, scorers, tasks, detectors."""
         try:
-            cat = Client(server, key).get("/v1/catalog")
-        except ApiError as exc:
+            cat = Client(server, key).catalog()
+        except LayerscopeError as exc:
             _fail(exc)
         if as_json:
             typer.echo(json.dumps(cat, indent=2))
@@ -123,8 +99,8 @@ def register(app: typer.Typer) -> None:
     def status(analysis_id: str, server: str = ServerOpt, key: str = KeyOpt) -> None:
         """Print an analysis as JSON."""
         try:
-            typer.echo(json.dumps(Client(server, key).get(f"/v1/analyses/{analysis_id}"), indent=2))
-        except ApiError as exc:
+            typer.echo(Client(server, key).get(analysis_id).model_dump_json(indent=2))
+        except LayerscopeError as exc:
             _fail(exc)
 
     @app.command()
@@ -136,36 +112,32 @@ def register(app: typer.Typer) -> None:
         key: str = KeyOpt,
     ) -> None:
         """Wait for an analysis to end, showing stage, progress and ETA. Exit 0 SUCCEEDED, 1 FAILED/CANCELLED."""
-        client = Client(server, key)
-        deadline = time.monotonic() + timeout
-        stage_started: dict[str, float] = {}
-        job: dict[str, Any] = {}
         tty = sys.stderr.isatty()
-        while time.monotonic() < deadline:
-            try:
-                job = client.get(f"/v1/analyses/{analysis_id}")
-            except ApiError as exc:
-                _fail(exc)
-            p = job["progress"]
-            stage_started.setdefault(p["stage"] or "", time.monotonic())
-            line = f"{job['state']:<10} {p['stage'] or '-':<14} {p['done']}/{p['total']}"
-            if p["total"] and 0 < p["done"] < p["total"]:
-                elapsed = time.monotonic() - stage_started[p["stage"] or ""]
-                line += f"  ETA {elapsed / p['done'] * (p['total'] - p['done']):.0f}s"
+        stage_started: dict[str, float] = {}
+
+        def show(job: AnalysisOut) -> None:
+            p = job.progress
+            stage_started.setdefault(p.stage or "", time.monotonic())
+            line = f"{job.state.value:<10} {p.stage or '-':<14} {p.done}/{p.total}"
+            if p.total and 0 < p.done < p.total:
+                elapsed = time.monotonic() - stage_started[p.stage or ""]
+                line += f"  ETA {elapsed / p.done * (p.total - p.done):.0f}s"
             typer.echo(("\r" + line.ljust(60)) if tty else line, err=True, nl=not tty)
-            if job["state"] in FINISHED:
-                break
-            time.sleep(interval)
-        else:
-            typer.echo(f"\ntimed out; analysis still {job.get('state')}", err=True)
-            raise typer.Exit(2)
+
+        try:
+            job = Client(server, key).wait(analysis_id, timeout=timeout, interval=interval, on_progress=show)
+        except TimeoutError as exc:
+            typer.echo(f"\ntimed out: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except LayerscopeError as exc:
+            _fail(exc)
         if tty:
             typer.echo("", err=True)
-        if job["state"] != "SUCCEEDED":
-            error = job.get("error") or {}
-            typer.echo(f"{job['state']}: {error.get('type', '')} {error.get('detail', '')}".strip(), err=True)
+        if job.state.value != "SUCCEEDED":
+            error = f"{job.error.type} {job.error.detail}" if job.error else ""
+            typer.echo(f"{job.state.value}: {error}".strip(), err=True)
             raise typer.Exit(1)
-        typer.echo(job["id"])
+        typer.echo(job.id)
 
     @app.command()
     def results(
@@ -181,24 +153,21 @@ def register(app: typer.Typer) -> None:
         if table not in ("layers", "metrics"):
             raise typer.BadParameter("table must be layers or metrics")
         client = Client(server, key)
-        params = {"stage": stage} if stage else {}
         try:
             if as_csv:
-                typer.echo(client.request("GET", f"/v1/analyses/{analysis_id}/{table}",
-                                          params={**params, "format": "csv"}).text, nl=False)
+                typer.echo(client.table_csv(analysis_id, table, stage=stage), nl=False)
                 return
-            data = client.get(f"/v1/analyses/{analysis_id}/{table}", params=params)
-        except ApiError as exc:
+            rows = client.layers(analysis_id, stage=stage) if table == "layers" else client.metrics(analysis_id, stage=stage)
+        except LayerscopeError as exc:
             _fail(exc)
         if as_json:
-            typer.echo(json.dumps(data, indent=2))
+            typer.echo(json.dumps({"analysis_id": analysis_id, "items": [r.model_dump() for r in rows]}, indent=2))
             return
-        items = data["items"]
         if table == "layers":
-            rows = [{"stage": r["stage"], "scorer": r["scorer"], "layer": r["layer"], **r["values"]} for r in items]
+            flat = [{"stage": r.stage, "scorer": r.scorer, "layer": r.layer, **r.values} for r in rows]
         else:
-            rows = items
-        typer.echo(render_table(rows))
+            flat = [r.model_dump() for r in rows]
+        typer.echo(render_table(flat))
 
     @app.command()
     def gate(
@@ -210,10 +179,9 @@ def register(app: typer.Typer) -> None:
         key: str = KeyOpt,
     ) -> None:
         """Evaluate a gate policy on a finished analysis. Exit 0 pass, 1 fail, 2 error (for CI pipelines)."""
-        params: dict[str, Any] = {"policy": policy, **({"version": version} if version else {})}
         try:
-            verdict = Client(server, key).request("POST", f"/v1/analyses/{analysis_id}/gate", params=params).json()
-        except ApiError as exc:
+            verdict = Client(server, key).gate(analysis_id, policy, version=version)
+        except LayerscopeError as exc:
             _fail(exc)
         typer.echo(json.dumps(verdict, indent=2) if as_json else render_verdict(verdict))
         raise typer.Exit(0 if verdict["passed"] else 1)
