@@ -1,5 +1,5 @@
 """The deployment files say what the code does: every worker service's healthcheck asks for the node
-name its command starts, the pepper must be set, the build context
+name its command starts, each GPU worker pins its own GPU, the pepper must be set, the build context
 leaves out the venv, the embedded data and the history, and the GPU image takes torch from PyPI."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def _option(command: list[str], name: str) -> str:
 
 def test_every_worker_has_a_restart_policy_and_a_healthcheck_on_its_own_node() -> None:
     workers = {k: v for k, v in COMPOSE["services"].items() if k.startswith("worker")}
-    assert "worker" in workers
+    assert {"worker", "worker-gpu0", "worker-gpu1"} <= set(workers)
     for name, service in workers.items():
         command = service["command"]
         assert command[:2] == ["layerscope", "worker"], name
@@ -28,6 +28,19 @@ def test_every_worker_has_a_restart_policy_and_a_healthcheck_on_its_own_node() -
         assert _option(test, "--name") == _option(command, "--name"), name
         assert service["restart"] == "unless-stopped", name
         assert "data:/data" in service["volumes"], name
+
+
+def test_one_pinned_worker_per_gpu_with_a_device_reservation() -> None:
+    for name, service in COMPOSE["services"].items():
+        match = re.fullmatch(r"worker-gpu(\d+)", name)
+        if not match:
+            continue
+        assert service["profiles"] == ["gpu"]
+        assert _option(service["command"], "--gpu") == match.group(1)
+        assert service["build"]["args"] == {"TORCH": "cuda"}
+        [device] = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"]
+    assert "profiles" not in COMPOSE["services"]["worker"]  # the CPU worker runs without the profile
 
 
 def test_served_mode_needs_a_pepper_and_the_model_cache_is_on_the_data_volume() -> None:
