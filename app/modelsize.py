@@ -1,7 +1,7 @@
 """How big a model's weights are, read without torch and without loading them.
 
 Used at submit to route a job to a queue (`app/routing.py`) and by the worker's
-pre-flight check before it loads weights (`worker/lm/preflight.py`). Sources, best first:
+pre-flight check before it loads weights (`worker/modelzoo/placement.py`). Sources, best first:
 
 - safetensors headers of a local folder (exact: every tensor's shape and dtype);
 - its `config.json` (a transformer parameter count from the usual config keys;

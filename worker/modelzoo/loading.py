@@ -52,6 +52,7 @@ from app.modelpaths import local_candidate
 from app.schemas import ModelSpec
 from worker import runtime
 from worker.modelzoo.adapters import ArchitectureAdapter, adapter_for
+from worker.modelzoo.placement import Placement, preflight
 from worker.stage import JobFailed
 
 # A worker logs JSON lines; transformers' tqdm bars would only garble them.
@@ -141,7 +142,7 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 # ------------------------------------------------------------ process cache
 
 _cache_lock = threading.RLock()
-_last: tuple[tuple[str, str, str], LoadedModel, Any] | None = None
+_last: tuple[tuple[str, str, str, str], LoadedModel, Any] | None = None
 
 
 def _fingerprint(loaded: LoadedModel) -> Any:
@@ -149,7 +150,11 @@ def _fingerprint(loaded: LoadedModel) -> Any:
     with torch.no_grad():
         params = list(model.named_parameters())
         shapes = tuple((n, tuple(p.shape), str(p.dtype), str(p.device)) for n, p in params)
-        sums = torch.stack([p.detach().float().sum() for _, p in params]).double().cpu() if params else None
+        # Per-parameter sums on the host: a spread model has parameters on several devices (and on
+        # `meta` for modules offloaded to disk, which count as 0).
+        sums = torch.stack([
+            torch.zeros(()) if p.device.type == "meta" else p.detach().float().sum().cpu() for _, p in params
+        ]).double() if params else None
     hooks = sum(
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
     )
@@ -197,7 +202,8 @@ def load_model(spec: ModelSpec, settings: Settings, *, use_cache: bool = True) -
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     plan = _plan(name, spec, settings)
-    key = (plan.source, str(dtype).removeprefix("torch."), str(device))
+    placement = Placement.for_spec(spec, device, settings)
+    key = (plan.source, str(dtype).removeprefix("torch."), str(device), placement.key() if placement else "")
 
     with _cache_lock:
         if use_cache and _last is not None and _last[0] == key:
@@ -215,10 +221,17 @@ def load_model(spec: ModelSpec, settings: Settings, *, use_cache: bool = True) -
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+        preflight(spec, settings, device, dtype)  # model_too_large before any weight is read
         try:
-            model, tokenizer, is_causal = plan.load(dtype)
+            model, tokenizer, is_causal = plan.load(dtype, placement.from_pretrained_kwargs() if placement else {})
             model.eval()
-            model.to(device)
+            if placement is None:
+                model.to(device)
+            else:
+                if not getattr(model, "hf_device_map", None):
+                    model = placement.dispatch(model)  # built in memory: spread it now
+                placement.finalize_with(model)
+                device = placement.main_device
         except JobFailed:
             raise
         except _OOM_ERRORS as exc:
@@ -270,7 +283,8 @@ def _prepare_tokenizer(tokenizer: Any) -> None:
 
 # ------------------------------------------------------------------- plans
 
-Loader = Callable[[torch.dtype], tuple[Any, Any, bool]]
+# (dtype, extra from_pretrained kwargs: a device_map) -> (model, tokenizer, is_causal_lm)
+Loader = Callable[[torch.dtype, dict[str, Any]], tuple[Any, Any, bool]]
 
 
 @dataclass
@@ -290,7 +304,7 @@ def _plan(name: str, spec: ModelSpec, settings: Settings) -> _Plan:
         gguf = _gguf_in(path)
         if gguf is not None:
             return _Plan(
-                f"gguf:{gguf}", lambda dtype: _load_gguf(gguf, _gguf_key(gguf), None, dtype, settings)
+                f"gguf:{gguf}", lambda dtype, extra: _load_gguf(gguf, _gguf_key(gguf), None, dtype, settings, extra=extra)
             )
         if not (path / "config.json").is_file():
             raise JobFailed(
@@ -300,13 +314,15 @@ def _plan(name: str, spec: ModelSpec, settings: Settings) -> _Plan:
         ref = str(path)
         return _Plan(
             f"local:{path}",
-            lambda dtype: _load_pretrained(name, ref, None, dtype, spec.trust_remote_code, hub=False),
+            lambda dtype, extra: _load_pretrained(name, ref, None, dtype, spec.trust_remote_code, hub=False, extra=extra),
         )
     if not _HUB_ID.match(name):
         raise JobFailed("model_not_found", _not_found_message(name, "it is not a valid hub id"))
     return _Plan(
         f"hub:{name}@{spec.revision or 'main'}",
-        lambda dtype: _load_pretrained(name, name, spec.revision, dtype, spec.trust_remote_code, hub=True),
+        lambda dtype, extra: _load_pretrained(
+            name, name, spec.revision, dtype, spec.trust_remote_code, hub=True, extra=extra
+        ),
     )
 
 
@@ -394,7 +410,8 @@ def _load_errors(name: str, hub: bool) -> Iterator[None]:
 
 
 def _load_pretrained(
-    name: str, ref: str, revision: str | None, dtype: torch.dtype, trust_remote_code: bool, *, hub: bool
+    name: str, ref: str, revision: str | None, dtype: torch.dtype, trust_remote_code: bool, *, hub: bool,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Any, Any, bool]:
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision:
@@ -403,7 +420,7 @@ def _load_pretrained(
         config = transformers.AutoConfig.from_pretrained(ref, **kw)
         causal = _is_causal(config)
         cls = transformers.AutoModelForCausalLM if causal else _encoder_class(config)
-        model = cls.from_pretrained(ref, dtype=dtype, **kw)
+        model = cls.from_pretrained(ref, dtype=dtype, **kw, **(extra or {}))
         tokenizer = transformers.AutoTokenizer.from_pretrained(ref, **kw)
     return model, tokenizer, causal
 
@@ -506,6 +523,7 @@ def _load_gguf(
     dtype: torch.dtype,
     settings: Settings,
     name: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Any, Any, bool]:
     display = name or str(gguf)
     if produce is None:
@@ -514,7 +532,7 @@ def _load_gguf(
     with _load_errors(display, hub=False):
         folder = _ensure_gguf_cache(key, produce, settings, display, str(gguf) if gguf else display)
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **(extra or {}))
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError):
             # A damaged cache folder: rebuild it once.
@@ -523,7 +541,7 @@ def _load_gguf(
                 os.rename(folder, trash)
                 shutil.rmtree(trash, ignore_errors=True)
             folder = _ensure_gguf_cache(key, produce, settings, display, str(gguf) if gguf else display)
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **(extra or {}))
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer, True
 
@@ -582,7 +600,7 @@ def _builtin_plan(name: str, settings: Settings) -> _Plan:
     if name == "smollm2-135m":
         gguf = _smollm2_gguf()
         key = "smollm2-135m-" + _gguf_key(gguf).rsplit("-", 1)[1]
-        return _Plan(source, lambda dtype: _load_gguf(gguf, key, None, dtype, settings, name))
+        return _Plan(source, lambda dtype, extra: _load_gguf(gguf, key, None, dtype, settings, name, extra))
     if name == "gemma3-270m":
         module = _gemma_module()
         key = f"gemma3-270m-{module.EXPECTED_SHA256[:16]}-{CACHE_FORMAT}"
@@ -590,20 +608,20 @@ def _builtin_plan(name: str, settings: Settings) -> _Plan:
         def produce(scratch: Path) -> Path:
             return Path(module.assemble(scratch / module.MODEL_NAME, overwrite=True))
 
-        return _Plan(source, lambda dtype: _load_gguf(None, key, produce, dtype, settings, name))
+        return _Plan(source, lambda dtype, extra: _load_gguf(None, key, produce, dtype, settings, name, extra))
     if name == "minilm-l6":
         folder = str(_minilm_dir())
 
-        def load_minilm(dtype: torch.dtype) -> tuple[Any, Any, bool]:
+        def load_minilm(dtype: torch.dtype, extra: dict[str, Any]) -> tuple[Any, Any, bool]:
             with _load_errors(name, hub=False):
-                model = transformers.AutoModel.from_pretrained(folder, dtype=dtype)
+                model = transformers.AutoModel.from_pretrained(folder, dtype=dtype, **extra)
                 tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
             return model, tokenizer, False
 
         return _Plan(source, load_minilm)
     if name.startswith("tiny-random-"):
         arch = name.removeprefix("tiny-random-")
-        return _Plan(source, lambda dtype: _tiny_random(arch, dtype))
+        return _Plan(source, lambda dtype, extra: _tiny_random(arch, dtype))  # built in memory: dispatched after
     raise JobFailed("model_not_found", _not_found_message(name, "unknown built-in"))  # pragma: no cover
 
 
