@@ -6,7 +6,7 @@ on a tiny model.
 The fresh venv holds only the wheel. Its third-party packages (torch, transformers, ...) come from the
 test interpreter's site-packages through a `.pth` path line, so nothing is downloaded; a path line does
 not run that folder's own `.pth` files, so the checkout's editable install is not reachable from the
-venv (the test checks that `app`, `cli`, `worker` and `migrations` load from the venv). What this cannot
+venv (the test checks that `app`, `cli`, `worker`, `migrations` and `layerscope` load from the venv). What this cannot
 show: a third-party package the wheel uses but does not declare would still be found.
 """
 
@@ -100,9 +100,10 @@ def test_the_wheel_migrates_serves_and_runs_a_job_outside_the_checkout(
     layerscope = str(installed.bin / "layerscope")
 
     # Every first-party package is the wheel's, none the checkout's.
-    code = "import app, cli, worker, migrations; print('\\n'.join(m.__file__ for m in (app, cli, worker, migrations)))"
+    packages = ("app", "cli", "worker", "migrations", "layerscope")
+    code = f"import importlib; print('\\n'.join(importlib.import_module(p).__file__ for p in {packages!r}))"
     files = _run([str(installed.bin / "python"), "-c", code], cwd=elsewhere, env=env).stdout.split()
-    assert len(files) == 4 and all(Path(f).is_relative_to(installed.site_packages) for f in files), files
+    assert len(files) == len(packages) and all(Path(f).is_relative_to(installed.site_packages) for f in files), files
 
     _run([layerscope, "migrate"], cwd=elsewhere, env=env)
     with psycopg.connect(fresh_db) as conn:
