@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from app.config import Settings
@@ -38,4 +39,29 @@ def resolved_under_roots(path: Path, roots: list[Path]) -> Path | None:
     for root in roots:
         if resolved.is_relative_to(Path(root).expanduser().resolve()):
             return resolved
+    return None
+
+
+def first_escape(folder: Path, roots: list[Path]) -> Path | None:
+    """The first entry inside `folder` (a file or folder, at any depth, symlinked folders
+    followed) that resolves outside every root, or None. `folder` itself is checked by the
+    caller; this catches a real folder under a root whose files link to a model elsewhere.
+    Nothing is opened: only directory listings and link targets are read."""
+    if not folder.is_dir():
+        return None
+    seen: set[Path] = set()
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        real = current.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        with os.scandir(current) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                if resolved_under_roots(path, roots) is None:
+                    return path
+                if entry.is_dir(follow_symlinks=True):
+                    pending.append(path)
     return None

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Settings
-from app.modelpaths import local_candidate, resolved_under_roots
+from app.modelpaths import first_escape, local_candidate, resolved_under_roots
 from app.schemas import ModelSpec
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -74,7 +74,9 @@ def estimate(spec: ModelSpec, settings: Settings) -> ModelSize:
         local = local_candidate(name, settings)
         if local is not None:
             path = resolved_under_roots(local, settings.model_roots) if settings.model_roots else None
-            return _local(path) if path is not None and path.exists() else UNKNOWN
+            if path is None or not path.exists() or first_escape(path, settings.model_roots) is not None:
+                return UNKNOWN  # nothing outside the roots is read, not even a header
+            return _local(path)
         return _hub_cache(name, spec.revision)
     except (OSError, ValueError, KeyError, TypeError, struct.error):
         return UNKNOWN

@@ -298,6 +298,51 @@ def test_data_paths_outside_the_roots_end_failed_unread(env: Env, never_opened: 
         assert "data roots" in row.error_detail
 
 
+def test_a_model_folder_whose_files_link_outside_the_roots_is_refused_unread(env: Env, never_opened: list[str]) -> None:
+    """A real folder under the root, holding links to a model elsewhere: only the folder path used to be
+    resolved, so the linked files loaded. Now every entry inside is resolved too."""
+    t = env.token
+    linked = env.model_root / f"linked-{t}"
+    linked.mkdir()
+    (linked / "config.json").symlink_to(env.outside / f"model-{t}" / "config.json")
+    deeper = env.model_root / f"deeper-{t}"
+    (deeper / "sub").mkdir(parents=True)
+    (deeper / "config.json").write_text('{"model_type": "llama"}')
+    (deeper / "sub" / "weights").symlink_to(env.outside / f"model-{t}")  # a linked folder, one level down
+    never_opened += [t]
+    for name, escape in ((f"linked-{t}", "config.json"), (f"deeper-{t}", "sub/weights")):
+        row = env.run(spec(model=name))
+        assert (row.state, row.error_type) == (JobState.FAILED.value, "path_not_allowed"), (name, row.error_detail)
+        assert escape in row.error_detail and "model roots" in row.error_detail, row.error_detail
+
+
+def _tiny_safetensors_folder(folder: Path) -> Path:
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder / "model.safetensors"
+
+
+@pytest.mark.parametrize("damage", ["half", "header_cut", "four_bytes", "header_not_json"])
+def test_a_truncated_safetensors_file_is_model_invalid_naming_the_file(env: Env, damage: str) -> None:
+    """A valid config with a damaged `model.safetensors` ended FAILED `internal_error` ("SafetensorError:
+    incomplete metadata"); now `model_invalid` naming the file."""
+    weights = _tiny_safetensors_folder(env.model_root / f"cut-{damage}")
+    data = weights.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    weights.write_bytes({
+        "half": data[: len(data) // 2],
+        "header_cut": data[: 8 + length // 2],
+        "four_bytes": data[:4],
+        "header_not_json": data[:8] + b"{" * length + data[8 + length:],
+    }[damage])
+    row = env.run(spec(model=f"cut-{damage}"))
+    assert (row.state, row.error_type) == (JobState.FAILED.value, "model_invalid"), row.error_detail
+    assert "model.safetensors" in row.error_detail and f"cut-{damage}" in row.error_detail, row.error_detail
+
+
 def test_local_files_are_refused_when_no_roots_are_configured(env: Env, never_opened: list[str]) -> None:
     never_opened += ["passwd"]
     closed = env.settings.model_copy(update={"model_roots": [], "data_roots": []})

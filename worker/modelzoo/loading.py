@@ -45,10 +45,11 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from app.catalog import BUILTIN_MODELS
 from app.config import Settings
-from app.modelpaths import local_candidate
+from app.modelpaths import first_escape, local_candidate
 from app.schemas import ModelSpec
 from worker import runtime
 from worker.modelzoo.adapters import ArchitectureAdapter, adapter_for
@@ -301,6 +302,12 @@ def _plan(name: str, spec: ModelSpec, settings: Settings) -> _Plan:
         path = check_under_roots(name, local, settings.model_roots)
         if not path.exists():
             raise JobFailed("model_not_found", f"no model at {name!r} (nothing there under the model roots)")
+        if (escape := first_escape(path, settings.model_roots)) is not None:
+            raise JobFailed(
+                "path_not_allowed",
+                f"{name!r}: {escape.relative_to(path)} inside it resolves outside the model roots "
+                f"({', '.join(str(r) for r in settings.model_roots)}); copy the files in instead of linking them",
+            )
         gguf = _gguf_in(path)
         if gguf is not None:
             return _Plan(
@@ -311,6 +318,7 @@ def _plan(name: str, spec: ModelSpec, settings: Settings) -> _Plan:
                 "model_not_found",
                 f"{name!r} is neither a model folder (with a config.json) nor a .gguf file",
             )
+        check_safetensors(path, name)
         ref = str(path)
         return _Plan(
             f"local:{path}",
@@ -352,6 +360,47 @@ def check_under_roots(name: str, path: Path, roots: list[Path]) -> Path:
         f"{name!r} resolves outside the model roots ({', '.join(str(r) for r in roots)}); "
         "put the model under one of them",
     )
+
+
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the format's own limit
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why `file` is not a complete safetensors file (header cut, unreadable, tensors past the end), or None."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than the 8-byte header length"
+        length = int.from_bytes(head, "little")
+        if length > _MAX_SAFETENSORS_HEADER or 8 + length > size:
+            return f"its header says {length:,} bytes but the file has {size:,} in all (cut short?)"
+        try:
+            header = json.loads(fh.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [
+        t["data_offsets"][1] for k, t in header.items()
+        if k != "__metadata__" and isinstance(t, dict) and isinstance(t.get("data_offsets"), list)
+        and len(t["data_offsets"]) == 2 and isinstance(t["data_offsets"][1], int)
+    ]
+    needed = 8 + length + max(ends, default=0)
+    if needed > size:
+        return f"its tensors need {needed:,} bytes but the file has {size:,} (truncated)"
+    return None
+
+
+def check_safetensors(folder: Path, name: str) -> None:
+    """Every `*.safetensors` file of a local model folder is complete (reads headers only), so a
+    truncated copy is `model_invalid` naming the file instead of the library's bare error."""
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        if (problem := _safetensors_problem(file)) is not None:
+            raise JobFailed(
+                "model_invalid",
+                f"cannot load {name!r}: {file.name} is not a complete safetensors file ({problem}); copy it again",
+            )
 
 
 def _gguf_in(path: Path) -> Path | None:
@@ -402,6 +451,8 @@ def _load_errors(name: str, hub: bool) -> Iterator[None]:
         if hub:
             reason = f"could not load it from the Hugging Face hub ({reason})"
         raise JobFailed("model_not_found", _not_found_message(name, reason)) from exc
+    except SafetensorError as exc:  # a damaged weights file the header check above did not see
+        raise JobFailed("model_invalid", f"cannot load {name!r}: a safetensors weights file is damaged ({exc})") from exc
     except (ValueError, KeyError) as exc:
         text = str(exc)
         if "not supported" in text or "Unrecognized" in text or "does not recognize" in text:
