@@ -105,9 +105,31 @@ def _host_allowed(host: str, allowed: Sequence[str]) -> bool:
     return False
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address the packet really goes to (RFC 4291 IPv4-compatible,
+# RFC 6052 NAT64 well-known prefix, RFC 2765 IPv4-translated); IPv4-mapped, 6to4 and Teredo have properties.
+_EMBEDS_IPV4_LOW32 = tuple(ipaddress.IPv6Network(n) for n in ("::/96", "64:ff9b::/96", "::ffff:0:0:0/96"))
+# Never a public destination, whatever a Python version's tables say: NAT64 local use (RFC 8215),
+# site-local (deprecated, RFC 3879).
+_NOT_PUBLIC_V6 = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b:1::/48", "fec0::/10"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address stands for (mapped, compatible, NAT64, translated, 6to4, Teredo)."""
+    found = [v4 for v4 in (ip.ipv4_mapped, ip.sixtofour) if v4 is not None]
+    if ip.teredo is not None:
+        found += list(ip.teredo)  # (server, client)
+    if any(ip in net for net in _EMBEDS_IPV4_LOW32) and int(ip) > 1:  # not :: or ::1 (checked as IPv6)
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local or any(ip in net for net in _NOT_PUBLIC_V6):
+            return False
+        embedded = _embedded_ipv4(ip)
+        if embedded:  # the IPv4 address decides (::ffff:8.8.8.8 is public, [::7f00:1] is loopback)
+            return all(_is_public(v4) for v4 in embedded)
     return ip.is_global and not ip.is_multicast
 
 

@@ -499,6 +499,36 @@ def test_secrets_never_reach_the_logs(env: Env, caplog: pytest.LogCaptureFixture
     assert not leaked, leaked
 
 
+# ------------------------------------------------------------------ webhook targets
+
+EMBEDDED_LOOPBACK = [
+    "http://[::7f00:1]/hook",  # IPv4-compatible ::127.0.0.1
+    "http://[64:ff9b::7f00:1]:8080/hook",  # NAT64 well-known prefix
+    "http://[2002:7f00:1::]/hook",  # 6to4 of 127.0.0.1
+    "http://[::ffff:0:7f00:1]/hook",  # IPv4-translated
+    "http://[::ffff:7f00:1]/hook",  # IPv4-mapped
+    "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",  # NAT64 of 169.254.169.254
+    "http://[2002:a00:1::1]/hook",  # 6to4 of 10.0.0.1
+    "http://[fec0::1]/hook",  # site-local
+    "http://[64:ff9b:1::a00:1]/hook",  # NAT64 local use
+]
+
+
+def test_webhook_urls_embedding_a_private_ipv4_in_ipv6_are_refused(env: Env) -> None:
+    """IPv6 spellings of loopback/private IPv4 and site-local addresses passed registration and delivery."""
+    from app.webhooks import UrlRefused, check_url
+
+    for url in EMBEDDED_LOOPBACK:
+        body = assert_problem(env.client.post("/v1/webhooks", json={"url": url}, headers=env.auth), 422)
+        assert "url" in fields(body) and "non-public" in body["detail"], (url, body)
+        with pytest.raises(UrlRefused, match="non-public"):  # the delivery-time check (resolving)
+            check_url(url, [], False, resolve=True)
+    assert env.client.get("/v1/webhooks", headers=env.auth).json() == []
+    # Public IPv4 behind the same prefixes stays allowed.
+    for url in ("http://[64:ff9b::808:808]/hook", "http://[2002:808:808::1]/hook", "http://[::ffff:8.8.8.8]/hook"):
+        check_url(url, [], False, resolve=False)
+
+
 # ------------------------------------------------------------------ projects
 
 
