@@ -631,7 +631,11 @@ class AnalysisOut(BaseModel):
     heartbeat_at: dt.datetime | None
     error: JobError | None
     warnings: list[str]
-    summary: dict[str, Any]
+    summary: dict[str, Any] = Field(
+        description="One entry per finished stage, plus `routing` (the worker queue chosen at submit and why) "
+        "and `runtime` (where the job ran: worker, queue, device, dtype, GPU name, CUDA_VISIBLE_DEVICES, "
+        "torch/CUDA/transformers/accelerate versions, the device_map placement)."
+    )
     links: dict[str, str]
 
 

@@ -45,6 +45,7 @@ def run_pipeline(
 ) -> None:
     from worker.datasets import load_examples
     from worker.modelzoo import load_model
+    from worker.modelzoo.placement import check_offload
     from worker.stages import STAGES
 
     hopts_given = spec.stages.hallucination
@@ -56,6 +57,7 @@ def run_pipeline(
     patch = spec.model.patch
     # A patched model is loaded apart from the process cache, which keeps only base weights.
     loaded = load_model(spec.model, settings, use_cache=patch is None)
+    check_offload(spec, loaded.model)  # gradient stages on an offloaded device_map: a typed error now
     if patch is not None:
         from worker.mitigation.patch import apply_patch, read_patch_source
 

@@ -90,6 +90,21 @@ def test_an_explicit_map_that_misses_modules_is_a_typed_error(roots: Settings) -
     assert info.value.error_type == "device_map_invalid"
 
 
+def test_gradient_stages_on_an_offloaded_model_fail_typed_before_any_stage(roots: Settings) -> None:
+    rows = [{"text": f"row {i}", "question": f"what is {i}?", "answer": str(i)} for i in range(8)]
+    for stages in ({"prune": {"scorers": ["gbis"], "tasks": ["perplexity"]}},
+                   {"hallucination": {"n_shots": 1}, "mitigate": {"top_k": 1}}):
+        spec = AnalysisSpec.model_validate({
+            "model": {"name": "tiny-random-llama", "device": "cpu", "device_map": TINY_MAP},
+            "dataset": {"rows": rows, "limit": 8, "max_tokens": 16}, "stages": stages,
+        })
+        results: list[StageResult] = []
+        with pytest.raises(JobFailed) as info:
+            run_pipeline(spec, JobContext(), roots, results.append)
+        assert info.value.error_type == "device_map_unsupported" and results == []
+        assert "cpu, disk" in info.value.detail
+
+
 def test_preflight_fails_fast_from_the_headers_before_loading(tmp_path: Path) -> None:
     root = tmp_path / "models"
     big = root / "llama-70b"

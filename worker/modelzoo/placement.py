@@ -26,7 +26,7 @@ import torch
 
 from app.config import Settings
 from app.modelsize import estimate, human_bytes
-from app.schemas import ModelSpec
+from app.schemas import AnalysisSpec, ModelSpec
 from worker.stage import JobFailed
 
 HEADROOM = 0.9  # weights may use this share of a device; the rest is for activations and the allocator
@@ -106,6 +106,27 @@ def _target(value: int | str) -> int | str:
     if value.startswith("cuda:"):
         return int(value.removeprefix("cuda:"))
     return value
+
+
+def check_offload(spec: AnalysisSpec, model: Any) -> None:
+    """Stages that need gradients cannot run on modules accelerate offloads (to the host or disk,
+    streamed in per forward); fail before any stage instead of midway with a RuntimeError."""
+    if not any(p.device.type == "meta" for p in model.parameters()):
+        return
+    needs = []
+    prune = spec.stages.prune
+    if prune is not None and {"gbis", "lrp"} & set(prune.scorers):
+        needs.append("the gbis/lrp scorers of prune")
+    if spec.stages.mitigate is not None:
+        needs.append("mitigate")
+    if needs:
+        placed = sorted({str(v) for v in getattr(model, "hf_device_map", {}).values()})
+        raise JobFailed(
+            "device_map_unsupported",
+            f"{' and '.join(needs)} need gradients, which modules offloaded by the device_map cannot give "
+            f"(this map places modules on {', '.join(placed)}). Give the model enough GPU memory that nothing "
+            "is offloaded (model.max_memory, more GPUs), or leave out those stages and scorers.",
+        )
 
 
 # ------------------------------------------------------------------ pre-flight
