@@ -483,8 +483,14 @@ def list_artifacts(
 @router.get(
     "/{analysis_id}/artifacts/{name}",
     summary="Download an artifact",
+    description="Small artifacts come from the database, large ones (over 16 MB) stream from the artifact "
+    "store (LAYERSCOPE_ARTIFACT_STORE: a shared directory or S3).",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}, **PROBLEM_RESPONSES},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        **PROBLEM_RESPONSES,
+        503: {"description": "Database or artifact store unavailable", "content": {"application/problem+json": {}}},
+    },
 )
 def download_artifact(
     analysis_id: str,

@@ -149,6 +149,6 @@ class AutoBatch:
         if not self.backoffs and self.size == self.requested:
             return None
         return (
-            f"{self.workload}: batch size {self.requested} lowered to {self.size} to fit in memory "
-            f"(out-of-memory back-offs this run: {len(self.backoffs)})"
+            f"batch size {self.requested} lowered to {self.size} to fit in memory "
+            f"({self.workload}; out-of-memory back-offs this run: {len(self.backoffs)})"
         )
