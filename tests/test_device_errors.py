@@ -63,7 +63,7 @@ def test_cuda_error_requeues_the_job_and_asks_the_worker_to_exit(env) -> None:  
     class Sent:
         ids: list[str] = []
 
-        def enqueue(self, analysis_id: str) -> bool:
+        def enqueue(self, analysis_id: str, queue: str = "cpu") -> bool:
             self.ids.append(analysis_id)
             return True
 
