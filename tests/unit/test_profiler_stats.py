@@ -186,7 +186,7 @@ def test_reduce_masks_padding_and_splits_leading_positions() -> None:
     plan = BatchPlan.build([4, 3], 4, spec=spec, skip_positions=1, lead_positions=1, starts=[0, 2])
     # main: example 0 positions 1-3, example 1 position 2; lead: example 0 position 0
     assert plan.main_tokens == 4 and plan.lead_tokens == 1 and plan.example_tokens == [3, 1]
-    vec, hist, _ = reduce_activations(x, plan)
+    vec, hist = reduce_activations(x, plan)[:2]
     main = RunningStats(spec)
     main.absorb(vec.numpy(), hist.numpy(), plan, 3, column=0)
     lead = RunningStats(spec)
@@ -198,7 +198,7 @@ def test_reduce_masks_padding_and_splits_leading_positions() -> None:
     assert main.hist.sum() == 12 and lead.hist.sum() == 3
     assert main.examples == 2 and math.isnan(main.pooled_variance)  # NaN padding reaches only the pooled sum
     x[1, 3] = 1e30  # finite garbage in padding is masked everywhere
-    vec, hist, _ = reduce_activations(x, plan)
+    vec, hist = reduce_activations(x, plan)[:2]
     again = RunningStats(spec)
     again.absorb(vec.numpy(), hist.numpy(), plan, 3, column=0)
     assert again.m2 == main.m2
@@ -218,6 +218,6 @@ def test_sliced_reduction_equals_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     whole = reduce_activations(x, plan)
     monkeypatch.setattr(stats_module, "CPU_SLICE_ELEMENTS", 2 * 7 * 6)  # two examples per slice
     sliced = reduce_activations(x, plan)
-    assert torch.allclose(whole[0], sliced[0], rtol=1e-13, atol=0)
-    assert torch.equal(whole[1], sliced[1])
-    assert torch.equal(whole[2], sliced[2]) and whole[2].shape == (5, 6)
+    assert torch.allclose(whole.vec, sliced.vec, rtol=1e-13, atol=0)
+    assert torch.equal(whole.hist, sliced.hist)
+    assert torch.equal(whole.pooled, sliced.pooled) and whole.pooled.shape == (5, 6)

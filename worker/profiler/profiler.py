@@ -30,7 +30,15 @@ from worker.lm.batching import AutoBatch
 from worker.lm.model import forward_callable, model_device
 from worker.lm.tokens import encode_texts, length_batches, pad_batch, pad_id
 from worker.profiler.hooks import capture
-from worker.profiler.stats import BatchPlan, HistogramSpec, RunningStats, reduce_activations, vector_length
+from worker.profiler.stats import (
+    BatchPlan,
+    FineSpec,
+    HistogramSpec,
+    Reduced,
+    RunningStats,
+    reduce_activations,
+    vector_length,
+)
 from worker.stage import JobContext, JobFailed
 
 if TYPE_CHECKING:
@@ -62,6 +70,7 @@ class Profile:
     pooled: dict[str, np.ndarray] | None = None  # site -> [examples, layers, width] float32
     pooled_tokens: np.ndarray | None = None  # [examples] counted tokens behind each pooled vector
     warnings: list[str] = field(default_factory=list)
+    fine: FineSpec | None = None  # the fine |a| windows around the relative thresholds
 
     @property
     def n_layers(self) -> int:
@@ -110,6 +119,7 @@ class Profile:
                 "hi_exp": self.spec.hi_exp,
             },
             "thresholds": list(self.thresholds),
+            "fine": None if self.fine is None else self.fine.to_dict(),
             "skip_positions": self.skip_positions,
             "lead_positions": self.lead_positions,
             "n_examples": self.n_examples,
@@ -148,6 +158,7 @@ class Profile:
             max_tokens=d.get("max_tokens", 0),
             answer_only=d.get("answer_only", False),
             warnings=list(d.get("warnings", [])),
+            fine=FineSpec.from_dict(d["fine"]) if d.get("fine") else None,
         )
 
 
@@ -159,13 +170,21 @@ def example_text(example: Any) -> str:
     return example if isinstance(example, str) else example.as_text()
 
 
-class _Collector:
-    """Hook callback: reduces each captured tensor on the device for the current batch."""
+Reduction = tuple[int, str, np.ndarray, np.ndarray, np.ndarray | None, list[int] | None, torch.Tensor | None, int]
 
-    def __init__(self) -> None:
+
+class _Collector:
+    """Hook callback: reduces each captured tensor on the device for the current batch.
+
+    Keeps each hook's fine-window starts (placed on the device from the hook's first batch
+    with counted tokens) and, for a second pass, each hook's own exact thresholds."""
+
+    def __init__(self, thresholds: dict[tuple[int, str], tuple[float, ...]] | None = None) -> None:
         self.plan: BatchPlan | None = None
         self.shape: tuple[int, int] = (0, 0)
-        self.pending: list[tuple[int, str, torch.Tensor, torch.Tensor, torch.Tensor | None, int]] = []
+        self.pending: list[tuple[int, str, Reduced, int]] = []
+        self.starts: dict[tuple[int, str], torch.Tensor] = {}
+        self.thresholds = thresholds or {}
 
     def begin(self, plan: BatchPlan, batch: int, positions: int) -> None:
         self.plan = plan
@@ -188,30 +207,35 @@ class _Collector:
             )
         if x.device != plan.weights.device:
             x = x.to(plan.weights.device)
-        vec, hist, pooled = reduce_activations(x, plan)
-        self.pending.append((position, site, vec, hist, pooled, x.shape[-1]))
+        key = (position, site)
+        red = reduce_activations(x, plan, starts=self.starts.get(key), thresholds=self.thresholds.get(key))
+        if red.starts is not None and key not in self.starts and plan.main_tokens > 0:
+            self.starts[key] = red.starts
+        self.pending.append((position, site, red, x.shape[-1]))
 
-    def finish(self) -> list[tuple[int, str, np.ndarray, np.ndarray, torch.Tensor | None, int]]:
-        """Host copies of this batch's reductions: one device-to-host transfer for all hooks."""
+    def finish(self) -> list[Reduction]:
+        """Host copies of this batch's reductions: one device-to-host transfer for all hooks
+        (float64 sums, int64 histograms and window starts, each stacked over the hooks)."""
         pending, self.pending, self.plan = self.pending, [], None
         if not pending:
             return []
-        packed = (
-            torch.cat(
-                [
-                    torch.stack([p[2] for p in pending]),
-                    torch.stack([p[3] for p in pending]).to(torch.float64),
-                ],
-                dim=1,
-            )
-            .cpu()
-            .numpy()
-        )
-        n_vec = pending[0][2].numel()
-        return [
-            (pos, site, packed[k, :n_vec], np.rint(packed[k, n_vec:]).astype(np.int64), pooled, width)
-            for k, (pos, site, _, _, pooled, width) in enumerate(pending)
-        ]
+        vec = torch.stack([p[2].vec for p in pending])
+        ints = [torch.stack([p[2].hist for p in pending]).to(torch.int64)]
+        has_fine = pending[0][2].fine is not None
+        if has_fine:
+            ints.append(torch.stack([p[2].fine.flatten() for p in pending]))  # type: ignore[union-attr]
+            ints.append(torch.stack([p[2].starts for p in pending]))  # type: ignore[misc]
+        vec_h = vec.cpu().numpy()
+        ints_h = torch.cat(ints, dim=1).cpu().numpy()
+        n_hist = pending[0][2].hist.numel()
+        n_fine = pending[0][2].fine.numel() if has_fine else 0  # type: ignore[union-attr]
+        out: list[Reduction] = []
+        for k, (pos, site, red, width) in enumerate(pending):
+            row = ints_h[k]
+            fine = row[n_hist : n_hist + n_fine] if has_fine else None
+            starts = row[n_hist + n_fine :].tolist() if has_fine else None
+            out.append((pos, site, vec_h[k], row[:n_hist], fine, starts, red.pooled, width))
+        return out
 
 
 # --------------------------------------------------------------------- profile
@@ -227,6 +251,8 @@ def profile(
     token_start: Sequence[int] | None = None,
     collect_pooled: bool = False,
     thresholds: Sequence[float] = (),
+    relative: Sequence[tuple[float, str]] = ((0.01, "rms"),),
+    hook_thresholds: dict[tuple[int, str], Sequence[float]] | None = None,
 ) -> Profile:
     """Profile `options.sites` of every block of `loaded` on `examples`.
 
@@ -238,7 +264,12 @@ def profile(
     collect_pooled: also keep each example's mean-pooled vector per layer and site
       (`Profile.pooled`), e.g. for hallucination probes.
     thresholds: absolute |a| thresholds counted exactly (e.g. AvssOptions.sparsity_eps);
-      any other threshold is read from the histogram.
+      any other threshold is read from the histogram, with a bound on its error.
+    relative: the relative thresholds that will be read, as (factor, "rms" | "median"):
+      each gets fine |a| windows (`fine_spec`) placed from every hook's first batch, so
+      its sparsity is read within a small stated bound (`RunningStats.sparsity_bounded`).
+    hook_thresholds: per (block position, site), thresholds counted exactly for that hook
+      only (the second pass of `exact_sparsity`); every hook must give as many.
     Progress: ctx.progress("profile", done_batches, total_batches); ctx.check_cancelled()
     runs before every batch.
     """
@@ -248,6 +279,10 @@ def profile(
     sites = list(options.sites)
     spec = HistogramSpec.from_bins(int(options.histogram_bins))
     thresholds = tuple(sorted({float(t) for t in thresholds}))
+    fine = fine_spec(relative)
+    per_hook = {k: tuple(float(t) for t in v) for k, v in (hook_thresholds or {}).items()}
+    if len({len(v) for v in per_hook.values()}) > 1:
+        raise ValueError("hook_thresholds must give every hook as many thresholds")
     skip = int(options.skip_positions)
     lead_positions = skip if skip > 0 else 1
     n_examples = len(examples)
@@ -270,10 +305,19 @@ def profile(
         block_names=[b.name for b in blocks],
         layer_indices=[int(b.index) for b in blocks],
         sites=sites,
-        stats={(i, s): RunningStats(spec, thresholds) for i in range(len(blocks)) for s in sites},
-        lead={(i, s): RunningStats(spec, thresholds) for i in range(len(blocks)) for s in sites},
+        stats={
+            (i, s): RunningStats(spec, thresholds + per_hook.get((i, s), ()), fine=fine)
+            for i in range(len(blocks))
+            for s in sites
+        },
+        lead={
+            (i, s): RunningStats(spec, thresholds + per_hook.get((i, s), ()), fine=fine)
+            for i in range(len(blocks))
+            for s in sites
+        },
         spec=spec,
         thresholds=thresholds,
+        fine=fine,
         skip_positions=skip,
         lead_positions=lead_positions,
         n_examples=n_examples,
@@ -297,7 +341,7 @@ def profile(
     stats_device = torch.device("cpu") if device.type == "mps" else device
     forward = forward_callable(model, blocks)
     pad = pad_id(tokenizer)
-    collector = _Collector()
+    collector = _Collector({k: thresholds + v for k, v in per_hook.items()})
     ctx.progress(STAGE, 0, total)
     was_training = model.training
     model.eval()
@@ -320,6 +364,7 @@ def profile(
             lead_positions=lead_positions,
             device=stats_device,
             want_pooled=collect_pooled,
+            fine=fine,
         )
         collector.begin(plan, len(batch), input_ids.shape[1])
         try:
@@ -348,16 +393,32 @@ def profile(
     return result
 
 
+def fine_spec(relative: Sequence[tuple[float, str]]) -> FineSpec | None:
+    """The fine windows for relative thresholds (factor, reference): around factor x RMS of
+    the counted tokens and of the alternative view (leading positions toggled), or around
+    the median |a| and factor x it; None when there are none."""
+    anchors: list[tuple[str, float]] = []
+    for factor, reference in relative:
+        if reference == "rms":
+            wanted = [("rms", float(factor)), ("rms_alt", float(factor))]
+        elif reference == "median":
+            wanted = [("median", 1.0), ("median", float(factor))]
+        else:
+            raise ValueError(f"unknown relative-threshold reference {reference!r}")
+        anchors.extend(a for a in wanted if a not in anchors)
+    return FineSpec(anchors=tuple(anchors)) if anchors else None
+
+
 def _merge_batch(
     result: Profile,
-    reduced: list[tuple[int, str, np.ndarray, np.ndarray, torch.Tensor | None, int]],
+    reduced: list[Reduction],
     plan: BatchPlan,
     batch: Sequence[int],
 ) -> None:
     pooled_by_site: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for position, site, vec, hist, pooled, width in reduced:
-        result.stats[(position, site)].absorb(vec, hist, plan, width, column=0)
-        result.lead[(position, site)].absorb(vec, hist, plan, width, column=1)
+    for position, site, vec, hist, fine, starts, pooled, width in reduced:
+        result.stats[(position, site)].absorb(vec, hist, plan, width, column=0, fine=fine, starts=starts)
+        result.lead[(position, site)].absorb(vec, hist, plan, width, column=1, fine=fine, starts=starts)
         if pooled is not None:
             pooled_by_site.setdefault(site, []).append((position, pooled))
     if not pooled_by_site:

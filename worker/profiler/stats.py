@@ -47,10 +47,12 @@ that sum multiplies padding by 0, so it assumes padding positions hold finite va
 
 from __future__ import annotations
 
+import base64
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -147,6 +149,125 @@ class HistogramSpec:
         return float(edges[k] * (edges[k + 1] / edges[k]) ** (position - k))
 
 
+# Anchors of the fine windows: what a window is centred on, estimated from a hook's first
+# batch. "rms": factor x the RMS of the counted tokens; "rms_alt": the same for the
+# alternative view (leading positions toggled, see Profile.alternative_stats); "median":
+# factor x the median |a| (read off the first batch's coarse histogram).
+ANCHOR_KINDS = ("rms", "rms_alt", "median")
+
+
+@dataclass(frozen=True)
+class FineSpec:
+    """Fine |a| windows: `2**bits` bins per octave over `octaves` octaves, centred on an
+    anchor (ANCHOR_KINDS) estimated from a hook's first batch, plus a below-window and an
+    above-window slot. Bins are read from the float's bits like HistogramSpec's (exact), at
+    a resolution where a threshold's bin holds a small share of the values: with 4096 bins
+    per octave a bin spans a factor 1.00017, so its share is about 1.7e-4 x the density
+    share near the threshold (measured on SmolLM2 block outputs at 0.01 x RMS: at most
+    6.5e-5 of N, see bench/bench_profiler.py)."""
+
+    anchors: tuple[tuple[str, float], ...] = (("rms", 0.01), ("rms_alt", 0.01))
+    bits: int = 12
+    octaves: int = 2
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.bits <= 20 and 1 <= self.octaves <= 16):
+            raise ValueError(f"bad fine spec {self}")
+        for kind, factor in self.anchors:
+            if kind not in ANCHOR_KINDS or not (0 < float(factor) < 1e6):
+                raise ValueError(f"bad fine-window anchor {(kind, factor)}")
+
+    @property
+    def per_octave(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def bins(self) -> int:
+        return self.octaves << self.bits
+
+    @property
+    def slots(self) -> int:
+        return self.bins + 2
+
+    def edge(self, code: int) -> float:
+        """Lower edge of fine code `code` (float32 code space: biased exponent, then `bits`
+        leading mantissa bits)."""
+        e, j = divmod(int(code), self.per_octave)
+        return math.ldexp(1.0 + j / self.per_octave, e - 127)
+
+    def locate(self, value: float) -> tuple[int, float]:
+        """(fine code of the bin holding value > 0, linear position of value inside it in [0, 1))."""
+        m, ex = math.frexp(value)  # value = m * 2**ex, m in [0.5, 1)
+        pos = (2.0 * m - 1.0) * self.per_octave  # exact: a power-of-two scaling
+        j = int(math.floor(pos))
+        return ((ex - 1 + 127) << self.bits) + j, pos - j
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"anchors": [[k, float(f)] for k, f in self.anchors], "bits": self.bits, "octaves": self.octaves}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FineSpec:
+        return cls(anchors=tuple((str(k), float(f)) for k, f in d["anchors"]), bits=d["bits"], octaves=d["octaves"])
+
+
+@dataclass
+class Window:
+    """One fine window's counts: slot 0 = |a| below edge(start), slots 1..bins = the fine
+    bins from code `start` on, slot bins + 1 = at or above the window's top (NaN too)."""
+
+    start: int
+    counts: np.ndarray
+
+    def copy(self) -> Window:
+        return Window(self.start, self.counts.copy())
+
+    @property
+    def bins(self) -> int:
+        return len(self.counts) - 2
+
+    def covers(self, spec: FineSpec, value: float) -> bool:
+        return self.bins > 0 and spec.edge(self.start) <= value < spec.edge(self.start + self.bins)
+
+    def count_below(self, spec: FineSpec, value: float) -> tuple[float, float]:
+        """(#(|a| < value), bound on its error) for a covered value: whole bins below plus a
+        linear share of the bin holding it; the true count lies between the bin's two ends."""
+        code, frac = spec.locate(value)
+        k = code - self.start
+        below = float(self.counts[: k + 1].sum())  # slot 0 and the bins before k
+        h = float(self.counts[k + 1])
+        if frac == 0.0:
+            return below, 0.0
+        return below + frac * h, max(frac, 1.0 - frac) * h
+
+    def resliced(self, start: int, end: int) -> Window:
+        """The same counts over the sub-range [start, end) of fine codes (inside this window;
+        empty when end <= start)."""
+        end = max(end, start)
+        a, b = start - self.start, end - self.start
+        c = self.counts
+        mid = c[1 + a : 1 + b]
+        return Window(start, np.concatenate([[c[: 1 + a].sum()], mid, [c[1 + b :].sum()]]).astype(np.int64))
+
+
+def _common_windows(a: list[Window], b: list[Window]) -> tuple[list[Window], list[Window]]:
+    """Both lists cut to the intersection of each pair of windows (empty where they do not
+    overlap), so their counts can be added or subtracted bin by bin."""
+    if len(a) != len(b):
+        return [], []
+    out_a: list[Window] = []
+    out_b: list[Window] = []
+    for wa, wb in zip(a, b, strict=True):
+        if wa.start == wb.start and wa.bins == wb.bins:
+            out_a.append(wa)
+            out_b.append(wb)
+            continue
+        start = max(wa.start, wb.start)
+        end = min(wa.start + wa.bins, wb.start + wb.bins)
+        out_a.append(wa.resliced(start, end))
+        out_b.append(wb.resliced(start, end))
+    return out_a, out_b
+
+
 def _round_up(threshold: float, dtype: torch.dtype) -> float:
     """The smallest value of `dtype` >= threshold: for a in dtype, a < t iff a < this."""
     if dtype == torch.float64:
@@ -181,6 +302,9 @@ class BatchPlan:
     examples: int
     example_tokens: list[int]  # main tokens per example (host copy)
     want_pooled: bool = False
+    fine: FineSpec | None = None
+    fine_base: torch.Tensor | None = None  # [B, P, 1] int32: fine.slots * category
+    alt_sign: int = -1  # the alternative view is main - lead (skip_positions 0) or main + lead
 
     @classmethod
     def build(
@@ -195,6 +319,7 @@ class BatchPlan:
         lead_positions: int = 0,
         device: torch.device | str = "cpu",
         want_pooled: bool = False,
+        fine: FineSpec | None = None,
     ) -> BatchPlan:
         """`width` is the padded length P of the batch (positions 0..P-1)."""
         lens = torch.as_tensor(list(lengths), dtype=torch.long)[:, None]
@@ -226,6 +351,11 @@ class BatchPlan:
             examples=int((per_example > 0).sum()),
             example_tokens=[int(v) for v in per_example],
             want_pooled=want_pooled,
+            fine=fine if fine is not None and fine.anchors else None,
+            fine_base=None
+            if fine is None or not fine.anchors
+            else (fine.slots * cat)[..., None].to(dev, non_blocking=True),
+            alt_sign=-1 if skip_positions == 0 else 1,
         )
 
 
@@ -235,58 +365,116 @@ def vector_length(n_thresholds: int) -> int:
 
 
 # On the CPU a batch is reduced in slices of whole examples of about this many elements,
-# so the dozen passes over each slice run from cache instead of memory (about 2x faster
-# for wide sites); on an accelerator the whole batch goes at once (fewer launches).
+# so the passes over each slice run from cache instead of memory (about 2x faster for wide
+# sites); on an accelerator the whole batch goes at once (fewer launches).
 CPU_SLICE_ELEMENTS = 1 << 18
+# torch.histc counts in the input's float type: below 2**24 elements per call every count
+# is an exact integer in float32.
+_HISTC_CHUNK = (1 << 24) - 1
+
+
+class Reduced(NamedTuple):
+    """One hook's reduction of one batch, all on the device (see `reduce_activations`)."""
+
+    vec: torch.Tensor
+    hist: torch.Tensor
+    fine: torch.Tensor | None  # int64 [windows, 4 * fine.slots]
+    starts: torch.Tensor | None  # int64 [windows]: each window's first fine code
+    pooled: torch.Tensor | None
 
 
 def reduce_activations(
-    x: torch.Tensor, plan: BatchPlan
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    x: torch.Tensor,
+    plan: BatchPlan,
+    starts: torch.Tensor | None = None,
+    thresholds: Sequence[float] | None = None,
+) -> Reduced:
     """Reduce one batch `x[B, P, width]` on its device; no host sync.
 
-    Returns (vec, hist, pooled):
+    Returns `Reduced`:
     * vec float64 [vector_length]: the per-row sums for main and lead tokens (rows:
       sum a, sum a^2, sum |a|, sum of per-token L2 norms, then #(|a| < t) per threshold;
       flattened row-major as [row, column]), then max|a| for main and lead, then the sums
       over examples of l1_e, l2_e, fro_e and the pooled variance v_e (main tokens only).
     * hist int64 [4 * slots]: |a| histograms per token category (see BatchPlan).
+    * fine, starts: the fine windows (plan.fine), per window 4 category histograms; `starts`
+      given (a hook's later batches) or, when None, placed from this batch (its first).
     * pooled float32 [B, width]: mean-pooled activation per example (main tokens), if asked.
+    `thresholds` replaces plan.thresholds for this hook (same count for every hook).
+
+    Precision: the moment sums (sum a, sum a^2, sum |a|) are float64 reductions of a float64
+    image of each slice: float32 reductions per token were measured at up to 1.6e-6 relative
+    error on SmolLM2 (1e-9 is the target), see bench/bench_profiler.py (c). Every other
+    quantity is exact without float64: max|a| in the input's type, threshold counts and
+    histogram bins on integers (the float's bits).
     """
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
+    ths = plan.thresholds if thresholds is None else tuple(float(t) for t in thresholds)
     per_example = x.shape[1] * x.shape[2]
     step = max(1, CPU_SLICE_ELEMENTS // max(per_example, 1)) if x.device.type == "cpu" else x.shape[0]
-    if step >= x.shape[0]:
-        sums, mxw, ex, hist, pooled = _reduce_slice(x, plan, slice(None))
+    ranges = [slice(b, min(b + step, x.shape[0])) for b in range(0, x.shape[0], step)]
+    fine_now = plan.fine is not None and starts is not None
+    parts = [_reduce_slice(x[r], plan, r, ths, starts if fine_now else None) for r in ranges]
+    if len(parts) == 1:
+        sums, mxw, ex, hist, fine, pooled = parts[0]
     else:
-        parts = [_reduce_slice(x[b : b + step], plan, slice(b, b + step)) for b in range(0, x.shape[0], step)]
         sums = torch.stack([p[0] for p in parts]).sum(0)
         mxw = torch.stack([p[1] for p in parts]).amax(0)
         ex = torch.stack([p[2] for p in parts]).sum(0)
         hist = torch.stack([p[3] for p in parts]).sum(0)
-        pooled = torch.cat([p[4] for p in parts]) if plan.want_pooled else None  # type: ignore[misc]
-    return torch.cat([sums.flatten(), mxw, ex]), hist, pooled
+        fine = torch.stack([p[4] for p in parts]).sum(0) if fine_now else None  # type: ignore[misc]
+        pooled = torch.cat([p[5] for p in parts]) if plan.want_pooled else None  # type: ignore[misc]
+    if plan.fine is not None and starts is None:  # a hook's first batch: place its windows from it
+        starts = _window_starts(sums, hist, plan, x.shape[-1])
+        fine = torch.stack([_fine_slice(x[r].abs(), plan, r, starts) for r in ranges]).sum(0)
+    return Reduced(torch.cat([sums.flatten(), mxw, ex]), hist, fine, starts, pooled)
+
+
+def _count(code: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """int64 counts of the integer codes 0..n_slots-1 (no host sync on an accelerator)."""
+    flat = code.flatten()
+    if flat.device.type == "cpu":
+        return torch.bincount(flat, minlength=n_slots)
+    # bincount sizes its output from a device-to-host max(); histc with a fixed range does
+    # not sync. The codes are small integers (exact in float32), one unit-wide bin each.
+    out = torch.zeros(n_slots, dtype=torch.int64, device=flat.device)
+    for piece in flat.split(_HISTC_CHUNK):
+        out += torch.histc(piece.float(), bins=n_slots, min=0, max=n_slots).to(torch.int64)
+    return out
+
+
+def _float_codes(a: torch.Tensor, bits: int) -> torch.Tensor:
+    """|a|'s bits >> (mantissa bits - bits): biased exponent then `bits` mantissa bits, in the
+    float32 code space for float32 and float64 alike (exact, monotone in |a|)."""
+    if a.dtype == torch.float64:
+        return (a.view(torch.int64) >> (52 - bits)) - ((1023 - 127) << bits)
+    return a.view(torch.int32) >> (23 - bits)
 
 
 def _reduce_slice(
-    x: torch.Tensor, plan: BatchPlan, rows_: slice
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    x: torch.Tensor,
+    plan: BatchPlan,
+    rows_: slice,
+    thresholds: tuple[float, ...],
+    starts: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     f64 = torch.float64
     spec = plan.spec
     counted = plan.counted[rows_]
     w = plan.weights[rows_]
     counts = plan.counts[rows_]
 
-    x64 = x.clone() if x.dtype == f64 else x.to(f64)
+    x64 = x if x.dtype == f64 else x.to(f64)
     s1 = x64.sum(-1)
     l2 = torch.linalg.vector_norm(x64, 2, dim=-1)
-    sa = x64.abs_().sum(-1)
+    sa = torch.linalg.vector_norm(x64, 1, dim=-1)
+    del x64
     a = x.abs()
     mx = a.amax(-1)
     rows = [s1, l2 * l2, sa, l2]
-    for t in plan.thresholds:
-        rows.append((a < _round_up(t, a.dtype)).sum(-1, dtype=f64))
+    for t in thresholds:
+        rows.append((a < _round_up(t, a.dtype)).sum(-1).to(f64))
     table = torch.where(counted, torch.stack(rows), 0.0)  # [R, B, P]; drops NaN from padding
     sums = table.flatten(1) @ w.flatten(0, 1)  # [R, 2]
     mxw = (torch.where(counted, mx.to(f64), 0.0)[..., None] * w).amax(dim=(0, 1))  # [2]
@@ -298,20 +486,61 @@ def _reduce_slice(
     pooled_var = pooled_mean.var(dim=-1, correction=0)
     ex = torch.stack([per_ex[0] / counts, per_ex[1] / counts, per_ex[2].sqrt(), pooled_var]) @ plan.has[rows_]
 
-    # Histogram: bin code = top bits of |a| (exponent + leading mantissa bits), one pass.
+    # Histogram: bin code = top bits of |a| (exponent + leading mantissa bits), integers only.
     shift, lo_code = spec.code_offset(a.dtype)
     bits = a.view(torch.int64 if a.dtype == f64 else torch.int32)
     code = bits >> shift
     code.clamp_(lo_code - 1, lo_code + spec.bins).add_(plan.category[rows_].to(code.dtype) - lo_code)
-    n_slots = _N_CATS * spec.slots
-    if code.device.type == "cpu":
-        hist = torch.bincount(code.flatten(), minlength=n_slots)
-    else:  # bincount sizes its output from a device-to-host max(); histc with a fixed range does not sync
-        exact = torch.float32 if code.numel() < 2**24 else torch.float64
-        hist = torch.histc(code.flatten().to(exact), bins=n_slots, min=0, max=n_slots).to(torch.int64)
+    hist = _count(code, _N_CATS * spec.slots)
+    del code
+    fine = _fine_slice(a, plan, rows_, starts) if starts is not None else None
 
     pooled = pooled_mean.to(torch.float32) if plan.want_pooled else None
-    return sums, mxw, ex, hist, pooled
+    return sums, mxw, ex, hist, fine, pooled
+
+
+def _fine_slice(a: torch.Tensor, plan: BatchPlan, rows_: slice, starts: torch.Tensor) -> torch.Tensor:
+    """Per fine window, the 4 category histograms of |a| ([windows, 4 * fine.slots])."""
+    fine = plan.fine
+    assert fine is not None and plan.fine_base is not None
+    fc = _float_codes(a, fine.bits)
+    base = plan.fine_base[rows_].to(fc.dtype)
+    top = base + (fine.bins + 1)
+    out = []
+    for k in range(starts.shape[0]):
+        code = fc + (base + 1 - starts[k].to(fc.dtype))
+        code = torch.maximum(code, base, out=code)
+        code = torch.minimum(code, top, out=code)
+        out.append(_count(code, _N_CATS * fine.slots))
+    return torch.stack(out)
+
+
+def _window_starts(sums: torch.Tensor, hist: torch.Tensor, plan: BatchPlan, width: int) -> torch.Tensor:
+    """First fine code of each window, centred on its anchor as estimated from this batch
+    (device ops only, no host sync)."""
+    fine = plan.fine
+    assert fine is not None
+    spec = plan.spec
+    dev = sums.device
+    n_main = max(plan.main_tokens * width, 1)
+    n_alt = (plan.main_tokens + plan.alt_sign * plan.lead_tokens) * width
+    centres = []
+    for kind, factor in fine.anchors:
+        if kind == "median":
+            h = hist.view(_N_CATS, spec.slots)
+            cum = (h[CAT_MAIN] + h[CAT_BOTH]).cumsum(0)
+            k = torch.searchsorted(cum, (cum[-1:] + 1) // 2)[0]  # slot holding the median
+            _, lo_code = spec.code_offset(torch.float32)
+            up = fine.bits - spec.bits
+            centre = ((lo_code + k - 1) << up) + (1 << up) // 2 + round(math.log2(factor) * fine.per_octave)
+        else:
+            sq, n = sums[_R_SQ, 0], n_main
+            if kind == "rms_alt" and n_alt > 0:
+                sq, n = sums[_R_SQ, 0] + plan.alt_sign * sums[_R_SQ, 1], n_alt
+            value = (float(factor) * (sq.clamp(min=0.0) / n).sqrt()).clamp(2.0**-126, 2.0**126).float()
+            centre = _float_codes(value.reshape(1), fine.bits)[0].to(torch.int64)
+        centres.append(centre)
+    return torch.stack(centres).to(dev, torch.int64) - fine.bins // 2
 
 
 # ------------------------------------------------------------------- host side
@@ -350,6 +579,8 @@ class RunningStats:
     ex_fro: float = 0.0
     ex_pooled_var: float = 0.0
     per_example: bool = True  # False once the per-example sums no longer describe these tokens
+    fine: FineSpec | None = None  # the fine windows' layout (None: coarse histogram only)
+    windows: list[Window] = field(default_factory=list)  # one per fine.anchors, once placed
 
     def __post_init__(self) -> None:
         self.thresholds = tuple(float(t) for t in self.thresholds)
@@ -387,15 +618,35 @@ class RunningStats:
             spec=self.spec,
             thresholds=self.thresholds,
             device=x3.device,
+            fine=self.fine,
         )
+        starts = torch.as_tensor([w.start for w in self.windows], dtype=torch.int64) if self.windows else None
         with torch.inference_mode():
-            vec, hist, _ = reduce_activations(x3, plan)
-        self.absorb(vec.cpu().numpy(), hist.cpu().numpy(), plan, x3.shape[-1], column=0)
+            red = reduce_activations(x3, plan, starts=starts)
+        self.absorb(
+            red.vec.cpu().numpy(),
+            red.hist.cpu().numpy(),
+            plan,
+            x3.shape[-1],
+            column=0,
+            fine=None if red.fine is None else red.fine.cpu().numpy(),
+            starts=None if red.starts is None else red.starts.cpu().tolist(),
+        )
 
-    def absorb(self, vec: np.ndarray, hist: np.ndarray, plan: BatchPlan, width: int, column: int) -> None:
+    def absorb(
+        self,
+        vec: np.ndarray,
+        hist: np.ndarray,
+        plan: BatchPlan,
+        width: int,
+        column: int,
+        fine: np.ndarray | None = None,
+        starts: Sequence[int] | None = None,
+    ) -> None:
         """Merge one batch reduction (host copies of `reduce_activations`' output).
 
         column 0: the main tokens, column 1: the lead tokens (no per-example sums).
+        fine [windows, 4 * fine.slots] and starts: the fine windows of this batch, if any.
         """
         tokens = plan.main_tokens if column == 0 else plan.lead_tokens
         if tokens == 0:
@@ -418,6 +669,13 @@ class RunningStats:
         self.sum_sq += sq
         self.max_abs = max(self.max_abs, max_b) if not math.isnan(self.max_abs) else self.max_abs
         self.hist += h_b.astype(np.int64)
+        if fine is not None and starts is not None and self.fine is not None:
+            hf = fine.reshape(len(starts), _N_CATS, self.fine.slots)
+            mine = CAT_MAIN if column == 0 else CAT_LEAD
+            batch = [Window(int(s0), (hf[k, CAT_BOTH] + hf[k, mine]).astype(np.int64)) for k, s0 in enumerate(starts)]
+            self._add_windows(batch, first=self.count == n_b)
+        elif self.windows:
+            self.windows = []  # this batch has no fine counts: the windows no longer cover every token
         if self.thresholds:
             self.below += np.rint(sums[_N_BASE_ROWS:]).astype(np.int64)
         if column == 0:
@@ -430,6 +688,15 @@ class RunningStats:
         else:
             self.per_example = False
 
+    def _add_windows(self, other: list[Window], first: bool, sign: int = 1) -> None:
+        if first:
+            self.windows = [w.copy() for w in other]
+            return
+        mine, theirs = _common_windows(self.windows, other)
+        for w, o in zip(mine, theirs, strict=True):
+            w.counts = w.counts + sign * o.counts
+        self.windows = [w.copy() for w in mine]
+
     def _check_width(self, width: int) -> None:
         if self.width is None:
             self.width = int(width)
@@ -437,7 +704,7 @@ class RunningStats:
             raise ValueError(f"activation width changed from {self.width} to {width}")
 
     def _check_compatible(self, other: RunningStats) -> None:
-        if other.spec != self.spec or other.thresholds != self.thresholds:
+        if other.spec != self.spec or other.thresholds != self.thresholds or other.fine != self.fine:
             raise ValueError("cannot combine statistics with different histogram specs or thresholds")
         if other.width is not None:
             self._check_width(other.width)
@@ -447,6 +714,7 @@ class RunningStats:
         self._check_compatible(other)
         if other.count == 0:
             return self
+        self._add_windows(other.windows, first=self.count == 0)
         self.mean, self.m2 = _chan(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
         self.count += other.count
         self.tokens += other.tokens
@@ -481,6 +749,7 @@ class RunningStats:
         n_a = n - n_b
         if n_a < 0:
             raise ValueError("cannot subtract more elements than there are")
+        self._add_windows(other.windows, first=False, sign=-1)
         if n_a == 0:
             self.mean, self.m2 = 0.0, 0.0
         else:
@@ -497,6 +766,16 @@ class RunningStats:
         self.below = self.below - other.below
         self.per_example = False
         return self
+
+    def add_exact(self, threshold: float, count: int) -> None:
+        """Record #(|a| < threshold) counted exactly elsewhere (a second pass over the same
+        tokens); `count_below(threshold)` then returns it with bound 0."""
+        t = float(threshold)
+        if t in self.thresholds:
+            self.below[self.thresholds.index(t)] = int(count)
+            return
+        self.thresholds = (*self.thresholds, t)
+        self.below = np.append(self.below, np.int64(count))
 
     def copy(self) -> RunningStats:
         return RunningStats.from_dict(self.to_dict())
@@ -541,40 +820,78 @@ class RunningStats:
         return self._per_example(self.ex_fro)
 
     def count_below(self, threshold: float) -> float:
-        """#(|a| < threshold): exact for the up-front thresholds and at bin edges, else
-        interpolated in the histogram (see the module docstring)."""
+        """#(|a| < threshold), see `count_below_bounded`."""
+        return self.count_below_bounded(threshold)[0]
+
+    def count_below_bounded(self, threshold: float) -> tuple[float, float]:
+        """(#(|a| < threshold), bound on its error): the true count lies within the bound.
+
+        Exact (bound 0) for the up-front thresholds, for t <= 0 and t > max|a|, at a bin edge
+        and in an empty bin. Otherwise read from the finest histogram covering t: a fine
+        window (bins a factor 2**(1/4096) wide), else the coarse histogram; whole bins below
+        t plus an interpolated share of the bin holding t, whose count bounds the error
+        (times max(frac, 1 - frac), frac the interpolated share). Below the coarse range
+        (t < lo) the whole underflow slot counts, with its count as the bound."""
         t = float(threshold)
         if self.count == 0 or t <= 0.0 or math.isnan(t):
-            return 0.0
+            return 0.0, 0.0
         for i, known in enumerate(self.thresholds):
             if t == known:
-                return float(self.below[i])
+                return float(self.below[i]), 0.0
         if not math.isnan(self.max_abs) and t > self.max_abs:
-            return float(self.count)
+            return float(self.count), 0.0
+        if self.fine is not None:
+            for w in self.windows:
+                if w.covers(self.fine, t):
+                    return w.count_below(self.fine, t)
         spec = self.spec
         h = self.hist
         if t < spec.lo:
-            return float(h[0])
+            return float(h[0]), float(h[0])
         if t >= spec.hi:
             below_hi = float(h[:-1].sum())
             if math.isnan(self.max_abs) or self.max_abs <= spec.hi:
-                return below_hi + float(h[-1])
-            frac = math.log(t / spec.hi) / math.log(self.max_abs / spec.hi)
-            return below_hi + float(h[-1]) * min(max(frac, 0.0), 1.0)
+                return below_hi + float(h[-1]), float(h[-1])
+            frac = min(max(math.log(t / spec.hi) / math.log(self.max_abs / spec.hi), 0.0), 1.0)
+            return below_hi + float(h[-1]) * frac, float(h[-1]) * max(frac, 1.0 - frac)
         p = spec.position(t)
         k = min(int(math.floor(p)), spec.bins - 1)  # 0-based bin holding t, slot k + 1
-        return float(h[: k + 1].sum()) + float(h[k + 1]) * (p - k)
+        frac = p - k
+        below, hk = float(h[: k + 1].sum()), float(h[k + 1])
+        if frac == 0.0:
+            return below, 0.0
+        return below + hk * frac, hk * max(frac, 1.0 - frac)
 
     def sparsity(self, threshold: float) -> float:
         """Share of activations with |a| < threshold (METHOD eq. 4)."""
         return self.count_below(threshold) / self.count if self.count else math.nan
 
+    def sparsity_bounded(self, threshold: float) -> tuple[float, float]:
+        """(sparsity, bound on its absolute error); bound 0 means exact."""
+        if not self.count:
+            return math.nan, math.nan
+        c, b = self.count_below_bounded(threshold)
+        return c / self.count, b / self.count
+
     def quantile_abs(self, q: float) -> float:
         """q-quantile of |a| read from the histogram (inverse of `count_below`'s
-        interpolation; 0 inside the underflow slot)."""
+        interpolation; 0 inside the underflow slot); from a fine window when the quantile
+        falls inside one (then within one fine bin of the true value)."""
         if self.count == 0:
             return math.nan
         target = min(max(q, 0.0), 1.0) * self.count
+        if self.fine is not None:
+            for w in self.windows:
+                mid = w.counts[1:-1].astype(np.float64)
+                if not (w.counts[0] < target <= w.counts[0] + mid.sum()):
+                    continue
+                cum = w.counts[0] + np.cumsum(mid)
+                k = int(np.searchsorted(cum, target, side="left"))
+                prev = cum[k - 1] if k else float(w.counts[0])
+                frac = (target - prev) / mid[k] if mid[k] else 0.0
+                lo_edge, hi_edge = self.fine.edge(w.start + k), self.fine.edge(w.start + k + 1)
+                value = lo_edge + frac * (hi_edge - lo_edge)
+                return min(value, self.max_abs) if not math.isnan(self.max_abs) else value
         spec = self.spec
         h = self.hist.astype(np.float64)
         if target <= h[0]:
@@ -649,6 +966,8 @@ class RunningStats:
             "ex_fro": self.ex_fro,
             "ex_pooled_var": self.ex_pooled_var,
             "per_example": self.per_example,
+            "fine": None if self.fine is None else self.fine.to_dict(),
+            "windows": [{"start": w.start, "counts": _pack(w.counts)} for w in self.windows],
         }
 
     @classmethod
@@ -659,4 +978,23 @@ class RunningStats:
         below = np.asarray(values.pop("below"), dtype=np.int64)
         if values.get("max_abs") is None:
             values["max_abs"] = math.nan
-        return cls(spec=spec, hist=hist, below=below, thresholds=tuple(values.pop("thresholds")), **values)
+        fine = values.pop("fine", None)
+        windows = [Window(int(w["start"]), _unpack(w["counts"])) for w in values.pop("windows", [])]
+        return cls(
+            spec=spec,
+            hist=hist,
+            below=below,
+            thresholds=tuple(values.pop("thresholds")),
+            fine=None if fine is None else FineSpec.from_dict(fine),
+            windows=windows,
+            **values,
+        )
+
+
+def _pack(counts: np.ndarray) -> str:
+    """int64 counts as base64 of their zlib-compressed little-endian bytes (JSON-safe, small)."""
+    return base64.b64encode(zlib.compress(counts.astype("<i8").tobytes(), 6)).decode("ascii")
+
+
+def _unpack(text: str) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<i8").astype(np.int64)
