@@ -213,6 +213,12 @@ class AvssOptions(Strict):
     sparsity_reference: Literal["rms", "median"] = Field(
         "rms", description="What a relative threshold is relative to: the layer's RMS or median |a|."
     )
+    exact_sparsity: bool = Field(
+        False,
+        description="Count a relative threshold's sparsity exactly with a second pass over the data (about twice "
+        "the profiling time). Otherwise it is read off a fine |a| histogram around the threshold, and every "
+        "sparsity carries the bound on its error (`sparsity_bound`).",
+    )
     delta: float = Field(1e-6, gt=0, lt=1, description="Guard on the normalized-sparsity denominator.")
     prune_fraction: float = Field(0.25, ge=0, lt=1, description="Share of lowest-ranked layers proposed for pruning.")
     plots: bool = Field(True, description="Render per-layer plots (PNG and SVG) as artifacts.")

@@ -6,7 +6,8 @@
 Prints, and does not assert:
 (a) speed: one pass over the same pre-tokenized batches, bare forward vs the profiler's
     per-batch work (hooks + on-device reductions + host merge), interleaved repeats,
-    ratio of medians (target <= 1.15); the same for the naive way (hooks keep every
+    ratio of medians (target <= 1.15); the same without the fine |a| windows ("coarse":
+    the coarse histogram only, what the windows cost); the same for the naive way (hooks keep every
     block's output, statistics computed afterwards over the kept tensors, as the
     reference code does); and profile() end to end (tokenization included) vs the
     bare pass.
@@ -17,7 +18,9 @@ Prints, and does not assert:
     reported too.
 (c) numerics: streamed statistics from profile() vs float64 statistics over the full
     activation tensors captured from the very same forward passes; max relative error
-    of count, mean, M2, sum|a|, sum a^2, max|a| (target 1e-9).
+    of count, mean, M2, sum|a|, sum a^2, max|a| (target 1e-9); what per-token float32
+    reductions would give instead; sparsity at 0.01 x RMS read off the fine windows vs an
+    exact count, and the largest stated bound (target 1e-4).
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ from app.schemas import ProfileOptions  # noqa: E402
 from worker.lm.model import forward_callable  # noqa: E402
 from worker.lm.tokens import encode_texts, length_batches, pad_batch, pad_id  # noqa: E402
 from worker.profiler.hooks import capture  # noqa: E402
-from worker.profiler.profiler import _Collector, _merge_batch, profile  # noqa: E402
-from worker.profiler.stats import BatchPlan, HistogramSpec, RunningStats  # noqa: E402
+from worker.profiler.profiler import _Collector, _merge_batch, fine_spec, profile  # noqa: E402
+from worker.profiler.stats import BatchPlan, FineSpec, HistogramSpec, RunningStats  # noqa: E402
 from worker.stage import JobContext  # noqa: E402
 
 
@@ -108,15 +111,21 @@ class _Runner:
         self.forward = forward_callable(loaded.model, self.blocks)
         self.sites = sites
         self.spec = HistogramSpec()
-        self.result = Profile(
-            block_names=[b.name for b in self.blocks],
-            layer_indices=[b.index for b in self.blocks],
-            sites=sites,
-            stats={(i, s): RunningStats(self.spec) for i in range(len(self.blocks)) for s in sites},
-            lead={(i, s): RunningStats(self.spec) for i in range(len(self.blocks)) for s in sites},
-            spec=self.spec,
+        self.fine = fine_spec([(0.01, "rms")])  # what profile() places by default
+        self.result, self.coarse_result = (
+            Profile(
+                block_names=[b.name for b in self.blocks],
+                layer_indices=[b.index for b in self.blocks],
+                sites=sites,
+                stats={(i, s): RunningStats(self.spec, fine=f) for i in range(len(self.blocks)) for s in sites},
+                lead={(i, s): RunningStats(self.spec, fine=f) for i in range(len(self.blocks)) for s in sites},
+                spec=self.spec,
+                fine=f,
+            )
+            for f in (self.fine, None)
         )
         self.collector = _Collector()
+        self.coarse_collector = _Collector()
         self.kept: dict[tuple[int, str], list[torch.Tensor]] = {}
         self.edges = torch.as_tensor(self.spec.edges)
 
@@ -124,14 +133,21 @@ class _Runner:
         with torch.inference_mode():
             self.forward(batch[2], batch[3])
 
-    def profiled(self, batch: tuple) -> None:
-        """What profile() does per batch: plan, hooked forward with device reductions, merge."""
+    def profiled(self, batch: tuple, coarse: bool = False) -> None:
+        """What profile() does per batch: plan, hooked forward with device reductions, merge.
+        coarse: without the fine windows (the coarse histogram only)."""
         examples, lens, input_ids, mask = batch
-        with torch.inference_mode(), capture(self.blocks, self.sites, self.collector):
-            plan = BatchPlan.build(lens, input_ids.shape[1], spec=self.spec, lead_positions=1)
-            self.collector.begin(plan, len(examples), input_ids.shape[1])
+        collector = self.coarse_collector if coarse else self.collector
+        with torch.inference_mode(), capture(self.blocks, self.sites, collector):
+            plan = BatchPlan.build(
+                lens, input_ids.shape[1], spec=self.spec, lead_positions=1, fine=None if coarse else self.fine
+            )
+            collector.begin(plan, len(examples), input_ids.shape[1])
             self.forward(input_ids, mask)
-            _merge_batch(self.result, self.collector.finish(), plan, examples)
+            _merge_batch(self.coarse_result if coarse else self.result, collector.finish(), plan, examples)
+
+    def coarse(self, batch: tuple) -> None:
+        self.profiled(batch, coarse=True)
 
     def _keep(self, position: int, site: str, tensor: torch.Tensor) -> None:
         self.kept.setdefault((position, site), []).append(tensor.detach().clone())
@@ -169,7 +185,7 @@ def bench_speed(loaded: Any, args: argparse.Namespace) -> dict[str, float]:
         f"(a) speed: {len(texts)} texts, {len(batches)} batches, {tokens} tokens ({padded} with padding), "
         f"sites {sites}, {torch.get_num_threads()} threads, {args.repeats} repeats"
     )
-    modes = {"bare": runner.bare, "profiled": runner.profiled, "naive": runner.naive}
+    modes = {"bare": runner.bare, "profiled": runner.profiled, "coarse": runner.coarse, "naive": runner.naive}
     for fn in modes.values():  # warm-up
         fn(batches[-1])
     # clocks[clock][mode][batch] = list over repeats; modes interleaved per batch, order rotated.
@@ -189,7 +205,7 @@ def bench_speed(loaded: Any, args: argparse.Namespace) -> dict[str, float]:
     out: dict[str, float] = {}
     for clock in clocks:
         t = times[clock]
-        for name in ("profiled", "naive"):
+        for name in ("profiled", "coarse", "naive"):
             pair = [
                 x / y for bx, by in zip(t[name], t["bare"], strict=True) for x, y in zip(bx, by, strict=True)
             ]
@@ -324,13 +340,16 @@ def bench_numerics(loaded: Any, args: argparse.Namespace) -> dict[str, float]:
     finally:
         handle.remove()
     worst: dict[str, float] = {}
+    f32_worst: dict[str, float] = {}  # the rejected alternative: per-token sums in float32
+    sparsity_err = sparsity_bound = 0.0
+    bin_share: dict[int, float] = {}
 
     def rel(a: float, b: float) -> float:
         return abs(a - b) / max(abs(b), 1e-300)
 
     for (position, site), tensors in kept.items():
-        x = torch.cat([t.reshape(m.shape[0], m.shape[1], -1)[m] for t, m in zip(tensors, masks, strict=True)])
-        x = x.double()
+        x32 = torch.cat([t.reshape(m.shape[0], m.shape[1], -1)[m] for t, m in zip(tensors, masks, strict=True)])
+        x = x32.double()
         s = prof.stats[(position, site)]
         ref = {
             "count": float(x.numel()),
@@ -350,6 +369,20 @@ def bench_numerics(loaded: Any, args: argparse.Namespace) -> dict[str, float]:
         }
         for key in ref:
             worst[key] = max(worst.get(key, 0.0), rel(got[key], ref[key]))
+        for key, per_token in (("sum", x32.sum(-1)), ("sum_sq", (x32 * x32).sum(-1)), ("sum_abs", x32.abs().sum(-1))):
+            exact = {"sum": x.sum(), "sum_sq": (x * x).sum(), "sum_abs": x.abs().sum()}[key].item()
+            f32_worst[key] = max(f32_worst.get(key, 0.0), rel(per_token.double().sum().item(), exact))
+        t = 0.01 * s.rms
+        value, bound = s.sparsity_bounded(t)
+        sparsity_err = max(sparsity_err, abs(value - float((x.abs() < t).sum()) / x.numel()))
+        sparsity_bound = max(sparsity_bound, bound)
+        a = x.abs()
+        for bits in (10, 12):  # what a window's resolution makes the bin holding t weigh
+            grid = FineSpec(bits=bits)
+            code, _ = grid.locate(t)
+            lo_edge, hi_edge = grid.edge(code), grid.edge(code + 1)
+            share = float(((a >= lo_edge) & (a < hi_edge)).sum()) / a.numel()
+            bin_share[bits] = max(bin_share.get(bits, 0.0), share)
     overall = max(worst.values())
     print(
         f"(c) numerics: {len(texts)} texts, {prof.n_tokens} tokens, {len(kept)} (layer, site) pairs; "
@@ -360,7 +393,16 @@ def bench_numerics(loaded: Any, args: argparse.Namespace) -> dict[str, float]:
         + ", ".join(f"{k} {v:.2e}" for k, v in worst.items())
         + f"   -> max {overall:.2e} (target 1e-9)"
     )
-    return {"max_rel_error": overall}
+    print(
+        "    per-token float32 reductions instead (rejected): "
+        + ", ".join(f"{k} {v:.2e}" for k, v in f32_worst.items())
+    )
+    print(
+        f"    sparsity at 0.01 x RMS from the fine windows vs an exact count: max error {sparsity_err:.2e}, "
+        f"max stated bound {sparsity_bound:.2e} (target 1e-4); share of N in the bin holding it: "
+        + ", ".join(f"{2**b} bins per octave {v:.2e}" for b, v in bin_share.items())
+    )
+    return {"max_rel_error": overall, "sparsity_error": sparsity_err, "sparsity_bound": sparsity_bound}
 
 
 def main() -> None:

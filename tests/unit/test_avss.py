@@ -168,6 +168,7 @@ def test_run_avss_stage(tiny_profile) -> None:  # type: ignore[no-untyped-def]
         "sparsity",
         "nsparsity",
         "sparsity_dev",
+        "sparsity_bound",
         "avss",
         "navss",
         "cumulative",
@@ -187,7 +188,12 @@ def test_run_avss_stage(tiny_profile) -> None:  # type: ignore[no-untyped-def]
     s = result.summary
     assert s["prune_layers"] == [s["ranking"][0]]  # floor(0.34 * 3) = 1 lowest-ranked
     assert [r.values["prune"] for r in result.layers].count(1.0) == 1
-    assert s["threshold"] == {"mode": "relative", "value": 0.01, "reference": "rms", "exact": False}
+    threshold = s["threshold"]
+    assert {k: threshold[k] for k in ("mode", "value", "reference")} == {"mode": "relative", "value": 0.01,
+                                                                         "reference": "rms"}
+    # read off the fine histogram window: exact only where the threshold's bins are empty
+    assert threshold["exact"] is (threshold["max_bound"] == 0.0)
+    assert max(r.values["sparsity_bound"] for r in result.layers) == threshold["max_bound"] <= 1e-4
     assert s["variance_mode"] == "elements" and s["site"] == "block_output"
     assert max(r.values["cumulative"] for r in result.layers) == pytest.approx(1.0)
     json.dumps(s, allow_nan=False)
@@ -207,7 +213,8 @@ def test_run_avss_stage_options(tiny_profile) -> None:  # type: ignore[no-untype
         plots=False,
     )
     result = run_avss_stage(tiny_profile, opts)
-    assert result.summary["threshold"] == {"mode": "absolute", "value": 1e-5, "exact": True}
+    assert result.summary["threshold"] == {"mode": "absolute", "value": 1e-5, "exact": True, "method": "exact",
+                                           "max_bound": 0.0}
     assert result.summary["variance_mode"] == "pooled" and not result.artifacts
     for row, s in zip(result.layers, tiny_profile.site_stats("mlp_activation"), strict=True):
         assert row.values["variance"] == pytest.approx(s.pooled_variance)

@@ -393,6 +393,33 @@ def profile(
     return result
 
 
+def count_exactly(
+    prof: Profile,
+    wanted: dict[tuple[int, str], list[float]],
+    loaded: Any,
+    examples: Sequence[Any],
+    options: ProfileOptions,
+    ctx: JobContext,
+    **kwargs: Any,
+) -> Profile:
+    """The exact two-pass count: run `profile` again over the same examples (same kwargs)
+    counting, per hook, the thresholds `wanted` (read off `prof`, e.g. 0.01 x its RMS) by
+    comparison, and record the counts in `prof`'s main and leading-position statistics
+    (`RunningStats.add_exact`), where reading those thresholds is then exact. About twice
+    the cost of one pass. Returns `prof`."""
+    width = max((len(v) for v in wanted.values()), default=0)
+    if width == 0:
+        return prof
+    per_hook = {k: (list(v) + [0.0] * width)[:width] for k, v in wanted.items()}
+    again = profile(loaded, examples, options, ctx, hook_thresholds=per_hook, **kwargs)
+    n_global = len(prof.thresholds)
+    for key, ts in wanted.items():
+        for j, t in enumerate(ts):
+            prof.stats[key].add_exact(t, int(again.stats[key].below[n_global + j]))
+            prof.lead[key].add_exact(t, int(again.lead[key].below[n_global + j]))
+    return prof
+
+
 def fine_spec(relative: Sequence[tuple[float, str]]) -> FineSpec | None:
     """The fine windows for relative thresholds (factor, reference): around factor x RMS of
     the counted tokens and of the alternative view (leading positions toggled), or around
@@ -452,4 +479,4 @@ def _check_coverage(result: Profile) -> None:
             result.warnings.append(f"capture site {site!r} never fired for blocks {missing}")
 
 
-__all__ = ["Profile", "profile", "vector_length"]
+__all__ = ["Profile", "count_exactly", "fine_spec", "profile", "vector_length"]

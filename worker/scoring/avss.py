@@ -10,7 +10,9 @@ Per layer l = 1..L of one capture site, from the profiler's streaming statistics
 - (3) `nvar_l = var_l / sum_k var_k`
 - (4) `S_l = #(|a| < eps_l) / N_l`, `eps_l` absolute (`sparsity_eps`) or relative
   (`sparsity_rel_eps` x the layer's RMS or median |a|). Exact for thresholds the
-  profiler counted up front, else read from the |a| histogram (log-linear within a bin).
+  profiler counted (absolute ones during the pass; relative ones with `exact_sparsity`,
+  a second pass), else read from the |a| histogram's fine window around the threshold
+  with a stated bound on the error (`sparsity_bound` per layer, `RunningStats.sparsity_bounded`).
 - (5) `nS_l = S_l / sum_k S_k`
 - (6) `dS_l = |S_l - (1/L) sum_k S_k|`
 - (7) `AVSS_l = nvar_l / max(nS_l, delta)`; when every S_l is 0 the score degrades to
@@ -139,6 +141,42 @@ def layer_sparsity(stats: Sequence[RunningStats], thresholds: Sequence[float] | 
             for s, t in zip(stats, thresholds, strict=True)
         ]
     )
+
+
+def layer_sparsity_bounds(stats: Sequence[RunningStats], thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Per layer, the bound on the absolute error of `layer_sparsity` (0: an exact count)."""
+    return _arr(
+        [
+            s.sparsity_bounded(float(t))[1] if math.isfinite(t) else math.nan
+            for s, t in zip(stats, thresholds, strict=True)
+        ]
+    )
+
+
+def sparsity_provenance(bounds: np.ndarray) -> dict[str, Any]:
+    """How a set of stored sparsities was obtained: exact counts, or read off the histogram
+    with at most `max_bound` absolute error."""
+    finite = bounds[np.isfinite(bounds)]
+    worst = float(finite.max()) if finite.size else 0.0
+    return {"exact": worst == 0.0, "method": "exact" if worst == 0.0 else "histogram", "max_bound": worst}
+
+
+def counted_thresholds(profile: Profile, options: AvssOptions | None, profile_stage: bool) -> dict[tuple[int, str], list[float]]:
+    """Per hook, the relative thresholds the avss (main and leading-positions views) and
+    profile stages will read off `profile`: what a second pass counts exactly."""
+    wanted: dict[tuple[int, str], list[float]] = {key: [] for key in profile.stats}
+    if options is not None and options.sparsity_threshold == "relative" and options.site in profile.sites:
+        for stats in (profile.site_stats(options.site), profile.alternative_stats(options.site)):
+            eps = sparsity_thresholds(stats, "relative", options.sparsity_eps, options.sparsity_rel_eps,
+                                      options.sparsity_reference)
+            for i, t in enumerate(eps):
+                if math.isfinite(t) and t > 0:
+                    wanted[(i, options.site)].append(float(t))
+    if profile_stage:
+        for key, s in profile.stats.items():
+            if s.count:
+                wanted[key].append(PROFILE_SPARSITY_REL_EPS * s.rms)
+    return wanted
 
 
 def normalized_sparsity(sparsity: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -326,6 +364,7 @@ class _LeadingPositions:
     available: bool
     rho: float
     prune: list[int]
+    sparsity: dict[str, Any]  # sparsity_provenance of this view's sparsities
 
 
 def _check_profile(profile: Profile, site: str) -> None:
@@ -342,10 +381,12 @@ def _check_profile(profile: Profile, site: str) -> None:
 def _leading_positions(profile: Profile, options: AvssOptions, scores: AvssScores, k: int) -> _LeadingPositions:
     # Variance by elements: the per-example pooled variance cannot be split by position.
     alt_stats = profile.alternative_stats(options.site)
-    alt_scores, _ = _score_stats(alt_stats, options, "elements")
+    alt_scores, alt_eps = _score_stats(alt_stats, options, "elements")
     available = all(s.count > 0 for s in alt_stats)
     rho = spearman(scores.avss, alt_scores.avss) if available else math.nan
-    return _LeadingPositions(alt_scores, available, rho, sorted(alt_scores.ranking[:k]) if available else [])
+    bounds = layer_sparsity_bounds(alt_stats, alt_eps) if available else np.zeros(0)
+    prune = sorted(alt_scores.ranking[:k]) if available else []
+    return _LeadingPositions(alt_scores, available, rho, prune, sparsity_provenance(bounds))
 
 
 def _massive_warning(profile: Profile, massive: list[int], alt: _LeadingPositions) -> str:
@@ -365,6 +406,7 @@ def _avss_rows(
     prune: set[int], ratios: np.ndarray, massive: list[int], alt: _LeadingPositions,
 ) -> list[LayerRow]:
     rows: list[LayerRow] = []
+    bounds = layer_sparsity_bounds(stats, eps)
     for i, s in enumerate(stats):
         values: dict[str, float | None] = {
             "variance": scores.variance[i],
@@ -374,6 +416,7 @@ def _avss_rows(
             "nsparsity": scores.nsparsity[i],
             "sparsity_dev": scores.sparsity_dev[i],
             "sparsity_threshold": eps[i],
+            "sparsity_bound": bounds[i],
             "avss": scores.avss[i],
             "navss": scores.navss[i],
             "cumulative": scores.cumulative[i],
@@ -405,9 +448,8 @@ def _avss_rows(
 def _threshold_info(options: AvssOptions, profile: Profile) -> dict[str, Any]:
     if options.sparsity_threshold == "absolute":
         eps = float(options.sparsity_eps)
-        return {"mode": "absolute", "value": eps, "exact": eps in profile.thresholds}
-    return {"mode": "relative", "value": float(options.sparsity_rel_eps),
-            "reference": options.sparsity_reference, "exact": False}
+        return {"mode": "absolute", "value": eps}
+    return {"mode": "relative", "value": float(options.sparsity_rel_eps), "reference": options.sparsity_reference}
 
 
 def _avss_summary(
@@ -433,6 +475,7 @@ def _avss_summary(
             "ranking": _names(profile, alt.scores.ranking) if alt.available else None,
             "prune_layers": _names(profile, alt.prune) if alt.available else None,
             "spearman": finite_or_none(alt.rho),
+            "sparsity": alt.sparsity,
         },
         "n_examples": profile.n_profiled_examples,
         "n_tokens": profile.n_tokens,
@@ -493,6 +536,7 @@ def avss_stage(profile: Profile, options: AvssOptions) -> AvssStage:
         summary=_avss_summary(profile, options, scores, prune, massive, alt),
         warnings=warnings + [f"profile: {w}" for w in profile.warnings],
     )
+    result.summary["threshold"].update(sparsity_provenance(layer_sparsity_bounds(stats, eps)))
     if options.plots:
         result.artifacts.extend(_avss_plots(profile, stats, options, scores, prune))
     ranking = Ranking(tuple(_names(profile, scores.ranking)), "lowest", tuple(float(v) for v in scores.navss))
@@ -550,11 +594,14 @@ PROFILE_KEYS = (
 def run_profile_stage(profile: Profile, *, plots: bool = False) -> StageResult:
     """The raw statistics: one LayerRow per block (scorer "profile"), values keyed
     "<site>.<statistic>" for every profiled site, plus "<site>.sparsity_eps" (|a| < 1e-5,
-    the reference threshold) and "<site>.sparsity_rel" (|a| < 0.01 x RMS). The whole
-    profile (histograms included) is attached as `profile.json`."""
+    the reference threshold) and "<site>.sparsity_rel" (|a| < 0.01 x RMS), each with
+    "<site>.sparsity_eps_bound" / "<site>.sparsity_rel_bound", the bound on its absolute
+    error (0: an exact count). The whole profile (histograms and fine windows included)
+    is attached as `profile.json`."""
     import json
 
     rows: list[LayerRow] = []
+    bounds: dict[str, list[float]] = {}
     for i in range(profile.n_layers):
         values: dict[str, float | None] = {}
         for site in profile.sites:
@@ -562,8 +609,11 @@ def run_profile_stage(profile: Profile, *, plots: bool = False) -> StageResult:
             summary = s.summary()
             for key in PROFILE_KEYS:
                 values[f"{site}.{key}"] = finite_or_none(summary[key])
-            values[f"{site}.sparsity_eps"] = finite_or_none(s.sparsity(PROFILE_SPARSITY_EPS))
-            values[f"{site}.sparsity_rel"] = finite_or_none(s.sparsity(PROFILE_SPARSITY_REL_EPS * s.rms))
+            for name, t in (("sparsity_eps", PROFILE_SPARSITY_EPS), ("sparsity_rel", PROFILE_SPARSITY_REL_EPS * s.rms)):
+                value, bound = s.sparsity_bounded(t)
+                values[f"{site}.{name}"] = finite_or_none(value)
+                values[f"{site}.{name}_bound"] = finite_or_none(bound)
+                bounds.setdefault(name, []).append(bound)
         rows.append(LayerRow(profile.layer_indices[i], profile.block_names[i], "profile", values))
 
     massive: dict[str, list[int]] = {}
@@ -592,6 +642,7 @@ def run_profile_stage(profile: Profile, *, plots: bool = False) -> StageResult:
         },
         "sparsity_eps": PROFILE_SPARSITY_EPS,
         "sparsity_rel_eps": PROFILE_SPARSITY_REL_EPS,
+        "sparsity": {name: sparsity_provenance(_arr(b)) for name, b in bounds.items()},
         "massive_activation_layers": massive,
     }
     metrics = [

@@ -28,12 +28,20 @@ class ProfileStage(Stage[ProfileOptions]):
 
     def run(self, job: StageInputs, options: ProfileOptions) -> StageOutput:
         from worker.profiler import profile
-        from worker.scoring.avss import run_profile_stage
+        from worker.profiler.profiler import count_exactly
+        from worker.scoring.avss import PROFILE_SPARSITY_REL_EPS, counted_thresholds, run_profile_stage
 
         avss = avss_options(job.spec)
-        # An absolute threshold is counted exactly during the pass instead of read off the histogram.
+        # An absolute threshold is counted exactly during the pass instead of read off the histogram;
+        # a relative one gets fine histogram windows around it (exact with a second pass when asked).
         exact = [avss.sparsity_eps] if avss and avss.sparsity_threshold == "absolute" else []
-        prof = profile(job.loaded, job.examples, options, job.ctx,
-                       max_tokens=job.spec.dataset.max_tokens, thresholds=exact)
+        relative = [(PROFILE_SPARSITY_REL_EPS, "rms")]
+        if avss and avss.sparsity_threshold == "relative":
+            relative.append((avss.sparsity_rel_eps, avss.sparsity_reference))
+        kwargs = {"max_tokens": job.spec.dataset.max_tokens, "thresholds": exact, "relative": relative}
+        prof = profile(job.loaded, job.examples, options, job.ctx, **kwargs)
+        if avss and avss.exact_sparsity and avss.sparsity_threshold == "relative":
+            wanted = counted_thresholds(prof, avss, profile_stage=job.spec.stages.profile is not None)
+            count_exactly(prof, wanted, job.loaded, job.examples, options, job.ctx, **kwargs)
         stored = run_profile_stage(prof) if job.spec.stages.profile else None
         return StageOutput(stored).provide(PROFILE, prof)
