@@ -54,3 +54,24 @@ def test_hallucination_stage_through_the_pipeline(tmp_path: Path) -> None:
     assert {m.scope for m in result.metrics} >= {"detector=sequence_likelihood", "detector=length"}
     assert {r.scorer for r in result.layers} == {"eavss"} and len(result.layers) == 4
     assert {a.name for a in result.artifacts} >= {"answers.jsonl", "answers.csv"}
+
+
+def test_exact_sparsity_counts_relative_thresholds_in_a_second_pass(tmp_path: Path) -> None:
+    spec = {
+        "model": {"name": "tiny-random-llama"},
+        "dataset": {"rows": ROWS, "max_tokens": 32},
+        "stages": {"profile": {"sites": ["block_output", "mlp_activation"]},
+                   "avss": {"exact_sparsity": True, "plots": False}},
+    }
+    progress: list[str] = []
+    saved: dict[str, StageResult] = {}
+    ctx = JobContext(progress=lambda stage, done, total: progress.append(stage))
+    run_pipeline(AnalysisSpec.model_validate(spec), ctx, Settings(data_dir=tmp_path),
+                 lambda r: saved.__setitem__(r.stage, r))
+    threshold = saved["avss"].summary["threshold"]
+    assert threshold["exact"] is True and threshold["method"] == "exact" and threshold["max_bound"] == 0.0
+    assert saved["avss"].summary["leading_positions"]["sparsity"]["exact"] is True
+    assert all(r.values["sparsity_bound"] == 0.0 for r in saved["avss"].layers)
+    for row in saved["profile"].layers:  # the profile stage's 0.01 x RMS is counted too
+        assert row.values["block_output.sparsity_rel_bound"] == 0.0
+        assert row.values["mlp_activation.sparsity_rel_bound"] == 0.0

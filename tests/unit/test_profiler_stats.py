@@ -221,3 +221,16 @@ def test_sliced_reduction_equals_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.allclose(whole.vec, sliced.vec, rtol=1e-13, atol=0)
     assert torch.equal(whole.hist, sliced.hist)
     assert torch.equal(whole.pooled, sliced.pooled) and whole.pooled.shape == (5, 6)
+
+
+def test_accelerator_counting_matches_bincount(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The no-sync counting used off the CPU (histc on the integer codes, in chunks below 2**24
+    so float32 counts stay exact) gives bincount's integers, here run on the CPU."""
+    import worker.profiler.stats as stats_module
+
+    g = torch.Generator().manual_seed(7)
+    code = torch.randint(0, 300, (5000,), generator=g, dtype=torch.int32)
+    code[:2000] = 299  # one heavy slot
+    monkeypatch.setattr(stats_module, "_HISTC_CHUNK", 1024)  # several chunks
+    got = stats_module._count_without_sync(code, 300)
+    assert got.dtype == torch.int64 and torch.equal(got, torch.bincount(code, minlength=300))

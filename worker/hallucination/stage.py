@@ -306,6 +306,8 @@ def _profile_answers(
     popts = ProfileOptions(sites=[options.site], batch_size=base.batch_size, histogram_bins=base.histogram_bins,
                            skip_positions=base.skip_positions)
     exact = (float(avss_options.sparsity_eps),) if avss_options.sparsity_threshold == "absolute" else ()
+    # a fine |a| window around a relative threshold: its sparsity is read within a stated bound
+    relative = () if exact else ((avss_options.sparsity_rel_eps, avss_options.sparsity_reference),)
     n_train = answers.qa.n_train
     groups = {
         "train_correct": [i for i in range(n_train) if answers.correct[i] == 1.0],
@@ -324,7 +326,7 @@ def _profile_answers(
         profiles[name] = profile(
             loaded, [texts[i] for i in rows], popts, progress.sub_context(units), max_tokens=max_tokens,
             token_start=[starts[i] for i in rows] if options.token_scope == "answer" else None,
-            collect_pooled=True, thresholds=exact,
+            collect_pooled=True, thresholds=exact, relative=relative,
         )
         warnings.extend(f"profile ({name}): {w}" for w in profiles[name].warnings)
     progress.phase(max(units_left, 0))(1, 1)
@@ -409,12 +411,18 @@ def _layer_scores(
     )
     warnings.extend(f"EAVSS: {w}" for w in eav.warnings)
     rows = to_layer_rows(eav, prof.block_names, prof.layer_ids)
+    from worker.scoring.avss import layer_sparsity_bounds
+
+    bounds = {g: layer_sparsity_bounds(_merged(prof, [g], site), thresholds) if g in prof.profiles
+              else np.zeros(prof.n_layers) for g in ("train_hallucinated", "train_correct")}
     for li, row in enumerate(rows):
         row.values.update({
             "var_hallucinated": finite_or_none(var_h[li]),
             "var_correct": finite_or_none(var_c[li]),
             "sparsity_hallucinated": finite_or_none(sp_h[li]),
             "sparsity_correct": finite_or_none(sp_c[li]),
+            "sparsity_hallucinated_bound": finite_or_none(bounds["train_hallucinated"][li]),
+            "sparsity_correct_bound": finite_or_none(bounds["train_correct"][li]),
             "sparsity_threshold": finite_or_none(thresholds[li]),
             "navss": finite_or_none(eav.navss[li]),
         })

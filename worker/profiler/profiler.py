@@ -421,15 +421,16 @@ def count_exactly(
 
 
 def fine_spec(relative: Sequence[tuple[float, str]]) -> FineSpec | None:
-    """The fine windows for relative thresholds (factor, reference): around factor x RMS of
-    the counted tokens and of the alternative view (leading positions toggled), or around
-    the median |a| and factor x it; None when there are none."""
+    """The fine window for relative thresholds (factor, reference): anchored at factor x RMS
+    of the counted tokens and of the alternative view (leading positions toggled), or at
+    factor x the median |a| (which itself is read off the coarse histogram); None when
+    there are none."""
     anchors: list[tuple[str, float]] = []
     for factor, reference in relative:
         if reference == "rms":
             wanted = [("rms", float(factor)), ("rms_alt", float(factor))]
         elif reference == "median":
-            wanted = [("median", 1.0), ("median", float(factor))]
+            wanted = [("median", float(factor))]
         else:
             raise ValueError(f"unknown relative-threshold reference {reference!r}")
         anchors.extend(a for a in wanted if a not in anchors)

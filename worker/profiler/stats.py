@@ -4,8 +4,8 @@ Two halves:
 
 * `reduce_activations` runs on the device, inside a forward hook: it reduces one
   batch's activation tensor `[batch, pos, width]` to a short float64 vector of sums
-  plus an integer histogram, with a fixed, small number of kernels and no host
-  synchronisation. Which positions count is given by a `BatchPlan`, built once per
+  plus integer histograms (the coarse one and the fine windows), with a fixed, small
+  number of kernels and no host synchronisation. Which positions count is given by a `BatchPlan`, built once per
   batch and shared by every hook (padding, `skip_positions`, per-example `token_start`).
 * `RunningStats` lives on the host: it absorbs those per-batch reductions into float64
   accumulators (Chan's parallel merge for mean and M2), merges with another
@@ -29,17 +29,27 @@ Definitions (N = counted tokens x width; an "element" is one activation scalar):
 * Histogram of |a| (`HistogramSpec`): slot 0 holds [0, lo) (zeros and values too small
   to matter), slots 1..bins the bins [edge_{i-1}, edge_i), slot bins+1 holds [hi, inf]
   and NaN. Binning is exact (read from the float's bits, see HistogramSpec).
-* `sparsity(t)` = #(|a| < t) / N. Exact when `t` is one of the `thresholds` given up
-  front (counted by comparison at update time), when t is a bin edge, when t <= 0 or
-  t > max_abs; otherwise read from the histogram: whole bins below t plus a log-linear
-  share of the bin holding t (error at most that bin's share of N; with 2 bins per
-  octave a bin spans a factor 1.33-1.5). Below lo every value of the underflow slot
-  counts as zero-like (below any t > 0); above hi the share is log-linear between hi
-  and max_abs.
+* Fine window (`FineSpec`): 4096 bins per octave over 6 octaves, from one octave below
+  the lowest anchor (e.g. 0.01 x RMS of the counted tokens and of the alternative view)
+  as estimated on the device from a hook's first batch, so a relative threshold, known
+  only at the end, still falls in a narrow bin.
+* `sparsity(t)` = #(|a| < t) / N, `sparsity_bounded(t)` adds the bound on its absolute
+  error. Exact (bound 0) when `t` is one of the `thresholds` given up front (counted by
+  comparison at update time, or recorded by a second pass: `add_exact`), when t is a
+  bin edge or its bin is empty, when t <= 0 or t > max_abs; otherwise read from the
+  finest histogram covering t: whole bins below t plus an interpolated share of the bin
+  holding t, the bound being that bin's count x max(share, 1 - share). With 2 bins per
+  octave a coarse bin spans a factor 1.33-1.5; a fine bin a factor 1.00017. Below lo
+  every value of the underflow slot counts as zero-like (below any t > 0), with the
+  slot as the bound; above hi the share is log-linear between hi and max_abs.
 
-Precision: per-token sums are float64 reductions of a float64 copy of the activation
-(float32/bf16/fp16 values are exact in float64); the batch M2 is sum_sq - sum^2/n, whose
-relative error is about 1e-16 x (1 + mean^2/variance), merged with Chan's formula. The
+Precision: the per-token moment sums (sum a, sum a^2 via the L2 norm, sum |a| via the L1
+norm) are float64 reductions of a float64 image of each slice (float32/bf16/fp16 values
+are exact in float64); per-token float32 reductions promoted afterwards were measured at
+up to 1.6e-6 relative error on SmolLM2 (bench/bench_profiler.py (c)), so only max|a|, the
+threshold counts and the histograms skip float64 (exact in the input's type or on
+integers). The batch M2 is sum_sq - sum^2/n, whose relative error is about
+1e-16 x (1 + mean^2/variance), merged with Chan's formula. The
 pooled mean vectors are summed in the activation's float precision (float32 matmul);
 that sum multiplies padding by 0, so it assumes padding positions hold finite values
 (true for right padding; every other statistic masks padding with `where`).
@@ -158,17 +168,20 @@ ANCHOR_KINDS = ("rms", "rms_alt", "median")
 
 @dataclass(frozen=True)
 class FineSpec:
-    """Fine |a| windows: `2**bits` bins per octave over `octaves` octaves, centred on an
-    anchor (ANCHOR_KINDS) estimated from a hook's first batch, plus a below-window and an
-    above-window slot. Bins are read from the float's bits like HistogramSpec's (exact), at
-    a resolution where a threshold's bin holds a small share of the values: with 4096 bins
-    per octave a bin spans a factor 1.00017, so its share is about 1.7e-4 x the density
-    share near the threshold (measured on SmolLM2 block outputs at 0.01 x RMS: at most
-    6.5e-5 of N, see bench/bench_profiler.py)."""
+    """A fine |a| window: `2**bits` bins per octave over `octaves` octaves from one octave
+    below the lowest anchor (ANCHOR_KINDS, estimated from a hook's first batch), plus a
+    below-window and an above-window slot. Bins are read from the float's bits like
+    HistogramSpec's (exact), at a resolution where a threshold's bin holds a small share of
+    the values: with 4096 bins per octave a bin spans a factor 1.00017 (measured on SmolLM2
+    block outputs at 0.01 x RMS: at most 6.5e-5 of N, against 2.6e-4 with 1024 bins per
+    octave; bench/bench_profiler.py (c)). One window, not one per anchor: every pass over
+    the activation costs about 0.5 % of a forward on the CPU. 6 octaves hold 0.01 x RMS and
+    0.01 x RMS of the view without position 0 (4.1 octaves lower on SmolLM2's massive-
+    activation layers) with room for the first batch's estimate to drift."""
 
     anchors: tuple[tuple[str, float], ...] = (("rms", 0.01), ("rms_alt", 0.01))
     bits: int = 12
-    octaves: int = 2
+    octaves: int = 6
 
     def __post_init__(self) -> None:
         if not (0 <= self.bits <= 20 and 1 <= self.octaves <= 16):
@@ -303,7 +316,8 @@ class BatchPlan:
     example_tokens: list[int]  # main tokens per example (host copy)
     want_pooled: bool = False
     fine: FineSpec | None = None
-    fine_base: torch.Tensor | None = None  # [B, P, 1] int32: fine.slots * category
+    fine_base: torch.Tensor | None = None  # [B, P, 1] int32: fine.slots * category (3 * slots: not counted)
+    fine_top: torch.Tensor | None = None  # [B, P, 1] int32: the category's last slot
     alt_sign: int = -1  # the alternative view is main - lead (skip_positions 0) or main + lead
 
     @classmethod
@@ -355,6 +369,11 @@ class BatchPlan:
             fine_base=None
             if fine is None or not fine.anchors
             else (fine.slots * cat)[..., None].to(dev, non_blocking=True),
+            fine_top=None
+            if fine is None or not fine.anchors
+            else torch.where(cat == CAT_NONE, fine.slots * cat, fine.slots * cat + fine.slots - 1)[..., None].to(
+                dev, non_blocking=True
+            ),
             alt_sign=-1 if skip_positions == 0 else 1,
         )
 
@@ -378,7 +397,7 @@ class Reduced(NamedTuple):
 
     vec: torch.Tensor
     hist: torch.Tensor
-    fine: torch.Tensor | None  # int64 [windows, 4 * fine.slots]
+    fine: torch.Tensor | None  # int64 [windows, 3 * fine.slots + 1]: main, both, lead, not counted
     starts: torch.Tensor | None  # int64 [windows]: each window's first fine code
     pooled: torch.Tensor | None
 
@@ -436,8 +455,13 @@ def _count(code: torch.Tensor, n_slots: int) -> torch.Tensor:
     flat = code.flatten()
     if flat.device.type == "cpu":
         return torch.bincount(flat, minlength=n_slots)
-    # bincount sizes its output from a device-to-host max(); histc with a fixed range does
-    # not sync. The codes are small integers (exact in float32), one unit-wide bin each.
+    return _count_without_sync(flat, n_slots)
+
+
+def _count_without_sync(flat: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """bincount sizes its output from a device-to-host max(); histc with a fixed range does
+    not sync. The codes are small integers (exact in float32), one unit-wide bin each, and
+    each call sees fewer than 2**24 of them, so every float32 count is exact."""
     out = torch.zeros(n_slots, dtype=torch.int64, device=flat.device)
     for piece in flat.split(_HISTC_CHUNK):
         out += torch.histc(piece.float(), bins=n_slots, min=0, max=n_slots).to(torch.int64)
@@ -500,19 +524,15 @@ def _reduce_slice(
 
 
 def _fine_slice(a: torch.Tensor, plan: BatchPlan, rows_: slice, starts: torch.Tensor) -> torch.Tensor:
-    """Per fine window, the 4 category histograms of |a| ([windows, 4 * fine.slots])."""
+    """The fine window's histograms of |a| per counted category ([1, 3 * fine.slots + 1];
+    uncounted positions all land in the last slot): shift, add, clamp, count."""
     fine = plan.fine
-    assert fine is not None and plan.fine_base is not None
+    assert fine is not None and plan.fine_base is not None and plan.fine_top is not None
     fc = _float_codes(a, fine.bits)
     base = plan.fine_base[rows_].to(fc.dtype)
-    top = base + (fine.bins + 1)
-    out = []
-    for k in range(starts.shape[0]):
-        code = fc + (base + 1 - starts[k].to(fc.dtype))
-        code = torch.maximum(code, base, out=code)
-        code = torch.minimum(code, top, out=code)
-        out.append(_count(code, _N_CATS * fine.slots))
-    return torch.stack(out)
+    code = fc.add_(base + 1 - starts[0].to(fc.dtype))
+    code = code.clamp_(min=base, max=plan.fine_top[rows_].to(fc.dtype))
+    return _count(code, (_N_CATS - 1) * fine.slots + 1)[None]
 
 
 def _window_starts(sums: torch.Tensor, hist: torch.Tensor, plan: BatchPlan, width: int) -> torch.Tensor:
@@ -540,7 +560,7 @@ def _window_starts(sums: torch.Tensor, hist: torch.Tensor, plan: BatchPlan, widt
             value = (float(factor) * (sq.clamp(min=0.0) / n).sqrt()).clamp(2.0**-126, 2.0**126).float()
             centre = _float_codes(value.reshape(1), fine.bits)[0].to(torch.int64)
         centres.append(centre)
-    return torch.stack(centres).to(dev, torch.int64) - fine.bins // 2
+    return (torch.stack(centres).to(dev, torch.int64).amin() - fine.per_octave).reshape(1)
 
 
 # ------------------------------------------------------------------- host side
@@ -646,7 +666,7 @@ class RunningStats:
         """Merge one batch reduction (host copies of `reduce_activations`' output).
 
         column 0: the main tokens, column 1: the lead tokens (no per-example sums).
-        fine [windows, 4 * fine.slots] and starts: the fine windows of this batch, if any.
+        fine [windows, 3 * fine.slots + 1] and starts: the fine window of this batch, if any.
         """
         tokens = plan.main_tokens if column == 0 else plan.lead_tokens
         if tokens == 0:
@@ -670,7 +690,8 @@ class RunningStats:
         self.max_abs = max(self.max_abs, max_b) if not math.isnan(self.max_abs) else self.max_abs
         self.hist += h_b.astype(np.int64)
         if fine is not None and starts is not None and self.fine is not None:
-            hf = fine.reshape(len(starts), _N_CATS, self.fine.slots)
+            hf = fine.reshape(len(starts), -1)[:, : (_N_CATS - 1) * self.fine.slots]
+            hf = hf.reshape(len(starts), _N_CATS - 1, self.fine.slots)
             mine = CAT_MAIN if column == 0 else CAT_LEAD
             batch = [Window(int(s0), (hf[k, CAT_BOTH] + hf[k, mine]).astype(np.int64)) for k, s0 in enumerate(starts)]
             self._add_windows(batch, first=self.count == n_b)
