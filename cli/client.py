@@ -146,6 +146,7 @@ def register(app: typer.Typer) -> None:
         stage: str = typer.Option(None, help="Only this stage."),
         as_json: bool = typer.Option(False, "--json", help="Raw JSON."),
         as_csv: bool = typer.Option(False, "--csv", help="CSV."),
+        columns: str = typer.Option(None, help="Comma-separated columns to show (default: all)."),
         server: str = ServerOpt,
         key: str = KeyOpt,
     ) -> None:
@@ -167,7 +168,85 @@ def register(app: typer.Typer) -> None:
             flat = [{"stage": r.stage, "scorer": r.scorer, "layer": r.layer, **r.values} for r in rows]
         else:
             flat = [r.model_dump() for r in rows]
-        typer.echo(render_table(flat))
+        typer.echo(render_table(flat, _columns(columns)))
+
+    @app.command("list")
+    def list_(
+        state: str = typer.Option(None, help="Only this state (QUEUED, RUNNING, SUCCEEDED, FAILED, ...)."),
+        model: str = typer.Option(None, help="Only this model name."),
+        label: list[str] = typer.Option([], help="key=value label filter (repeatable)."),
+        limit: int = typer.Option(20, min=1, max=200, help="How many, newest first."),
+        server: str = ServerOpt,
+        key: str = KeyOpt,
+    ) -> None:
+        """List analyses, newest first: id, state, stage/progress, model, created."""
+        try:
+            page = Client(server, key).list(state=state, model=model, label=label or None, page_size=limit)
+        except LayerscopeError as exc:
+            _fail(exc)
+        typer.echo(render_table([
+            {"id": a.id, "state": a.state.value, "stages": ",".join(a.spec.stages.requested()),
+             "progress": f"{a.progress.stage or '-'} {a.progress.done}/{a.progress.total}",
+             "model": a.spec.model.name, "created": a.created_at.strftime("%Y-%m-%d %H:%M:%S")}
+            for a in page.items
+        ]))
+
+    @app.command()
+    def cancel(analysis_id: str, server: str = ServerOpt, key: str = KeyOpt) -> None:
+        """Cancel an analysis: a queued one ends CANCELLED at once, a running one stops between batches."""
+        try:
+            job = Client(server, key).cancel(analysis_id)
+        except LayerscopeError as exc:
+            _fail(exc)
+        typer.echo(f"{job.id} {job.state.value}")
+
+    @app.command()
+    def artifacts(
+        analysis_id: str,
+        download: str = typer.Option(None, help="Name of the artifact to download."),
+        output: Path = typer.Option(None, "-o", "--output", help="Where to write it (default: its name)."),
+        server: str = ServerOpt,
+        key: str = KeyOpt,
+    ) -> None:
+        """List an analysis's artifacts (plots, exports, patches), or download one."""
+        client = Client(server, key)
+        try:
+            if download:
+                target = output or Path(Path(download).name)
+                target.write_bytes(client.download(analysis_id, download))
+                typer.echo(str(target))
+                return
+            items = client.artifacts(analysis_id)
+        except LayerscopeError as exc:
+            _fail(exc)
+        typer.echo(render_table([{"name": a.name, "stage": a.stage, "media_type": a.media_type, "bytes": a.size}
+                                 for a in items]))
+
+    @app.command()
+    def answers(
+        analysis_id: str,
+        stage: str = typer.Option(None, help="hallucination or mitigate."),
+        scope: str = typer.Option(None, help='e.g. "variant=eavss".'),
+        split: str = typer.Option(None, help="train or test."),
+        correct: bool = typer.Option(None, "--correct/--wrong", help="Only right (or only wrong) answers."),
+        as_csv: bool = typer.Option(False, "--csv", help="CSV (every column)."),
+        columns: str = typer.Option("id,split,correct,question,answer,gold", help="Comma-separated columns."),
+        server: str = ServerOpt,
+        key: str = KeyOpt,
+    ) -> None:
+        """Print the per-answer rows of the hallucination and mitigate stages."""
+        client = Client(server, key)
+        filters = {"stage": stage, "scope": scope, "split": split, "correct": correct}
+        try:
+            if as_csv:
+                typer.echo(client.table_csv(analysis_id, "answers", stage=stage), nl=False)
+                return
+            rows = client.answers(analysis_id, **filters)
+        except LayerscopeError as exc:
+            _fail(exc)
+        flat = [{**r, "gold": "; ".join(r["gold"]), "question": _clip(r["question"]), "answer": _clip(r["answer"])}
+                for r in rows]
+        typer.echo(render_table(flat, _columns(columns)))
 
     @app.command()
     def gate(
@@ -226,10 +305,26 @@ def render_verdict(verdict: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_table(rows: list[dict[str, Any]]) -> str:
+def _columns(option: str | None) -> list[str] | None:
+    return [c.strip() for c in option.split(",") if c.strip()] if option else None
+
+
+def _clip(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """Rows as aligned columns (all columns seen, or the ones asked for, in that order)."""
     if not rows:
         return "(no rows)"
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    else:
+        unknown = [c for c in columns if not any(c in r for r in rows)]
+        if unknown:
+            known = list(dict.fromkeys(k for r in rows for k in r))
+            raise typer.BadParameter(f"unknown column(s) {', '.join(unknown)}; columns are {', '.join(known)}")
 
     def fmt(v: Any) -> str:
         if v is None:

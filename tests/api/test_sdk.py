@@ -121,6 +121,25 @@ def test_cli_client_commands_go_through_the_sdk(server: tuple[str, str], tmp_pat
     status = json.loads(run(cli.main.app, ["status", analysis_id, *common]).output)
     assert status["state"] == "SUCCEEDED"
 
+    picked = run(cli.main.app, ["results", analysis_id, "--stage", "avss", "--columns", "layer,rank", *common])
+    assert picked.exit_code == 0 and picked.output.split("\n")[0].split() == ["layer", "rank"], picked.output
+    assert sorted(int(line.split()[1]) for line in picked.output.strip().split("\n")[1:]) == [1, 2, 3, 4]
+    wrong = run(cli.main.app, ["results", analysis_id, "--columns", "nope", *common])
+    assert wrong.exit_code == 2 and "unknown column(s) nope" in wrong.output
+    listed = run(cli.main.app, ["list", *common])
+    assert listed.exit_code == 0 and analysis_id in listed.output and "SUCCEEDED" in listed.output
+    arts = run(cli.main.app, ["artifacts", analysis_id, *common])
+    assert arts.exit_code == 0, arts.output
+    names = [line.split()[0] for line in arts.output.strip().split("\n")[1:] if line.strip()]
+    assert any(n.endswith(".png") for n in names), arts.output  # avss plots by default
+    out = tmp_path / "artifact.bin"
+    got = run(cli.main.app, ["artifacts", analysis_id, "--download", names[0], "-o", str(out), *common])
+    assert got.exit_code == 0 and out.read_bytes() == Client(base, key).download(analysis_id, names[0])
+    no_answers = run(cli.main.app, ["answers", analysis_id, *common])
+    assert no_answers.exit_code == 0 and "(no rows)" in no_answers.output
+    finished = run(cli.main.app, ["cancel", analysis_id, *common])
+    assert finished.exit_code == 2 and "409" in finished.output
+
     spec_file.write_text(yaml.safe_dump({**SPEC, "dataset": {**SPEC["dataset"], "limit": 0}}))
     refused = run(cli.main.app, ["submit", str(spec_file), *common])
     assert refused.exit_code == 2 and "422" in refused.output and "dataset.limit:" in refused.output
