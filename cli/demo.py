@@ -5,12 +5,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import typer
 
-from app.config import Settings
+from app.config import Settings, get_settings
 from cli.client import render_table
 
 
@@ -27,7 +26,9 @@ def run_demo(model: str, dataset: str, limit: int) -> int:
     from app.migrate import upgrade
     from cli.main import start_embedded_worker
 
-    settings = Settings(database_url=None, redis_url=None, auth_disabled=True, data_dir=Path(".layerscope"))
+    # The demo is always embedded and key-less, but keeps its data where the user keeps it (LAYERSCOPE_DATA_DIR).
+    data_dir = get_settings().data_dir
+    settings = Settings(database_url=None, redis_url=None, auth_disabled=True, data_dir=data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
     typer.echo("layerscope demo: embedded mode (SQLite + in-process worker).")
@@ -81,8 +82,12 @@ def run_demo(model: str, dataset: str, limit: int) -> int:
             typer.echo(f"\nlayers AVSS would prune ({len(avss.get('prune_layers', []))}): {avss.get('prune_layers')}")
             for warning in job["warnings"]:
                 typer.echo(f"warning: {warning}")
-            typer.echo(f"\nstored in {settings.resolved_database_url}; browse it with `layerscope serve` "
-                       f"(LAYERSCOPE_AUTH_DISABLED=true) at http://127.0.0.1:8000{location}")
+            typer.echo(
+                f"\nstored in {settings.resolved_database_url}. To browse it:\n"
+                f"  LAYERSCOPE_DATA_DIR={settings.data_dir} LAYERSCOPE_AUTH_DISABLED=true layerscope serve\n"
+                f"  dashboard: http://127.0.0.1:8000/dashboard#/a/{job['id']}\n"
+                f"  API:       http://127.0.0.1:8000{location}"
+            )
             return 0
     finally:
         server.should_exit = True

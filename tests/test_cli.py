@@ -119,3 +119,22 @@ def test_embedded_serve_says_how_to_get_a_key_until_one_exists(uvicorn_calls: li
     again = _serve()
     assert again.exit_code == 0, again.output
     assert "no API key yet" not in again.output
+
+
+def test_demo_keeps_its_data_in_the_data_dir_and_prints_the_dashboard_link(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("DATABASE_URL", "REDIS_URL", "LAYERSCOPE_DATABASE_URL", "LAYERSCOPE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LAYERSCOPE_DATA_DIR", str(tmp_path / "demo-data"))
+    get_settings.cache_clear()
+    try:
+        out = CliRunner().invoke(
+            cli.main.app, ["demo", "--model", "tiny-random-llama", "--dataset", "chatterbot-conversations", "--limit", "8"]
+        )
+    finally:
+        get_settings.cache_clear()
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "demo-data" / "layerscope.db").is_file()
+    assert "dashboard: http://127.0.0.1:8000/dashboard#/a/" in out.output
+    assert f"LAYERSCOPE_DATA_DIR={tmp_path / 'demo-data'}" in out.output
