@@ -125,7 +125,8 @@ def serve(
         if settings.auth_disabled:
             typer.echo("WARNING: authentication is OFF (LAYERSCOPE_AUTH_DISABLED=true); local use only.")
         # uvicorn starts worker processes from an import string: each builds its own app (api_factory).
-        uvicorn.run("cli.main:api_factory", factory=True, workers=workers, host=host, port=port, log_level="info")
+        uvicorn.run("cli.main:api_factory", factory=True, workers=workers, host=host, port=port, log_level="info",
+                    log_config=None)
         return
     api = create_app(settings)
     if settings.embedded:
@@ -134,7 +135,9 @@ def serve(
         _say_how_to_get_a_key(settings)
     if settings.auth_disabled:
         typer.echo("WARNING: authentication is OFF (LAYERSCOPE_AUTH_DISABLED=true); local use only.")
-    uvicorn.run(api, host=host, port=port, log_level="info")
+    # log_config=None: uvicorn's own loggers (startup, errors, access lines) go through the root handler
+    # that _logging() set, so every line has the one format.
+    uvicorn.run(api, host=host, port=port, log_level="info", log_config=None)
 
 
 @app.command()

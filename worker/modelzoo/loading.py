@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
 import transformers
 from safetensors import SafetensorError
@@ -58,6 +59,10 @@ from worker.stage import JobFailed
 
 # A worker logs JSON lines; transformers' tqdm bars would only garble them.
 transformers.utils.logging.disable_progress_bar()
+# ... and its warnings go through the process's handler (one format), not transformers' own.
+transformers.utils.logging.disable_default_handler()
+transformers.utils.logging.enable_propagation()
+huggingface_hub.utils.disable_progress_bars()  # hub downloads, where a user has network
 
 CACHE_FORMAT = "v1"  # bump when the cache layout changes
 _OOM_ERRORS: tuple[type[BaseException], ...] = (
