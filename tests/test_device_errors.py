@@ -60,8 +60,9 @@ def test_cuda_error_requeues_the_job_and_asks_the_worker_to_exit(env) -> None:  
     assert (r.state, r.attempt, r.claim_token, r.worker, r.enqueued_at, r.finished_at) == ("QUEUED", 1, None, None, None, None)
     assert r.error_type is None
 
-    class Sent:
-        ids: list[str] = []
+    class Sent:  # a broker that records what the sweeper sends
+        def __init__(self) -> None:
+            self.ids: list[str] = []
 
         def enqueue(self, analysis_id: str, queue: str = "cpu") -> bool:
             self.ids.append(analysis_id)

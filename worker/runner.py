@@ -137,7 +137,6 @@ def run_job(
         final = JobState.FAILED
         jobstore.finish(sf, analysis_id, token, final, "timeout", "The job ran past its time limit.")
     except Exception as exc:
-        final = JobState.FAILED
         if on_device_error is not None and is_device_error(exc):
             log.exception("analysis %s: CUDA error; requeueing the job and exiting this worker", analysis_id)
             device_error = True
@@ -146,14 +145,15 @@ def run_job(
                 f"The GPU failed on each of {settings.max_attempts} attempts ({type(exc).__name__}: {exc}); "
                 "check the worker logs and the GPU (nvidia-smi), or run on another worker.",
             )
-        elif _is_out_of_memory(exc):
-            kind, detail = "out_of_memory", (
-                "The model ran out of memory; try dtype float16, fewer examples per batch, or a bigger worker."
-            )
         else:
-            log.exception("analysis %s failed", analysis_id)
-            kind, detail = "internal_error", f"{type(exc).__name__}: {exc}"
-        if not device_error:
+            final = JobState.FAILED
+            if _is_out_of_memory(exc):
+                kind, detail = "out_of_memory", (
+                    "The model ran out of memory; try dtype float16, fewer examples per batch, or a bigger worker."
+                )
+            else:
+                log.exception("analysis %s failed", analysis_id)
+                kind, detail = "internal_error", f"{type(exc).__name__}: {exc}"
             jobstore.finish(sf, analysis_id, token, final, kind, detail)
     finally:
         beat.stop_event.set()
