@@ -174,3 +174,20 @@ def test_s3_store_down_gives_a_503_not_a_500(sqlite_url: str, tmp_path: Path, s3
                          artifact_s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
     resp = _download(dead, sf, source)
     assert resp.status_code == 503 and resp.headers["content-type"].startswith("application/problem+json")
+
+
+def test_a_job_whose_store_is_unreachable_fails_with_a_stable_type(sqlite_url: str, tmp_path: Path) -> None:
+    from worker.runner import run_job
+
+    dead = make_settings(sqlite_url, tmp_path / "h", artifact_store="s3://layerscope-artifacts/x",
+                         artifact_s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    sf = session_factory(dead.resolved_database_url)
+    job = new_job(sf)
+
+    def pipeline(spec, ctx, settings, save) -> None:  # noqa: ANN001
+        save(StageResult(stage="mitigate", artifacts=[ArtifactFile("big.bin", "application/octet-stream", BIG)]))
+
+    assert run_job(job, sf, dead, "w", pipeline).value == "FAILED"
+    with session_scope(sf) as s:
+        row = s.get(Analysis, job)
+        assert row.error_type == "artifact_store_unavailable" and "LAYERSCOPE_ARTIFACT_STORE" in row.error_detail

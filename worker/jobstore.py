@@ -14,13 +14,13 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.artifact_store import INLINE_BYTES, artifact_key, store_for
+from app.artifact_store import INLINE_BYTES, StoreError, artifact_key, store_for
 from app.config import Settings
 from app.db import session_scope, upsert
 from app.models import Analysis, Answer, Artifact, LayerScore, Metric, utcnow
 from app.routing import queue_of
 from app.schemas import JobState
-from worker.stage import AnswerRecord, StageResult, finite_or_none
+from worker.stage import AnswerRecord, JobFailed, StageResult, finite_or_none
 
 SessionFactory = sessionmaker[Session]
 INLINE_ARTIFACT_BYTES = INLINE_BYTES
@@ -156,7 +156,10 @@ def save_stage(sf: SessionFactory, settings: Settings, analysis_id: str, token: 
             row["content"] = art.data
         else:  # to the store every worker and API replica reads (app/artifact_store.py)
             key = artifact_key(analysis_id, art.name)
-            store_for(settings).put(key, art.data)
+            try:
+                store_for(settings).put(key, art.data)
+            except StoreError as exc:
+                raise _store_failed(exc) from None
             row["path"] = key
         artifact_rows.append(row)
 
@@ -271,7 +274,21 @@ def read_artifact(sf: SessionFactory, settings: Settings, job_id: str, analysis_
             return None
         if art.content is not None:
             return bytes(art.content)
-        return None if art.path is None else store_for(settings).get(art.path)
+        path = art.path
+    if path is None:
+        return None
+    try:
+        return store_for(settings).get(path)
+    except StoreError as exc:
+        raise _store_failed(exc) from None
+
+
+def _store_failed(exc: StoreError) -> JobFailed:
+    return JobFailed(
+        "artifact_store_unavailable",
+        f"{exc}. Check LAYERSCOPE_ARTIFACT_STORE / LAYERSCOPE_ARTIFACT_S3_ENDPOINT_URL and the store's "
+        "credentials on this worker; resubmit once it is reachable.",
+    )
 
 
 def _json_safe(value: Any) -> Any:
