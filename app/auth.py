@@ -156,9 +156,9 @@ def require(scope: str):  # noqa: ANN201 - FastAPI dependency factory
     ) -> Principal:
         header = request.headers.get("authorization")
         cache = getattr(request.app.state, "key_cache", None)
-        principal = _authenticate_from_cache(settings, header, cache) or await run_in_threadpool(
-            authenticate, session, settings, header, cache
-        )
+        principal = _authenticate_from_cache(settings, header, cache)
+        if principal is None:
+            principal = await run_in_threadpool(authenticate, session, settings, header, cache)
         limiter = request.app.state.rate_limiter
         if limiter is not None:
             wait = limiter.take(principal.key_id or principal.project)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy import CursorResult, Engine, FromClause, Result, Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -69,12 +69,17 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
-def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (`session.execute` types its result without `rowcount`)."""
+    return cast(CursorResult[Any], result).rowcount
+
+
+def upsert(session: Session, table: FromClause, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
     """Insert rows, overwriting those whose natural key exists (a redelivered task never duplicates)."""
     if not rows:
         return
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert(table).values(list(rows))
+    stmt = insert(cast(Table, table)).values(list(rows))  # a model's __table__ (typed FromClause)
     update_cols = {c: stmt.excluded[c] for c in rows[0] if c not in keys}
     session.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=update_cols))

@@ -279,6 +279,7 @@ def _hint(kind: str, options: set[str] | list[str]) -> str:
 
 def _metric(snap: Snapshot, stage: str, scope: str, name: str, fld: str, source: str) -> Observation:
     found = next((m for m in snap.metrics if m.stage == stage and m.scope == scope and m.name == name), None)
+    reason: str | None
     if found is None:
         if stage not in snap.stages():
             reason = f"stage {stage!r} has no results in this analysis (did it run?)"
@@ -319,7 +320,10 @@ def _layers(snap: Snapshot, stage: str, scorer: str, key: str, agg: str, source:
     if not values:
         return Observation(None, source, n=n, reason=f"no layer of {stage}/{scorer} has a defined {key!r}" + _hint(
             "values", {k for r in rows for k in r.values}))
-    out = {"max": max, "min": min, "sum": sum, "mean": lambda v: sum(v) / len(v)}[agg](values)
+    aggregate: dict[str, Callable[[list[float]], float]] = {
+        "max": max, "min": min, "sum": sum, "mean": lambda v: sum(v) / len(v),
+    }
+    out = aggregate[agg](values)
     return Observation(float(out), source, n=len(values))
 
 
@@ -364,7 +368,8 @@ def observe(path: Sequence[str], snap: Snapshot) -> Observation:
     if root == "layers":
         if len(rest) == 2:
             return _warnings(snap, rest[0], f"warnings.{quote(rest[0])}")
-        return _layers(snap, *rest, source=format_path(path))  # type: ignore[call-arg]
+        stage, scorer, key, agg = rest
+        return _layers(snap, stage, scorer, key, agg, source=format_path(path))
     if root == "warnings":
         return _warnings(snap, rest[0] if rest else None, format_path(path))
     if root == "summary":
@@ -392,6 +397,7 @@ def evaluate(rules: Sequence[Rule], snap: Snapshot) -> tuple[bool, list[RuleResu
     results = []
     for rule in rules:
         obs = observe(rule.path, snap)
+        reason: str | None
         if obs.value is None:
             passed, reason = False, f"missing data: {obs.reason or 'nothing found'}"
         else:

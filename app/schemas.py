@@ -172,13 +172,14 @@ class DatasetSpec(Strict):
 # -------------------------------------------------------------------- stages
 
 Site = Literal["block_output", "mlp_activation", "attention_output"]
+DEFAULT_SITES: tuple[Site, ...] = ("block_output",)
 
 
 class ProfileOptions(Strict):
     """Hook-based activation profiler (docs/method.md section 1)."""
 
     sites: list[Site] = Field(
-        default_factory=lambda: ["block_output"], min_length=1, description="Capture sites hooked in every block."
+        default_factory=lambda: list(DEFAULT_SITES), min_length=1, description="Capture sites hooked in every block."
     )
     batch_size: int = Field(8, ge=1, le=256)
     histogram_bins: int = Field(
@@ -226,7 +227,8 @@ class AvssOptions(Strict):
 
 ScorerName = Literal["avss", "gbis", "lrp", "cim", "block_influence", "angular_distance"]
 TaskName = Literal["perplexity", "qa", "classification"]
-ALL_SCORERS: tuple[str, ...] = get_args(ScorerName)  # the order of the scorer registry (a test checks)
+DEFAULT_TASKS: tuple[TaskName, ...] = ("perplexity", "qa")
+ALL_SCORERS: tuple[ScorerName, ...] = get_args(ScorerName)  # the order of the scorer registry (a test checks)
 
 
 class PruneOptions(Strict):
@@ -269,7 +271,7 @@ class PruneOptions(Strict):
         "iterations is below epsilon (eq. 59); off by default.",
     )
     tasks: list[TaskName] = Field(
-        default_factory=lambda: ["perplexity", "qa"],
+        default_factory=lambda: list(DEFAULT_TASKS),
         min_length=1,
         description="Tasks measured; one the data cannot support (qa without question/answer fields, "
         "classification without labels) is skipped with a warning.",
@@ -359,8 +361,10 @@ class PruneOptions(Strict):
 
 Detector = Literal["sequence_likelihood", "p_ik", "verbalized", "self_consistency", "length", "eavss_probe"]
 CorrectnessRule = Literal["exact", "contains", "token_f1", "rouge_l", "judge"]
+DEFAULT_RULES: tuple[CorrectnessRule, ...] = ("exact", "contains", "token_f1")
+DEFAULT_EVAL_DETECTORS: tuple[Detector, ...] = ("sequence_likelihood", "p_ik", "verbalized")
 
-ALL_DETECTORS: list[str] = ["sequence_likelihood", "p_ik", "verbalized", "self_consistency", "length", "eavss_probe"]
+ALL_DETECTORS: list[Detector] = ["sequence_likelihood", "p_ik", "verbalized", "self_consistency", "length", "eavss_probe"]
 
 
 LEGACY_JUDGE = "free-url-judge-removed"  # what a stored spec from before named judges reads as
@@ -417,7 +421,7 @@ class HallucinationOptions(Strict):
     batch_size: int = Field(8, ge=1, le=256, description="Generation batch (rows).")
     # correctness (docs/method.md section 6)
     correctness_rules: list[CorrectnessRule] = Field(
-        default_factory=lambda: ["exact", "contains", "token_f1"], min_length=1,
+        default_factory=lambda: list(DEFAULT_RULES), min_length=1,
         description="Tried in order; an answer is correct when one of them says so.",
     )
     contains_max_tokens: int = Field(5, ge=1, le=64)
@@ -525,7 +529,7 @@ class MitigateOptions(Strict):
         True, description="Also tune the same number of randomly chosen other layers with the same budget."
     )
     eval_detectors: list[Detector] = Field(
-        default_factory=lambda: ["sequence_likelihood", "p_ik", "verbalized"], min_length=1,
+        default_factory=lambda: list(DEFAULT_EVAL_DETECTORS), min_length=1,
         description="Detectors scored before and after tuning (the hallucination stage's definitions).",
     )
     perplexity_dataset: DatasetSpec = Field(

@@ -166,7 +166,7 @@ def check_url(
                 infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
             except OSError as exc:
                 raise UrlRefused(f"cannot resolve {host!r}: {exc}") from None
-            addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+            addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     bad = [str(a) for a in addresses if not _is_public(a)]
     if bad:
         raise UrlRefused(

@@ -70,7 +70,7 @@ class Table(list[T]):
 
         rows = []
         for row in self:
-            data = row.model_dump() if isinstance(row, BaseModel) else dict(row)
+            data = row.model_dump() if isinstance(row, BaseModel) else dict(row)  # type: ignore[call-overload]
             nested = {k: data.pop(k) for k in ("values", "confidence") if isinstance(data.get(k), dict)}
             for prefix, values in nested.items():
                 data.update(values if prefix == "values" else {f"{prefix}.{k}": v for k, v in values.items()})
@@ -228,7 +228,7 @@ class AsyncClient(_Operations):
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def _run(self, call: Call[Any]) -> Any:  # type: ignore[override]
+    async def _run(self, call: Call[Any]) -> Any:
         try:
             resp = await self.http.request(call.method, call.path, params=call.params, json=call.json,
                                            headers=call.headers)

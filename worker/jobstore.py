@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.artifact_store import INLINE_BYTES, StoreError, artifact_key, store_for
 from app.config import Settings
-from app.db import session_scope, upsert
+from app.db import rowcount, session_scope, upsert
 from app.models import Analysis, Answer, Artifact, LayerScore, Metric, utcnow
 from app.routing import queue_of
 from app.schemas import JobState
@@ -38,7 +38,7 @@ def claim(sf: SessionFactory, analysis_id: str, worker: str) -> str | None:
     token = uuid.uuid4().hex
     now = utcnow()
     with session_scope(sf) as s:
-        claimed = s.execute(
+        claimed = rowcount(s.execute(
             update(Analysis)
             .where(Analysis.id == analysis_id, Analysis.state == JobState.QUEUED.value)
             .values(
@@ -50,7 +50,7 @@ def claim(sf: SessionFactory, analysis_id: str, worker: str) -> str | None:
                 error_type=None,
                 error_detail=None,
             )
-        ).rowcount
+        ))
         if claimed:
             s.execute(
                 update(Analysis)
@@ -90,7 +90,7 @@ def _owned(analysis_id: str, token: str) -> Any:
 def heartbeat(sf: SessionFactory, analysis_id: str, token: str) -> str:
     """Record that the worker is alive; returns the job's state (CANCELLING means stop)."""
     with session_scope(sf) as s:
-        done = s.execute(update(Analysis).where(_owned(analysis_id, token)).values(heartbeat_at=utcnow())).rowcount
+        done = rowcount(s.execute(update(Analysis).where(_owned(analysis_id, token)).values(heartbeat_at=utcnow())))
         if not done:
             raise LostOwnership(analysis_id)
         return s.scalar(select(Analysis.state).where(Analysis.id == analysis_id)) or ""
@@ -219,7 +219,7 @@ def finish(
 ) -> bool:
     with session_scope(sf) as s:
         return bool(
-            s.execute(
+            rowcount(s.execute(
                 update(Analysis)
                 .where(_owned(analysis_id, token))
                 .where(Analysis.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value]))
@@ -229,7 +229,7 @@ def finish(
                     error_type=error_type,
                     error_detail=detail[:4000] if detail else None,
                 )
-            ).rowcount
+            ))
         )
 
 

@@ -42,10 +42,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import transformers
 
 from app.schemas import PruneOptions
 from worker.evaluation.tasks import TASKS, TaskResult, TaskRun, lm_texts, qa_pairs
@@ -106,7 +109,7 @@ def export_pruned_model(model: torch.nn.Module, tokenizer: Any | None = None) ->
     """`save_pretrained` (safetensors) of `model` (and the tokenizer) as .tar.gz bytes."""
     with tempfile.TemporaryDirectory(prefix="layerscope-pruned-") as tmp:
         folder = Path(tmp) / "pruned-model"
-        model.save_pretrained(str(folder))
+        cast("transformers.PreTrainedModel", model).save_pretrained(str(folder))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(folder))
         buf = io.BytesIO()

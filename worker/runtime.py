@@ -14,10 +14,13 @@ import importlib.metadata
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.schemas import ModelSpec
 from worker.stage import JobFailed
+
+if TYPE_CHECKING:
+    from worker.modelzoo import LoadedModel
 
 log = logging.getLogger("layerscope.worker")
 
@@ -48,7 +51,7 @@ def environment() -> dict[str, Any]:
     }
 
 
-def describe(loaded: Any) -> dict[str, Any]:
+def describe(loaded: LoadedModel) -> dict[str, Any]:
     """Device, dtype, GPU name and placement of a `LoadedModel`."""
     import torch
 
@@ -81,7 +84,7 @@ def recording(write: Callable[[dict[str, Any]], None], worker: str, queue: str) 
     write(block)
     loads: list[dict[str, Any]] = []
 
-    def on_load(loaded: Any) -> None:
+    def on_load(loaded: LoadedModel) -> None:
         entry = describe(loaded)
         if entry in loads:
             return
@@ -98,7 +101,7 @@ def recording(write: Callable[[dict[str, Any]], None], worker: str, queue: str) 
         _on_load.reset(token)
 
 
-def note_load(loaded: Any) -> None:
+def note_load(loaded: LoadedModel) -> None:
     """Called by `load_model` for every model it hands out (cache hits included)."""
     callback = _on_load.get()
     if callback is not None:

@@ -14,7 +14,7 @@ import threading
 from sqlalchemy import or_, select, update
 
 from app.config import Settings
-from app.db import session_scope
+from app.db import rowcount, session_scope
 from app.models import Analysis, utcnow
 from app.queue import Enqueuer
 from app.routing import queue_of
@@ -60,7 +60,7 @@ def reap(sf: SessionFactory, settings: Settings) -> dict[str, int]:
             else:
                 values = {"state": JobState.QUEUED.value, "claim_token": None, "enqueued_at": None, "worker": None}
                 key = "requeued"
-            counts[key] += s.execute(update(Analysis).where(still_stale).values(**values)).rowcount
+            counts[key] += rowcount(s.execute(update(Analysis).where(still_stale).values(**values)))
     if any(counts.values()):
         log.warning("reaper: %s", counts)
     return counts

@@ -22,7 +22,7 @@ def _exit_for_restart() -> None:
 
 
 @celery.task(name=RUN_TASK, bind=True, acks_late=True, ignore_result=True)
-def run_analysis(self, analysis_id: str) -> str | None:  # type: ignore[no-untyped-def]
+def run_analysis(self, analysis_id: str) -> str | None:
     final = run_job(
         analysis_id,
         session_factory(settings.resolved_database_url),

@@ -24,7 +24,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.config import Settings
-from app.db import session_scope
+from app.db import rowcount, session_scope
 from app.events import enqueue_event
 from app.models import (
     Analysis,
@@ -121,12 +121,12 @@ def _claim(sf: SessionFactory, settings: Settings, limit: int, due_by: dt.dateti
     taken = []
     for delivery_id in due:
         with session_scope(sf) as s:
-            if s.execute(
+            if rowcount(s.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.id == delivery_id, WebhookDelivery.state == "pending",
                        WebhookDelivery.next_attempt_at <= now)
                 .values(next_attempt_at=lease)
-            ).rowcount:
+            )):
                 taken.append(delivery_id)
     return taken
 

@@ -25,6 +25,7 @@ from app.api.precheck import check_submit
 from app.artifact_store import StoreError, store_for
 from app.auth import Principal, require
 from app.config import Settings
+from app.db import rowcount
 from app.deps import get_session, get_settings_dep
 from app.models import Analysis, AnalysisLabel, Artifact, LayerScore, Metric, utcnow
 from app.problems import Problem
@@ -335,11 +336,11 @@ def cancel_analysis(
     row = _get_owned(session, principal, analysis_id)
     now = utcnow()
     # Conditional updates: a worker may claim the job between our read and our write.
-    done = session.execute(
+    done = rowcount(session.execute(
         update(Analysis)
         .where(Analysis.id == row.id, Analysis.state == JobState.QUEUED.value)
         .values(state=JobState.CANCELLED.value, finished_at=now)
-    ).rowcount
+    ))
     if not done:
         session.execute(
             update(Analysis)
@@ -367,9 +368,9 @@ def delete_analysis(
 ) -> Response:
     row = _get_owned(session, principal, analysis_id)
     paths = [p for p in session.scalars(select(Artifact.path).where(Artifact.analysis_id == row.id)) if p]
-    deleted = session.execute(
+    deleted = rowcount(session.execute(
         delete(Analysis).where(Analysis.id == row.id, Analysis.state.in_(FINISHED))
-    ).rowcount
+    ))
     if not deleted:
         session.rollback()
         raise Problem(409, f"The analysis is {row.state}; cancel it and wait for it to end before deleting.")

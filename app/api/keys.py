@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.api.guard import GuardedRoute
 from app.auth import SCOPES, Principal, create_key, require
 from app.config import Settings
+from app.db import rowcount
 from app.deps import get_session, get_settings_dep
 from app.models import ApiKey, utcnow
 from app.problems import Problem
@@ -90,9 +91,9 @@ def revoke_api_key(
     principal: Principal = Depends(require("admin")),
     session: Session = Depends(get_session),
 ) -> None:
-    done = session.execute(
+    done = rowcount(session.execute(
         update(ApiKey).where(ApiKey.id == key_id, ApiKey.project == principal.project).values(revoked_at=utcnow())
-    ).rowcount
+    ))
     if not done:
         raise Problem(404, f"No API key {key_id!r} in this project.")
     session.commit()

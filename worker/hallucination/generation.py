@@ -358,7 +358,7 @@ def generate(
     model.eval()
     try:
         if p > 0:
-            kw = {cache_kw: None, "use_cache": True}
+            kw: dict[str, Any] = {cache_kw: None, "use_cache": True}
             if has_keep:
                 kw["logits_to_keep"] = 1
             out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), **kw)

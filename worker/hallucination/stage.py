@@ -217,7 +217,7 @@ def analyze_hallucination(
     with timed("metrics"):
         if len(set(answers.y_test.tolist())) < 2:
             warnings.append("the test split has a single class: AUROC is undefined")
-        reports = {d: _report(scored[d].confidence[qa.n_train :], answers.y_test, options) for d in options.detectors}
+        reports: dict[str, Report] = {d: _report(scored[d].confidence[qa.n_train :], answers.y_test, options) for d in options.detectors}
         metrics = [row for d, rep in reports.items() for row in to_metric_rows(rep, scope=f"detector={d}")]
         progress.phase(1)(1, 1)
         table = _metric_table(reports, dataset_name, options.detectors)
@@ -455,7 +455,7 @@ def _layer_probe_rows(
     return rows
 
 
-def _metric_table(reports: dict[str, Report], dataset: str | None, detectors: Sequence[str]) -> dict[str, Any]:
+def _metric_table(reports: Mapping[str, Report], dataset: str | None, detectors: Sequence[str]) -> dict[str, Any]:
     rows: list[str] = []
     for report in reports.values():
         for name in report:

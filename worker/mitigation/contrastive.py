@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,10 @@ from worker.lm.model import model_device
 from worker.lm.tokens import pad_id
 from worker.mitigation.patch import block_parameters, restore, snapshot
 from worker.stage import JobContext, JobFailed
+
+if TYPE_CHECKING:
+    from app.schemas import MitigateOptions
+    from worker.modelzoo import LoadedModel
 
 __all__ = ["CandidateGroup", "TrainReport", "candidate_prefix", "group_losses", "train_blocks"]
 
@@ -137,7 +141,7 @@ def _masked_mean(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def group_losses(
-    loaded: Any, layers: Sequence[int], groups: Sequence[CandidateGroup], *, temperature: float, max_tokens: int
+    loaded: LoadedModel, layers: Sequence[int], groups: Sequence[CandidateGroup], *, temperature: float, max_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(InfoNCE, LM loss) of `groups` at blocks `layers`, differentiable in the tuned weights."""
     model = loaded.model
@@ -146,9 +150,10 @@ def group_losses(
     ids, mask = enc.ids.to(device), enc.mask.to(device)
     blocks = loaded.adapter.blocks(model)
     captured: dict[int, list[torch.Tensor]] = {li: [] for li in layers}
-    handles = [
-        blocks[li].sites["block_output"].register(lambda t, li=li: captured[li].append(t)) for li in layers
-    ]
+    def keep(li: int) -> Callable[[torch.Tensor], None]:
+        return captured[li].append
+
+    handles = [blocks[li].sites["block_output"].register(keep(li)) for li in layers]
     positives = [g[0] for g in enc.groups]
     pos_set = set(positives)
     negatives = [r for r in range(ids.shape[0]) if r not in pos_set]
@@ -159,8 +164,8 @@ def group_losses(
         if negatives:
             model.base_model(input_ids=ids[negatives], attention_mask=mask[negatives])
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
     order = positives + negatives
     where = {row: k for k, row in enumerate(order)}
     q_mask = enc.question.to(device)[order]
@@ -185,7 +190,7 @@ def _chunks(order: Sequence[int], size: int) -> list[list[int]]:
     return [list(order[i : i + size]) for i in range(0, len(order), size)]
 
 
-def _validation_loss(loaded: Any, layers: Sequence[int], groups: Sequence[CandidateGroup], options: Any) -> float:
+def _validation_loss(loaded: LoadedModel, layers: Sequence[int], groups: Sequence[CandidateGroup], options: MitigateOptions) -> float:
     total, weight = 0.0, 0
     with torch.no_grad():
         for chunk in _chunks(range(len(groups)), options.batch_size):
@@ -214,11 +219,11 @@ def _autocast(params: dict[str, torch.nn.Parameter]) -> Any:
 
 
 def train_blocks(
-    loaded: Any,
+    loaded: LoadedModel,
     layers: Sequence[int],
     train_groups: Sequence[CandidateGroup],
     val_groups: Sequence[CandidateGroup],
-    options: Any,
+    options: MitigateOptions,
     ctx: JobContext | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> TrainReport:
@@ -302,7 +307,7 @@ def train_blocks(
                     break
         restore(params, best_state)
     finally:
-        optimizer = master = None
+        optimizer = master = None  # type: ignore[assignment]  # free them before the write-back
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
             p.grad = None

@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,14 +22,17 @@ from app.config import Settings
 from app.schemas import PATCH_ARTIFACT, PatchSpec
 from worker.stage import JobContext, JobFailed
 
+if TYPE_CHECKING:
+    from worker.modelzoo import LoadedModel
+
 FORMAT = "layerscope-mitigation/1"
 
 
-def block_parameters(loaded: Any, layers: Iterable[int]) -> dict[str, torch.nn.Parameter]:
+def block_parameters(loaded: LoadedModel, layers: Iterable[int]) -> dict[str, torch.nn.Parameter]:
     """The parameters of blocks `layers`, by full name; raises JobFailed for a layer that is not there."""
     model = loaded.model
     path = loaded.adapter.block_list_path(model)
-    n_blocks = len(model.get_submodule(path))
+    n_blocks = len(loaded.adapter.block_list(model))
     wanted = sorted(set(int(i) for i in layers))
     bad = [i for i in wanted if not 0 <= i < n_blocks]
     if bad:
@@ -106,7 +109,7 @@ def _metadata(data: bytes) -> dict[str, str]:
     return dict(header.get("__metadata__") or {})
 
 
-def apply_patch(loaded: Any, data: bytes) -> dict[str, Any]:
+def apply_patch(loaded: LoadedModel, data: bytes) -> dict[str, Any]:
     """Copy the patch's tensors into `loaded.model` after checking that every target exists
     with the same shape and dtype and still holds the base weights the patch was made from.
     Returns the patch's recipe. JobFailed `patch_mismatch` when the model is another base."""

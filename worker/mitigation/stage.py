@@ -102,7 +102,7 @@ def candidate_groups(
     """One group per QA item: gold positive; own wrong answer + sampled wrong answers as negatives."""
     rng = np.random.default_rng(seed)
     golds = [first_alias(x.gold) for x in items]
-    kw = {"contains_max_tokens": contains_max_tokens, "f1_threshold": f1_threshold, "rouge_threshold": rouge_threshold}
+    kw: dict[str, Any] = {"contains_max_tokens": contains_max_tokens, "f1_threshold": f1_threshold, "rouge_threshold": rouge_threshold}
 
     def wrong_for(i: int, answer: str) -> bool:
         text = answer.strip()
@@ -214,9 +214,9 @@ def _variant_metrics(v: Variant) -> list[MetricRow]:
         rows.append(MetricRow(scope=scope, name="accuracy", value=acc.value, ci_low=acc.ci_low,
                               ci_high=acc.ci_high, n=acc.n))
     if v.ppl is not None:
-        m = v.ppl.metrics["perplexity"]
-        rows.append(MetricRow(scope=scope, name="perplexity", value=m.value, ci_low=m.ci_low,
-                              ci_high=m.ci_high, n=m.n))
+        ppl = v.ppl.metrics["perplexity"]
+        rows.append(MetricRow(scope=scope, name="perplexity", value=ppl.value, ci_low=ppl.ci_low,
+                              ci_high=ppl.ci_high, n=ppl.n))
     for (det_scope, name), m in v.metrics.items():
         if det_scope.startswith("detector=") and name != "accuracy":
             rows.append(MetricRow(scope=f"{scope},{det_scope}", name=name, value=m.value, ci_low=m.ci_low,
@@ -329,7 +329,7 @@ class Plan:
 
 def _plan(loaded: LoadedModel, train_examples: Sequence[Any], options: MitigateOptions, warnings: list[str]) -> Plan:
     probe_part, fit_part, val_part = _split_tuning(train_examples, options)
-    n_blocks = len(loaded.model.get_submodule(loaded.adapter.block_list_path(loaded.model)))
+    n_blocks = len(loaded.adapter.blocks(loaded.model))
     if options.layers is not None:
         bad = [i for i in options.layers if i >= n_blocks]
         if bad:

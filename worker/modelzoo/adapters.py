@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -147,12 +147,16 @@ class ArchitectureAdapter:
             )
         return path
 
+    def block_list(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        """The `nn.ModuleList` of the blocks (at `block_list_path`)."""
+        return cast(torch.nn.ModuleList, model.get_submodule(self.block_list_path(model)))
+
     def rules_for(self, block: torch.nn.Module) -> dict[str, SiteRule]:
         return dict(self.site_rules)
 
     def blocks(self, model: torch.nn.Module) -> list[BlockInfo]:
         path = self.block_list_path(model)
-        block_list = model.get_submodule(path)
+        block_list = cast(torch.nn.ModuleList, model.get_submodule(path))  # found as a ModuleList
         out: list[BlockInfo] = []
         for i, block in enumerate(block_list):
             sites: dict[str, CaptureSite] = {}
@@ -170,7 +174,7 @@ class ArchitectureAdapter:
         path = self.find_block_list_path(model)
         if path is None:
             return False
-        first = model.get_submodule(path)[0]
+        first = cast(torch.nn.ModuleList, model.get_submodule(path))[0]
         return all(_get_submodule(first, r.path) is not None for r in self.rules_for(first).values())
 
     def __repr__(self) -> str:

@@ -165,7 +165,7 @@ def _fingerprint(loaded: LoadedModel) -> Any:
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
     )
     try:
-        n_blocks = len(model.get_submodule(loaded.adapter.block_list_path(model)))
+        n_blocks = len(loaded.adapter.block_list(model))
     except Exception:
         n_blocks = -1
     return shapes, sums, hooks, n_blocks
@@ -543,7 +543,7 @@ def _ensure_gguf_cache(
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             # Drop the quantizer marker: the weights are plain float32 now, and a model that
             # still carries it refuses save_pretrained.
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.save_pretrained(str(tmp))

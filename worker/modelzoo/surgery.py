@@ -54,7 +54,7 @@ def _adapter(model: torch.nn.Module, adapter: ArchitectureAdapter | None) -> Arc
 
 
 def block_count(model: torch.nn.Module, adapter: ArchitectureAdapter | None = None) -> int:
-    return len(model.get_submodule(_adapter(model, adapter).block_list_path(model)))
+    return len(_adapter(model, adapter).block_list(model))
 
 
 def _block_config(model: torch.nn.Module, path: str) -> Any:
@@ -89,7 +89,7 @@ def _check_indices(indices: Iterable[int], n: int) -> list[int]:
 def _apply(model: torch.nn.Module, indices: Iterable[int], adapter: ArchitectureAdapter | None) -> _Undo:
     """Remove the blocks in place; returns what is needed to undo it."""
     path = _adapter(model, adapter).block_list_path(model)
-    old_list = model.get_submodule(path)
+    old_list = _adapter(model, adapter).block_list(model)
     n = len(old_list)
     drop = _check_indices(indices, n)
     keep = [i for i in range(n) if i not in set(drop)]

@@ -28,10 +28,14 @@ class _Site(Protocol):
 
 
 class _Block(Protocol):
-    index: int
-    name: str
-    module: torch.nn.Module
-    sites: Mapping[str, _Site]
+    @property
+    def index(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def module(self) -> torch.nn.Module: ...
+    @property
+    def sites(self) -> Mapping[str, _Site]: ...
 
 
 class SiteUnavailable(LookupError):

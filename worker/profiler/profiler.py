@@ -19,7 +19,7 @@ The leading positions (< max(skip_positions, 1)) are also accumulated apart
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ from worker.stage import JobContext, JobFailed
 
 if TYPE_CHECKING:
     from app.schemas import ProfileOptions
+    from worker.modelzoo import LoadedModel
 
 STAGE = "profile"
 
@@ -242,7 +243,7 @@ class _Collector:
 
 
 def profile(
-    loaded: Any,
+    loaded: LoadedModel,
     examples: Sequence[Any],
     options: ProfileOptions,
     ctx: JobContext,
@@ -252,7 +253,7 @@ def profile(
     collect_pooled: bool = False,
     thresholds: Sequence[float] = (),
     relative: Sequence[tuple[float, str]] = ((0.01, "rms"),),
-    hook_thresholds: dict[tuple[int, str], Sequence[float]] | None = None,
+    hook_thresholds: Mapping[tuple[int, str], Sequence[float]] | None = None,
 ) -> Profile:
     """Profile `options.sites` of every block of `loaded` on `examples`.
 
@@ -304,7 +305,7 @@ def profile(
     result = Profile(
         block_names=[b.name for b in blocks],
         layer_indices=[int(b.index) for b in blocks],
-        sites=sites,
+        sites=[str(s) for s in sites],
         stats={
             (i, s): RunningStats(spec, thresholds + per_hook.get((i, s), ()), fine=fine)
             for i in range(len(blocks))

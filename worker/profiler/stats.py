@@ -591,8 +591,8 @@ class RunningStats:
     sum_abs: float = 0.0
     sum_sq: float = 0.0
     max_abs: float = 0.0  # NaN when unknown (after `subtract`)
-    hist: np.ndarray = field(default=None)  # type: ignore[assignment]
-    below: np.ndarray = field(default=None)  # type: ignore[assignment]
+    hist: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    below: np.ndarray = field(default=None)  # type: ignore[arg-type]
     examples: int = 0
     ex_l1: float = 0.0
     ex_l2: float = 0.0

@@ -98,7 +98,7 @@ def importance_from_order(order: Sequence[int]) -> list[float]:
     return [float(r) for r in ranks_from_order(order)]
 
 
-def average_ranks(values: Sequence[float]) -> np.ndarray:
+def average_ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:
     """1-based ranks in ascending order of `values`; tied values share their mean rank."""
     x = np.asarray(values, dtype=np.float64)
     n = x.size

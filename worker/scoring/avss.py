@@ -504,12 +504,12 @@ def _avss_plots(
     label = _threshold_label(_threshold_info(options, profile))
     return avss_figure(
         layers=profile.layer_indices,
-        variance=scores.variance,
+        variance=list(scores.variance),
         l1=[s.l1_norm for s in stats],
         l2=[s.l2_norm for s in stats],
         frobenius=[s.frobenius_norm for s in stats],
-        sparsity=scores.sparsity,
-        avss=scores.avss,
+        sparsity=list(scores.sparsity),
+        avss=list(scores.avss),
         prune=_names(profile, prune),
         title=f"AVSS per layer - {options.site}, variance: {options.variance_mode}, threshold: {label}",
         basename="avss_layers",
@@ -606,9 +606,9 @@ def run_profile_stage(profile: Profile, *, plots: bool = False) -> StageResult:
         values: dict[str, float | None] = {}
         for site in profile.sites:
             s = profile.stats[(i, site)]
-            summary = s.summary()
+            stat = s.summary()
             for key in PROFILE_KEYS:
-                values[f"{site}.{key}"] = finite_or_none(summary[key])
+                values[f"{site}.{key}"] = finite_or_none(stat[key])
             for name, t in (("sparsity_eps", PROFILE_SPARSITY_EPS), ("sparsity_rel", PROFILE_SPARSITY_REL_EPS * s.rms)):
                 value, bound = s.sparsity_bounded(t)
                 values[f"{site}.{name}"] = finite_or_none(value)
@@ -626,7 +626,7 @@ def run_profile_stage(profile: Profile, *, plots: bool = False) -> StageResult:
             warnings.append(
                 f"profile: massive activations (max|a| / median|a| > {MASSIVE_RATIO:g}) at {site} in layers {layers}"
             )
-    summary = {
+    summary: dict[str, Any] = {
         "sites": list(profile.sites),
         "n_examples": profile.n_examples,
         "n_profiled_examples": profile.n_profiled_examples,

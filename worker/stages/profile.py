@@ -3,6 +3,8 @@ reading activation statistics shares; stored only when the analysis asks for it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from app.schemas import AnalysisSpec, ProfileOptions
 from worker.profiler.profiler import Profile
 from worker.stage import Key, Stage, StageInputs, StageOutput
@@ -38,7 +40,7 @@ class ProfileStage(Stage[ProfileOptions]):
         relative = [(PROFILE_SPARSITY_REL_EPS, "rms")]
         if avss and avss.sparsity_threshold == "relative":
             relative.append((avss.sparsity_rel_eps, avss.sparsity_reference))
-        kwargs = {"max_tokens": job.spec.dataset.max_tokens, "thresholds": exact, "relative": relative}
+        kwargs: dict[str, Any] = {"max_tokens": job.spec.dataset.max_tokens, "thresholds": exact, "relative": relative}
         prof = profile(job.loaded, job.examples, options, job.ctx, **kwargs)
         if avss and avss.exact_sparsity and avss.sparsity_threshold == "relative":
             wanted = counted_thresholds(prof, avss, profile_stage=job.spec.stages.profile is not None)

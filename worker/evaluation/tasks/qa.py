@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ def generate_answers(
             ctx.check_cancelled()
             ids, mask = pad_batch([encoded[i] for i in batch], pad, side="left")
             stop = transformers.StoppingCriteriaList([_NewlineStop(tokenizer, ids.shape[1])])
-            out = model.generate(
+            out = cast(transformers.GenerationMixin, model).generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=gen_config,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from worker.scoring.agreement import pruning_order, ranks_from_order
 from worker.stage import JobContext, JobFailed, LayerRow, finite_or_none
 
 if TYPE_CHECKING:
+    import transformers
+
     from app.schemas import PruneOptions
 
 
@@ -172,7 +174,7 @@ def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
 def embeddings_require_grad(model: torch.nn.Module) -> Iterator[None]:
     """Make the input embeddings a graph leaf when the parameters do not require grad, so
     block outputs are always differentiable (the model's parameters are left untouched)."""
-    emb = model.get_input_embeddings()
+    emb = cast("transformers.PreTrainedModel", model).get_input_embeddings()
 
     def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         if isinstance(output, torch.Tensor) and not output.requires_grad:
