@@ -76,14 +76,15 @@ class Shape:
     gen_batch: int
     tune_questions: int
     repeats: int
+    sentences: int  # per text (about 20 tokens each)
 
 
 FULL = Shape(hidden=4096, ffn=14336, layers=32, heads=32, kv_heads=8, vocab=128256, texts=64, max_tokens=512,
              batch=8, score_texts=8, score_batch=4, gen_prompts=32, gen_tokens=64, gen_batch=16,
-             tune_questions=16, repeats=3)
+             tune_questions=16, repeats=3, sentences=28)
 SMOKE = Shape(hidden=128, ffn=448, layers=4, heads=4, kv_heads=2, vocab=None, texts=8, max_tokens=64,
               batch=4, score_texts=4, score_batch=2, gen_prompts=4, gen_tokens=8, gen_batch=2,
-              tune_questions=6, repeats=2)
+              tune_questions=6, repeats=2, sentences=6)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,10 +142,10 @@ def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
 
 
-def texts(n: int) -> list[str]:
-    """n texts of a few sentences each, all different."""
+def texts(n: int, sentences: int = 6) -> list[str]:
+    """n texts of `sentences` to `sentences + 4` sentences each, all different."""
     k = len(SENTENCES)
-    return [" ".join(f"({i}) " + SENTENCES[(i + j) % k] for j in range(6 + i % 5)) for i in range(n)]
+    return [" ".join(f"({i}) " + SENTENCES[(i + j) % k] for j in range(sentences + i % 5)) for i in range(n)]
 
 
 def tokenizer() -> Any:
@@ -198,7 +199,7 @@ def bench_forward(loaded: Loaded, shape: Shape) -> dict[str, Any]:
     from worker.profiler import profile
     from worker.stage import JobContext
 
-    data = texts(shape.texts)
+    data = texts(shape.texts, shape.sentences)
     ids = encode_texts(loaded.tokenizer, data, shape.max_tokens)
     batches = [pad_batch([ids[i] for i in b], pad_id(loaded.tokenizer))
                for b in length_batches([len(x) for x in ids], shape.batch)]
@@ -253,7 +254,7 @@ def bench_scorers(loaded: Loaded, shape: Shape) -> dict[str, Any]:
 
     from worker.scoring.scorers import compute_scores
 
-    data = texts(shape.score_texts)
+    data = texts(shape.score_texts, shape.sentences)
     # Saved bytes are counted per distinct tensor address, which later batches reuse: on the CPU
     # the texts run as one batch, so the count is that batch's.
     batch = shape.score_batch if loaded.device.type == "cuda" else len(data)
@@ -356,7 +357,7 @@ def table(r: dict[str, Any]) -> str:
     if t:
         m, d = t["master_fp32"], t["bf16_direct"]
         rows.append(f"| {t['dtype']} tuning, {len(t['layers'])} blocks | {m['seconds'] / t['steps']:.2f} s/step, "
-                    f"peak {gib(m.get('peak'))} | weights changed {m['changed']:.1%} (|w|>=2^-6: "
+                    f"peak {gib(m.get('peak'))} | weights changed {m['changed']:.1%} (abs(w) >= 2^-6: "
                     f"{m['changed_abs_ge_2^-6']:.1%}); without master weights {d['changed']:.1%} "
                     f"({d['changed_abs_ge_2^-6']:.1%}) |")
     return "\n".join(rows)
