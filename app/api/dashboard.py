@@ -20,6 +20,7 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "dashboard"
 # Only these files are served: nothing else under the folder is reachable.
 ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
+    "panels.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "chart.umd.js": "text/javascript; charset=utf-8",
     "chart.js.LICENSE.md": "text/plain; charset=utf-8",

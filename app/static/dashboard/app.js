@@ -173,8 +173,7 @@
     view.token += 1;
     clearTimeout(view.timer);
     view.timer = null;
-    for (const c of view.charts) c.destroy();
-    view.charts = [];
+    for (const c of view.charts.splice(0)) c.destroy();
     document.body.dataset.ready = "false";
   }
 
@@ -204,6 +203,30 @@
   }
 
   // ------------------------------------------------------------------- list
+
+  const stageNames = (a) => Object.entries(a.spec.stages || {}).filter(([, v]) => v).map(([k]) => k);
+
+  /** One line per stage from the stored summary: what the analysis found, in its own numbers. */
+  function outcome(a) {
+    if (a.error) return h("span", { class: "error-text" }, a.error.type);
+    if (a.state !== "SUCCEEDED") return h("span", { class: "muted" }, "—");
+    const s = a.summary || {};
+    const parts = [];
+    if (s.avss && s.avss.prune_layers) parts.push(`avss: prune ${s.avss.prune_layers.join(", ") || "none"}`);
+    if (s.prune && Array.isArray(s.prune.table)) {
+      for (const t of s.prune.table) {
+        const best = (t.rows || []).filter((r) => r.scorer !== "random" && typeof r.retained_pct === "number")
+          .sort((x, y) => y.retained_pct - x.retained_pct)[0];
+        if (best) parts.push(`prune ${t.task}: best ${best.scorer} ${fmt(best.retained_pct)} % retained`);
+      }
+    }
+    const c = s.hallucination && s.hallucination.counts;
+    if (c && c.test_answered) parts.push(`hallucination: ${c.test_correct}/${c.test_answered} test answers correct`);
+    if (s.mitigate && s.mitigate.layers) parts.push(`mitigate: tuned layers ${s.mitigate.layers.join(", ")}`);
+    if (a.warnings && a.warnings.length) parts.push(`${a.warnings.length} warning${a.warnings.length > 1 ? "s" : ""}`);
+    if (!parts.length) return h("span", { class: "muted" }, "done");
+    return h("ul", { class: "outcome-list" }, parts.map((p) => h("li", {}, p)));
+  }
 
   async function renderList(route, token) {
     const filters = {
@@ -281,12 +304,14 @@
         h("td", {}, stateBadge(a.state)),
         h("td", {}, a.spec.model.name),
         h("td", {}, datasetText(a.spec)),
+        h("td", { class: "stages" }, stageNames(a).join(", ")),
+        h("td", { class: "outcome" }, outcome(a)),
         h("td", {}, labelChips(a.labels)),
         h("td", {}, progressCell(a)),
         h("td", {}, fmtTime(a.created_at)),
         h("td", {}, duration(a)))));
       if (!items.length) {
-        tbody.append(h("tr", {}, h("td", { colspan: 9, class: "muted" },
+        tbody.append(h("tr", {}, h("td", { colspan: 11, class: "muted" },
           "No analyses yet. Submit one with POST /v1/analyses or `layerscope submit`.")));
       }
       moreBtn.hidden = !nextToken;
@@ -325,7 +350,7 @@
       h("div", { class: "table-wrap" }, h("table", { id: "analyses", class: "data" },
         h("caption", { class: "sr-only" }, "Analyses, newest first"),
         h("thead", {}, h("tr", {},
-          ["", "ID", "State", "Model", "Dataset", "Labels", "Progress", "Created", "Duration"]
+          ["", "ID", "State", "Model", "Dataset", "Stages", "Outcome", "Labels", "Progress", "Created", "Duration"]
             .map((t, i) => h("th", { scope: "col" }, i === 0 ? h("span", { class: "sr-only" }, "Select") : t)))),
         tbody)),
       moreBtn,
@@ -405,15 +430,17 @@
     return { card, canvas };
   }
 
-  function baseOptions(logScale, xTitle) {
+  function baseOptions(logScale, xTitle, yTitle) {
     return {
       animation: false,
       responsive: true,
       maintainAspectRatio: false,
       plugins: { legend: { display: false } },
       scales: {
-        x: { title: { display: true, text: xTitle }, grid: { color: COLORS.grid }, ticks: { color: COLORS.text } },
-        y: { type: logScale ? "logarithmic" : "linear", grid: { color: COLORS.grid }, ticks: { color: COLORS.text } },
+        x: { title: { display: true, text: xTitle }, grid: { color: COLORS.grid },
+          ticks: { color: COLORS.text, autoSkip: false, maxRotation: 0, font: { size: 10 } } },
+        y: { type: logScale ? "logarithmic" : "linear", title: { display: true, text: yTitle + (logScale ? " (log scale)" : "") },
+          grid: { color: COLORS.grid }, ticks: { color: COLORS.text } },
       },
     };
   }
@@ -426,7 +453,8 @@
     canvas.dataset.points = String(rows.length);
     canvas.dataset.pruned = pruned.join(",");
     container.append(card);
-    const options = baseOptions(logScale, "layer");
+    const options = baseOptions(logScale, "layer", score);
+    canvas.dataset.scale = logScale ? "logarithmic" : "linear";
     options.scales.x.ticks.color = (ctx) => {
       const r = rows[ctx.tick ? ctx.tick.value : ctx.index];
       return r && isPruned(r) ? COLORS.pruned : COLORS.text;
@@ -465,7 +493,9 @@
     const { card, canvas } = chartCard(score, desc, logScale);
     canvas.dataset.points = sides.map((s) => s.rows.length).join(",");
     container.append(card);
-    const options = baseOptions(logScale, relative ? "relative depth (layer / (layers − 1))" : "layer");
+    const options = baseOptions(logScale, relative ? "relative depth (layer / (layers − 1))" : "layer", score);
+    canvas.dataset.scale = logScale ? "logarithmic" : "linear";
+    if (relative) options.scales.x.ticks.autoSkip = true;
     options.scales.x.type = "linear";
     if (!relative) options.scales.x.ticks.stepSize = 1;
     options.plugins.legend = {
@@ -682,11 +712,14 @@
 
     const groupSelect = h("select", { id: "layer-group" }, groupNames.map((g) => h("option", { value: g }, g)));
     const scoreSelect = h("select", { id: "extra-score" });
-    const logBox = h("input", { type: "checkbox", id: "log-scale" });
+    const scaleSel = h("select", { id: "layer-scale" }, ["auto", "linear", "log"].map((m) => h("option", { value: m }, m)));
     const relBox = h("input", { type: "checkbox", id: "relative-depth" });
 
     const draw = () => {
-      for (const c of view.charts.splice(0)) c.destroy();
+      for (const canvas of panel.querySelectorAll("canvas")) {
+        const c = Chart.getChart(canvas);
+        if (c) { view.charts.splice(view.charts.indexOf(c), 1); c.destroy(); }
+      }
       grid.replaceChildren();
       extra.replaceChildren();
       const g = groupSelect.value;
@@ -698,8 +731,8 @@
       scoreSelect.replaceChildren(h("option", { value: "" }, "(none)"),
         ...shared.filter((k) => !chosen.includes(k)).map((k) => h("option", { value: k, selected: k === previous }, k)));
       const one = (container, k) => (compare
-        ? overlayChart(container, sideRows, k, logBox.checked, relBox.checked)
-        : layerChart(container, sideRows[0].rows, k, logBox.checked));
+        ? overlayChart(container, sideRows, k, useLog(sideRows.flatMap((s) => s.rows), k), relBox.checked)
+        : layerChart(container, sideRows[0].rows, k, useLog(sideRows[0].rows, k)));
       for (const k of chosen) one(grid, k);
       if (scoreSelect.value) one(extra, scoreSelect.value);
       tableBox.replaceChildren(...(compare ? [] : [layerTable(sideRows[0].rows, keys)]));
@@ -708,9 +741,16 @@
     controls.append(
       h("label", { for: "layer-group" }, "Stage / scorer"), groupSelect,
       h("label", { for: "extra-score" }, "Chart another score"), scoreSelect,
-      h("span", { class: "check" }, logBox, h("label", { for: "log-scale" }, "Log scale")),
+      h("label", { for: "layer-scale" }, "Scale"), scaleSel,
       ...(compare ? [h("span", { class: "check" }, relBox, h("label", { for: "relative-depth" }, "Align by relative depth"))] : []));
-    for (const el of [groupSelect, scoreSelect, logBox, relBox]) el.addEventListener("change", draw);
+    // Log scale where a score's values are all positive and span two decades or more (auto), or as picked.
+    const useLog = (rows, k) => {
+      const v = rows.map((r) => r.values[k]);
+      if (scaleSel.value === "linear") return false;
+      if (scaleSel.value === "log") return v.every((x) => x === null || x === undefined || x > 0);
+      return panels.spansDecades(v);
+    };
+    for (const el of [groupSelect, scoreSelect, scaleSel, relBox]) el.addEventListener("change", draw);
     const legend = compare
       ? h("p", { class: "legend muted" }, "Solid line with circles: A. Dashed line with squares: B. Red triangles: layers proposed for pruning (values.prune = 1).")
       : h("p", { class: "legend muted" },
@@ -722,23 +762,54 @@
     return panel;
   }
 
+  // The per-stage panels (panels.js), given this page's helpers.
+  const panels = window.layerscopePanels({ h, fmt, section, charts: view.charts });
+
   // ----------------------------------------------------------------- detail
 
-  async function loadResults(id) {
-    const [layers, metrics, artifacts, verdicts] = await Promise.all([
+  const ranStage = (a, stage) => Boolean(a.spec.stages && a.spec.stages[stage]);
+
+  /** Every test-split answer of the hallucination stage (for the reliability diagrams), page by page. */
+  async function loadAnswers(id) {
+    const out = [];
+    let pageToken = null;
+    for (let i = 0; i < 50; i++) {
+      const q = new URLSearchParams({ stage: "hallucination", split: "test", page_size: "1000" });
+      if (pageToken) q.set("page_token", pageToken);
+      const page = await api(`/v1/analyses/${encodeURIComponent(id)}/answers?${q}`, { allow404: true });
+      if (!page) break;
+      out.push(...page.items);
+      pageToken = page.next_page_token;
+      if (!pageToken) break;
+    }
+    return out;
+  }
+
+  function stagePanels(a, res) {
+    const s = a.summary || {};
+    return [
+      ranStage(a, "prune") ? panels.prunePanel(res.metrics, res.layers) : null,
+      ranStage(a, "hallucination") ? panels.hallucinationPanel(s.hallucination, res.metrics, res.layers, res.answers) : null,
+      ranStage(a, "mitigate") ? panels.mitigationPanel(s.mitigate, res.metrics) : null,
+    ].filter(Boolean);
+  }
+
+  async function loadResults(id, withAnswers) {
+    const [layers, metrics, artifacts, verdicts, answers] = await Promise.all([
       api(`/v1/analyses/${encodeURIComponent(id)}/layers`),
       api(`/v1/analyses/${encodeURIComponent(id)}/metrics`),
       api(`/v1/analyses/${encodeURIComponent(id)}/artifacts`),
       api(`/v1/analyses/${encodeURIComponent(id)}/verdicts`, { allow404: true }).catch(() => null),
+      withAnswers ? loadAnswers(id) : Promise.resolve([]),
     ]);
-    return { layers: layers.items, metrics: metrics.items, artifacts: artifacts.items, verdicts };
+    return { layers: layers.items, metrics: metrics.items, artifacts: artifacts.items, verdicts, answers };
   }
 
   async function renderDetail(route, token) {
     const id = route.id;
     const base = `/v1/analyses/${encodeURIComponent(id)}`;
     const a = await api(base);
-    const res = await loadResults(id);
+    const res = await loadResults(id, a.state === "SUCCEEDED" && ranStage(a, "hallucination"));
     if (token !== view.token) return;
 
     const others = h("select", { id: "compare-with" }, h("option", { value: "" }, "pick an analysis…"));
@@ -763,6 +834,7 @@
         h("label", { for: "compare-with" }, "Compare with"), others),
     ];
     if (res.verdicts !== null) content.push(section("verdicts", "Gate verdicts", verdictsView(res.verdicts)));
+    if (a.state === "SUCCEEDED") content.push(...stagePanels(a, res));
     content.push(
       section("layers", "Per-layer scores", layerPanel([{ name: shortId(id), rows: res.layers }], { compare: false }),
         h("p", { class: "small" }, downloadLink(`${base}/layers?format=csv`, `layers-${shortId(id)}.csv`, "Download per-layer CSV"))),
@@ -809,10 +881,32 @@
       }))));
   }
 
+  /** Leaf paths of a spec ("stages.prune.scorers" -> JSON text); arrays are leaves. */
+  function flatten(obj, prefix, out) {
+    for (const [k, v] of Object.entries(obj || {})) {
+      const path = prefix ? `${prefix}.${k}` : k;
+      if (v && typeof v === "object" && !Array.isArray(v) && Object.keys(v).length) flatten(v, path, out);
+      else out.set(path, JSON.stringify(v));
+    }
+    return out;
+  }
+
+  function specDiff(sa, sb, names) {
+    const A = flatten(sa, "", new Map()); const B = flatten(sb, "", new Map());
+    const paths = [...new Set([...A.keys(), ...B.keys()])].sort().filter((p) => A.get(p) !== B.get(p));
+    if (!paths.length) return h("p", { class: "muted", id: "spec-diff-none" }, "The two specs are the same.");
+    return h("div", { class: "table-wrap" }, h("table", { id: "spec-diff-table", class: "data" },
+      h("thead", {}, h("tr", {}, ["Field", names[0], names[1]].map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, paths.map((p) => h("tr", { dataset: { path: p } },
+        h("td", { class: "mono" }, p),
+        h("td", { class: "mono", dataset: { side: "a" } }, A.has(p) ? A.get(p) : "(not set)"),
+        h("td", { class: "mono", dataset: { side: "b" } }, B.has(p) ? B.get(p) : "(not set)"))))));
+  }
+
   async function renderCompare(route, token) {
     const ids = [route.a, route.b];
     const [a, b] = await Promise.all(ids.map((id) => api(`/v1/analyses/${encodeURIComponent(id)}`)));
-    const [ra, rb] = await Promise.all(ids.map((id) => loadResults(id)));
+    const [ra, rb] = await Promise.all(ids.map((id) => loadResults(id, false)));
     if (token !== view.token) return;
     const names = [`A ${shortId(a.id)}`, `B ${shortId(b.id)}`];
     const card = (x, tag, name) => h("div", { class: `panel side side-${tag}` },
@@ -823,6 +917,7 @@
         h("a", { href: `#/compare/${encodeURIComponent(b.id)}/${encodeURIComponent(a.id)}` }, "swap A and B")),
       h("h2", {}, "Compare ", h("span", { class: "mono" }, shortId(a.id)), " and ", h("span", { class: "mono" }, shortId(b.id))),
       h("div", { class: "sides" }, card(a, "a", names[0]), card(b, "b", names[1])),
+      section("spec-diff", "How the specs differ", specDiff(a.spec, b.spec, names)),
       section("layers", "Per-layer scores, overlaid",
         layerPanel([{ name: names[0], rows: ra.layers }, { name: names[1], rows: rb.layers }], { compare: true })),
       section("metrics", "Evaluation metrics", compareMetrics(ra.metrics, rb.metrics, [shortId(a.id), shortId(b.id)])));
