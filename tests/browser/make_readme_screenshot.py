@@ -9,7 +9,7 @@ AVSS one when the server has gates, and photographs each panel in Debian's headl
 Chromium:
 
     docs/dashboard.png               per-layer AVSS scores (16 conversation texts)
-    docs/dashboard-prune.png         prune: 3 scorers + random control, 16 texts
+    docs/dashboard-prune.png         prune: AVSS and 2 baselines + random control, 16 texts
     docs/dashboard-hallucination.png hallucination: 60 chatterbot-trivia questions
     docs/dashboard-mitigation.png    mitigate: before/after on the same questions
 
@@ -38,7 +38,7 @@ def specs(model: str) -> dict[str, dict[str, Any]]:
         "layers": {"stages": {"avss": {}}, "dataset": CONVERSATIONS},
         "prune": {
             "dataset": CONVERSATIONS,
-            "stages": {"prune": {"scorers": ["avss", "block_influence", "cim"], "tasks": ["perplexity"],
+            "stages": {"prune": {"scorers": ["avss", "block_influence", "angular_distance"], "tasks": ["perplexity"],
                                  "random_seeds": 3, "scoring_examples": 8, "timing_runs": 1, "n_boot": 500}},
         },
         "hallucination": {
