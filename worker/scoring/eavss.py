@@ -116,6 +116,21 @@ def _normalize(x: np.ndarray, name: str, zero_sum: ZeroSum, warnings: list[str])
     return np.zeros_like(x)
 
 
+def _check_arguments(
+    combine: str, zero_sum: str, alpha: float, beta: float, n_hallucinated: int, n_correct: int, min_group: int
+) -> None:
+    if combine not in ("product", "weighted_sum"):
+        raise ValueError(f"combine must be 'product' or 'weighted_sum', got {combine!r}")
+    if zero_sum not in ("uniform", "zeros"):
+        raise ValueError(f"zero_sum must be 'uniform' or 'zeros', got {zero_sum!r}")
+    for name, w in (("alpha", alpha), ("beta", beta)):
+        if not (np.isfinite(w) and 0.0 <= w <= 1.0):
+            raise ValueError(f"{name} must be in [0, 1], got {w!r}")
+    for name, cnt in (("n_hallucinated", n_hallucinated), ("n_correct", n_correct), ("min_group", min_group)):
+        if int(cnt) != cnt or cnt < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {cnt!r}")
+
+
 def compute_eavss(
     var_hallucinated: Sequence[float],
     var_correct: Sequence[float],
@@ -132,16 +147,7 @@ def compute_eavss(
     min_group: int = 20,
 ) -> EAVSSResult:
     """Equations 9-12 for every layer (see module doc)."""
-    if combine not in ("product", "weighted_sum"):
-        raise ValueError(f"combine must be 'product' or 'weighted_sum', got {combine!r}")
-    if zero_sum not in ("uniform", "zeros"):
-        raise ValueError(f"zero_sum must be 'uniform' or 'zeros', got {zero_sum!r}")
-    for name, w in (("alpha", alpha), ("beta", beta)):
-        if not (np.isfinite(w) and 0.0 <= w <= 1.0):
-            raise ValueError(f"{name} must be in [0, 1], got {w!r}")
-    for name, cnt in (("n_hallucinated", n_hallucinated), ("n_correct", n_correct), ("min_group", min_group)):
-        if int(cnt) != cnt or cnt < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {cnt!r}")
+    _check_arguments(combine, zero_sum, alpha, beta, n_hallucinated, n_correct, min_group)
 
     vh = _vector("var_hallucinated", var_hallucinated, None)
     n_layers = vh.shape[0]

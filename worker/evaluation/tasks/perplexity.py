@@ -71,6 +71,13 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
     return out
 
 
+def _token_weighted_ppl(nll_b: np.ndarray, cnt_b: np.ndarray) -> np.ndarray:
+    """exp(sum of NLL / scored tokens) per bootstrap resample (rows)."""
+    c = cnt_b.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return np.where(c > 0, np.exp(nll_b.sum(axis=1) / np.maximum(c, 1)), np.nan)
+
+
 def evaluate_perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -134,13 +141,7 @@ def evaluate_perplexity(
     total = counts.sum()
     value = math.exp(nll_sum.sum() / total) if total > 0 else None
     valid = counts > 0
-
-    def ppl(nll_b: np.ndarray, cnt_b: np.ndarray) -> np.ndarray:
-        c = cnt_b.sum(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            return np.where(c > 0, np.exp(nll_b.sum(axis=1) / np.maximum(c, 1)), np.nan)
-
-    ci = bootstrap_ci(ppl, nll_sum[valid], counts[valid], n_boot=n_boot, seed=seed, batched=True)
+    ci = bootstrap_ci(_token_weighted_ppl, nll_sum[valid], counts[valid], n_boot=n_boot, seed=seed, batched=True)
     return TaskResult(
         task="perplexity",
         primary="perplexity",

@@ -72,6 +72,21 @@ def _epsilon_rule(model: torch.nn.Module, eps: float) -> Iterator[int]:
             h.remove()
 
 
+def _relevance(
+    ys: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], mask: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per block: |sum over units of R(u_l)| and the signed sum, summed over real tokens."""
+    part, part_signed = np.zeros(len(ys)), np.zeros(len(ys))
+    for i, (y, g) in enumerate(zip(ys, grads, strict=True)):
+        if g is None:
+            continue
+        update = y.detach().float() - xs[i].float()
+        relevance = (update * g.float()).sum(-1)  # [batch, pos]
+        part[i] = float(relevance[mask].abs().double().sum())
+        part_signed[i] = float(relevance[mask].double().sum())
+    return part, part_signed
+
+
 def lrp(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -120,16 +135,8 @@ def lrp(
         finally:
             inputs.clear()
             outputs.clear()
-        part, part_signed = np.zeros(len(blocks)), np.zeros(len(blocks))
         mask = batch.mask.bool()
-        for i, (y, g) in enumerate(zip(ys, grads, strict=True)):
-            if g is None:
-                continue
-            update = y.detach().float() - xs[i].float()
-            relevance = (update * g.float()).sum(-1)  # [batch, pos]
-            part[i] = float(relevance[mask].abs().double().sum())
-            part_signed[i] = float(relevance[mask].double().sum())
-        return part, part_signed, float(mask.sum())
+        return (*_relevance(ys, xs, grads, mask), float(mask.sum()))
 
     ctx.progress(progress_stage, 0, batcher.total_for(data.order))
     with (
