@@ -397,7 +397,7 @@ def profile(
 def count_exactly(
     prof: Profile,
     wanted: dict[tuple[int, str], list[float]],
-    loaded: Any,
+    loaded: LoadedModel,
     examples: Sequence[Any],
     options: ProfileOptions,
     ctx: JobContext,
