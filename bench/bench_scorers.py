@@ -12,7 +12,7 @@ assert:
 - `forward`: one bare forward pass of the base model (no LM head, as the profiler runs)
   over the texts, after a warm-up pass (reference);
 - `avss`: the profiler's one pass (`worker.profiler.profile`, block_output site) plus the
-  AVSS computation (`run_avss_stage`): what AVSS needs for a ranking;
+  AVSS computation (`avss_stage`): what AVSS needs for a ranking;
 - `block_influence`, `angular_distance`: one base-model forward pass with block
   input/output hooks;
 - `gbis`, `lrp`: one forward (LM head included: they need the loss / target logits) +
@@ -48,7 +48,7 @@ from worker.lm.tokens import encode_texts, pad_batch  # noqa: E402
 from worker.modelzoo import load_model  # noqa: E402
 from worker.profiler import profile  # noqa: E402
 from worker.scoring.agreement import importance_from_order, spearman_rho  # noqa: E402
-from worker.scoring.avss import run_avss_stage  # noqa: E402
+from worker.scoring.avss import avss_stage  # noqa: E402
 from worker.scoring.scorers import compute_scores, computed_scorers  # noqa: E402
 from worker.stage import JobContext  # noqa: E402
 
@@ -121,8 +121,7 @@ def main() -> None:
         prof = profile(
             loaded, examples, ProfileOptions(batch_size=args.batch_size), ctx, max_tokens=args.max_tokens
         )
-        avss = run_avss_stage(prof, AvssOptions(plots=False))
-        importance["avss"] = importance_from_order(avss.summary["ranking"])
+        importance["avss"] = importance_from_order(avss_stage(prof, AvssOptions(plots=False)).ranking.lowest_first())
         return time.perf_counter() - t
 
     def scorer_pass(name: str) -> float:

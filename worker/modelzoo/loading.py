@@ -16,9 +16,11 @@ half-written cache), and loaded from there afterwards (1-2 s instead of 30 s).
 
 The last model loaded is kept in a process-level cache keyed by (source, dtype, device),
 so a worker running several jobs on the same model does not reload it. Callers get the
-cached object itself: **a stage that modifies weights or removes blocks (pruning,
-mitigation) must work on `copy.deepcopy(loaded.model)`** (or call
-`load_model(..., use_cache=False)`). As a safety net a cache hit is only served after a
+cached object itself: **a stage that changes the model must undo it before it returns,
+errors included** (mitigation snapshots the tuned blocks' weights and restores them;
+pruning and cim remove blocks in place with `worker.modelzoo.surgery.pruned_view`), with
+nothing else running on the model meanwhile (one job per worker process), or load its own
+copy (`load_model(..., use_cache=False)`). As a safety net a cache hit is only served after a
 fingerprint check (parameter names, shapes and sums, block count, registered hooks), so a
 model mutated by an earlier job is reloaded, never handed out.
 """
@@ -90,7 +92,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 @dataclass
 class LoadedModel:
     """A model ready for analysis. `model` may be shared with later jobs of this worker
-    (process cache): deepcopy it before changing weights or removing blocks."""
+    (process cache): a stage that changes it restores it before returning (module doc)."""
 
     model: transformers.PreTrainedModel  # eval mode, on device
     tokenizer: transformers.PreTrainedTokenizerBase  # pad token set, padding_side="right"

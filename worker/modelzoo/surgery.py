@@ -169,7 +169,7 @@ def pruned_view(
     model: torch.nn.Module, indices: Iterable[int], *, adapter: ArchitectureAdapter | None = None
 ) -> Iterator[torch.nn.Module]:
     """Temporarily remove blocks from `model` in place (restored on exit, errors included).
-    Only for a private copy: other users of `model` would see the pruned model meanwhile."""
+    Nothing else may use `model` meanwhile: it would see the pruned model."""
     undo = _apply(model, indices, adapter)
     try:
         yield model

@@ -6,7 +6,7 @@ stage's (`worker.scoring.avss`):
 - a *ranking* lists the layer indices ascending by score, least important first
   (= first pruning candidate first), ties by the lower layer index first, a
   non-finite score last (`pruning_order`); it is what the avss stage's
-  `summary["ranking"]` holds;
+  `summary["ranking"]` shows and its `Ranking` (first="lowest") carries;
 - a *rank* is per layer, 1 = lowest score = first pruning candidate, L = most
   important (`ranks_from_order`), like the avss stage's `rank` column.
 
