@@ -148,23 +148,3 @@ def avss_figure(
         Panel("AVSS", avss, kind="bar"),
     ]
     return render_layer_panels(panels, layers=layers, title=title, basename=basename, highlight=prune)
-
-
-def profile_figure(profile: Any, site: str) -> list[ArtifactFile]:
-    """The appendix E/F panels for one site of a `worker.profiler.Profile` (sparsity at
-    |a| < 0.01 x RMS)."""
-    stats = profile.site_stats(site)
-    panels = [
-        Panel("activation variance", [s.variance for s in stats]),
-        Panel("L1 norm (mean per token)", [s.l1_norm for s in stats]),
-        Panel("L2 norm (mean per token)", [s.l2_norm for s in stats]),
-        Panel("Frobenius norm (mean per example)", [s.frobenius_norm for s in stats]),
-        Panel("sparsity (|a| < 0.01 x RMS)", [s.sparsity(0.01 * s.rms) if s.count else None for s in stats]),
-        Panel("max|a| / median|a|", [s.max_median_ratio for s in stats]),
-    ]
-    return render_layer_panels(
-        panels,
-        layers=profile.layer_indices,
-        title=f"activations per layer - {site}",
-        basename=f"profile_{site}",
-    )

@@ -591,7 +591,7 @@ PROFILE_KEYS = (
 )
 
 
-def run_profile_stage(profile: Profile, *, plots: bool = False) -> StageResult:
+def run_profile_stage(profile: Profile) -> StageResult:
     """The raw statistics: one LayerRow per block (scorer "profile"), values keyed
     "<site>.<statistic>" for every profiled site, plus "<site>.sparsity_eps" (|a| < 1e-5,
     the reference threshold) and "<site>.sparsity_rel" (|a| < 0.01 x RMS), each with
@@ -658,9 +658,4 @@ def run_profile_stage(profile: Profile, *, plots: bool = False) -> StageResult:
             json.dumps(_json_safe(profile.to_dict()), allow_nan=False).encode(),
         )
     )
-    if plots:
-        from worker.plots import profile_figure
-
-        for site in profile.sites:
-            result.artifacts.extend(profile_figure(profile, site))
     return result
