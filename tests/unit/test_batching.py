@@ -305,12 +305,12 @@ def test_evaluation_tasks_back_off_and_match_an_unfailed_run(tiny_llama_lm):
 
 
 def test_generation_backs_off_and_matches_an_unfailed_run(tiny_llama_lm):
-    from worker.hallucination.generation import generate
+    from worker.lm.generate import generate
 
     prompts = [f"Q: what is {w}?\nA:" for w in ("water", "a fox", "the sea", "one", "a mat")]
     for temperature, samples in ((0.0, 1), (0.8, 2)):
         def run(bs: int, temperature: float = temperature, samples: int = samples):
-            return generate(tiny_llama_lm, prompts, max_new_tokens=5, batch_size=bs, temperature=temperature,
+            return generate(tiny_llama_lm.model, tiny_llama_lm.tokenizer, prompts, max_new_tokens=5, batch_size=bs, temperature=temperature,
                             num_samples=samples, seed=3, capture_last_hidden=True)
 
         clean = run(2)

@@ -289,9 +289,8 @@ def test_generation_stops_at_newline_eos_and_cap() -> None:
     prompts = ["q w e", "q w e e e", "q w x x x x x", "q w e e e e e e e"]
     script = {3: "Par", 4: "is.\nmore", 5: "y", 6: "\n", 7: "<eos>", 9: "z", 10: "z"}
     model = _ScriptedLM(script)
-    loaded = SimpleNamespace(model=model, tokenizer=_Tok(), is_causal_lm=True)
     seen: list[tuple[int, int]] = []
-    run = generate(loaded, prompts, max_new_tokens=3, batch_size=4, capture_last_hidden=True,
+    run = generate(model, _Tok(), prompts, max_new_tokens=3, batch_size=4, capture_last_hidden=True,
                    on_batch=lambda d, t: seen.append((d, t)))
     g = run.generations
     assert run.shared_prefix_tokens == 2 and run.prompt_tokens == [3, 5, 7, 9]
@@ -320,22 +319,21 @@ def test_generation_samples_are_seeded_and_cancellable() -> None:
             out.logits[..., 0:2] = -30.0  # never pad/eos
             return out
 
-    loaded = SimpleNamespace(model=Uniform({}), tokenizer=_Tok(), is_causal_lm=True)
-    a = generate(loaded, ["q w", "q e"], max_new_tokens=4, batch_size=3, temperature=1.0, num_samples=3, seed=5)
-    b = generate(loaded, ["q w", "q e"], max_new_tokens=4, batch_size=3, temperature=1.0, num_samples=3, seed=5)
-    c = generate(loaded, ["q w", "q e"], max_new_tokens=4, batch_size=3, temperature=1.0, num_samples=3, seed=6)
+    model, tok = Uniform({}), _Tok()
+    a = generate(model, tok, ["q w", "q e"], max_new_tokens=4, batch_size=3, temperature=1.0, num_samples=3, seed=5)
+    b = generate(model, tok, ["q w", "q e"], max_new_tokens=4, batch_size=3, temperature=1.0, num_samples=3, seed=5)
+    c = generate(model, tok, ["q w", "q e"], max_new_tokens=4, batch_size=3, temperature=1.0, num_samples=3, seed=6)
     assert len(a.generations) == 6
     assert [x.token_ids for x in a.generations] == [x.token_ids for x in b.generations]
     assert [x.token_ids for x in a.generations] != [x.token_ids for x in c.generations]
     ctx = JobContext(is_cancelled=lambda: True)
     with pytest.raises(JobCancelled):
-        generate(loaded, ["q w"], max_new_tokens=2, ctx=ctx)
+        generate(model, tok, ["q w"], max_new_tokens=2, ctx=ctx)
 
 
 def test_generation_without_shared_prefix() -> None:
     model = _ScriptedLM({2: "y", 3: "\n", 4: "x", 5: "\n"})
-    loaded = SimpleNamespace(model=model, tokenizer=_Tok(), is_causal_lm=True)
-    run = generate(loaded, ["q w", "w q e e"], max_new_tokens=5, batch_size=2)
+    run = generate(model, _Tok(), ["q w", "w q e e"], max_new_tokens=5, batch_size=2)
     assert run.shared_prefix_tokens == 0
     assert [g.text for g in run.generations] == ["y", "x"]
     assert model.calls[0] == (2, 4)  # no prefix pass: the first call is the padded batch

@@ -236,9 +236,12 @@ def test_generation_is_batch_invariant_and_stops_at_newline(llama):
     assert all("\n" not in a for a in batched)
 
 
-def test_answer_is_first_line_after_leading_whitespace(llama):
-    assert tasks_mod._first_line("\n\n Paris\nLyon") == "Paris"
-    assert tasks_mod._first_line("  William Shakespeare.  \n\n") == "William Shakespeare."
-    assert tasks_mod._first_line("") == ""
+def test_qa_answers_are_the_shared_generators(llama):
+    """One generator for the QA task and the hallucination stage: the same answers by the same rule."""
+    from worker.lm.generate import generate
+
+    prompts = ["Question: what is the capital of france?\nAnswer:", "Question: hi?\nAnswer:"]
+    run = generate(llama.model, llama.tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    assert generate_answers(llama.model, llama.tokenizer, prompts, max_new_tokens=5) == [g.text for g in run.generations]
     with pytest.raises(JobFailed):  # the MiniLM tokenizer has no chat template
         generate_answers(llama.model, llama.tokenizer, ["q?"], max_new_tokens=2, chat_template=True)

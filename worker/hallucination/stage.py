@@ -83,6 +83,7 @@ from worker.stage import (  # AnswerRecord lives in worker.stage; re-exported he
     JobContext,
     JobFailed,
     LayerRow,
+    MetricRow,
     StageResult,
     finite_or_none,
 )
@@ -184,10 +185,11 @@ def analyze_hallucination(
     progress = PhasedProgress(ctx, STAGE, _progress_units(qa, options, detectors, profile_bs))
     with timed("generate_greedy"):
         greedy = generate(
-            loaded, qa.prompts, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
+            loaded.model, loaded.tokenizer, qa.prompts, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
             temperature=0.0, seed=options.seed, capture_last_hidden=any(d.needs_last_hidden for d in detectors),
             ctx=ctx, on_batch=progress.phase(_batches(len(qa.items), options.batch_size)),
         )
+        warnings.extend(greedy.warnings)  # a lowered batch size (out-of-memory back-off)
     with timed("label"):
         answers = label_answers(qa, greedy, options, ctx, judge, judges)
 
@@ -215,12 +217,8 @@ def analyze_hallucination(
         probe_rows = _layer_probe_rows(answers, prof, layers.eavss, options, ctx) if options.layer_probes else []
         progress.phase(1)(1, 1)
     with timed("metrics"):
-        if len(set(answers.y_test.tolist())) < 2:
-            warnings.append("the test split has a single class: AUROC is undefined")
-        reports: dict[str, Report] = {d: _report(scored[d].confidence[qa.n_train :], answers.y_test, options) for d in options.detectors}
-        metrics = [row for d, rep in reports.items() for row in to_metric_rows(rep, scope=f"detector={d}")]
+        metrics, table = _detector_metrics(answers, scored, options, dataset_name, warnings)
         progress.phase(1)(1, 1)
-        table = _metric_table(reports, dataset_name, options.detectors)
     records = _answer_records(answers, scored, options.detectors)
     summary = _summary(loaded, options, avss_options, answers, scored, prof, layers, probe_rows, table, dataset_name)
     summary["timings_s"] = {k: round(v, 2) for k, v in timed.items()}
@@ -453,6 +451,22 @@ def _layer_probe_rows(
         rows.append(LayerRow(layer=prof.layer_ids[li], block_name=prof.block_names[li], scorer=LAYER_PROBE,
                              values=values))
     return rows
+
+
+def _detector_metrics(
+    answers: Answers, scored: dict[str, Scored], options: HallucinationOptions, dataset_name: str | None,
+    warnings: list[str],
+) -> tuple[list[MetricRow], dict[str, Any]]:
+    """Every detector's calibration report on the test split: MetricRows (scope
+    `detector=<name>`) and the table-2 layout."""
+    if len(set(answers.y_test.tolist())) < 2:
+        warnings.append("the test split has a single class: AUROC is undefined")
+    n_train = answers.qa.n_train
+    reports: dict[str, Report] = {
+        d: _report(scored[d].confidence[n_train:], answers.y_test, options) for d in options.detectors
+    }
+    metrics = [row for d, rep in reports.items() for row in to_metric_rows(rep, scope=f"detector={d}")]
+    return metrics, _metric_table(reports, dataset_name, options.detectors)
 
 
 def _metric_table(reports: Mapping[str, Report], dataset: str | None, detectors: Sequence[str]) -> dict[str, Any]:

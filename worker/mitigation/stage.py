@@ -35,7 +35,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 import torch
@@ -78,6 +78,14 @@ TABLE_DETECTOR_METRICS = ("acc@50", "cov@50", "ece", "brier", "auroc")
 UNITS_TRAIN = 20  # progress units of one tuning run
 
 
+class RuleParams(TypedDict):
+    """The lexical correctness rules' parameters (`label_answer`'s keywords)."""
+
+    contains_max_tokens: int
+    f1_threshold: float
+    rouge_threshold: float
+
+
 # ------------------------------------------------------------------ data
 
 
@@ -102,7 +110,8 @@ def candidate_groups(
     """One group per QA item: gold positive; own wrong answer + sampled wrong answers as negatives."""
     rng = np.random.default_rng(seed)
     golds = [first_alias(x.gold) for x in items]
-    kw: dict[str, Any] = {"contains_max_tokens": contains_max_tokens, "f1_threshold": f1_threshold, "rouge_threshold": rouge_threshold}
+    kw = RuleParams(contains_max_tokens=contains_max_tokens, f1_threshold=f1_threshold,
+                    rouge_threshold=rouge_threshold)
 
     def wrong_for(i: int, answer: str) -> bool:
         text = answer.strip()
@@ -294,15 +303,15 @@ def _tuning_groups(
     items = fit_items + val_items
     prompts = [build_prompt(x.question, shots, instruction=hopts.instruction, tokenizer=loaded.tokenizer,
                             use_chat_template=hopts.use_chat_template) for x in items]
-    own = generate(loaded, prompts, max_new_tokens=hopts.max_new_tokens, batch_size=hopts.batch_size,
-                   seed=options.seed, ctx=ctx, on_batch=on_batch).generations
+    own = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=hopts.max_new_tokens,
+                   batch_size=hopts.batch_size, seed=options.seed, ctx=ctx, on_batch=on_batch).generations
     rules = [r for r in hopts.correctness_rules if r in LEXICAL_RULES]
-    rule_kw = {"contains_max_tokens": hopts.contains_max_tokens, "f1_threshold": hopts.f1_threshold,
-               "rouge_threshold": hopts.rouge_threshold}
-    own_correct = [label_answer(x.question, g.text, x.aliases, rules, None, **rule_kw)[0]  # type: ignore[arg-type]
+    rule_kw = RuleParams(contains_max_tokens=hopts.contains_max_tokens, f1_threshold=hopts.f1_threshold,
+                         rouge_threshold=hopts.rouge_threshold)
+    own_correct = [label_answer(x.question, g.text, x.aliases, rules, None, **rule_kw)[0]
                    for x, g in zip(items, own, strict=True)]
     groups = candidate_groups(items, [g.text for g in own], own_correct, options.negatives, options.seed,
-                              rules, **rule_kw)  # type: ignore[arg-type]
+                              rules, **rule_kw)
     fit_questions = {x.question for x in fit_items}
     return TuningData(
         fit=[g for g in groups if g.question in fit_questions],

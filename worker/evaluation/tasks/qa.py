@@ -1,20 +1,22 @@
 """`qa` -> `f1` (primary) and `exact_match` (causal LMs).
 
-- Generative: greedy decoding (no sampling, one beam) after
-  `prompt_template.format(question=...)` (optionally wrapped as a user message in
-  the tokenizer's chat template, `chat_template=True`, for instruct models),
-  prompts left-padded, the model's KV cache in use, at most `max_new_tokens`
-  tokens; the answer is the generated text, leading whitespace skipped, up to its
-  first newline (an immediate end-of-sequence gives an empty answer, scored 0). Scored with SQuAD token F1 and exact match
-  after SQuAD normalization (`worker.evaluation.correctness`), the maximum
-  over the gold aliases (split on "; ").
+- Generative: greedy decoding after `prompt_template.format(question=...)`
+  (optionally wrapped as a user message in the tokenizer's chat template,
+  `chat_template=True`, for instruct models), prompts truncated to `max_tokens`,
+  at most `max_new_tokens` tokens, by the generator the hallucination stage uses
+  (`worker.lm.generate`): the answer is the generated text before its first
+  newline, stripped (an answer that starts with a newline or an end-of-sequence
+  is empty, scored 0). Scored with SQuAD token F1 and exact match after SQuAD
+  normalization (`worker.evaluation.correctness`), the maximum over the gold
+  aliases (split on "; ").
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,32 +32,12 @@ from worker.evaluation.tasks.base import (
     metric,
     require_causal,
 )
-from worker.lm.batching import AutoBatch
-from worker.lm.model import is_causal_lm, model_device
-from worker.lm.tokens import by_length, encode_texts, pad_batch, pad_id
+from worker.lm.generate import generate
+from worker.lm.model import is_causal_lm
 from worker.stage import JobContext, JobFailed
 
 if TYPE_CHECKING:
     from app.schemas import PruneOptions
-
-
-def _first_line(text: str) -> str:
-    """The answer: the generated text up to its first newline, leading whitespace skipped."""
-    return text.lstrip().split("\n", 1)[0].strip()
-
-
-class _NewlineStop:
-    """Stopping criterion: a row is done once its generated text, leading whitespace
-    skipped, holds a newline."""
-
-    def __init__(self, tokenizer: Any, prompt_len: int):
-        self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        new = input_ids[:, self.prompt_len :].tolist()
-        done = ["\n" in self.tokenizer.decode(row, skip_special_tokens=True).lstrip() for row in new]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def generate_answers(
@@ -70,60 +52,28 @@ def generate_answers(
     progress_stage: str = "evaluate:qa",
     chat_template: bool = False,
 ) -> list[str]:
-    """Greedy answers (up to the first newline), prompts left-padded, KV cache on.
-    `chat_template=True` wraps each prompt as a user message in the tokenizer's chat
-    template (with the generation prompt); `JobFailed` when the tokenizer has none."""
-    import transformers
-
+    """Greedy answers by the one generator (`worker.lm.generate`: the first line, stripped),
+    prompts truncated to `max_tokens`. `chat_template=True` wraps each prompt as a user
+    message in the tokenizer's chat template (with the generation prompt); `JobFailed` when
+    the tokenizer has none."""
     ctx = job_context(ctx)
-    device = model_device(model)
-    pad = pad_id(tokenizer)
+    texts = list(prompts)
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise JobFailed(
                 "task_invalid", "qa_chat_template was asked for but the tokenizer has no chat template"
             )
         texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts
         ]
-        encoded = encode_texts(tokenizer, texts, max_tokens, add_special_tokens=False)
-    else:
-        encoded = encode_texts(tokenizer, prompts, max_tokens)
-    answers = [""] * len(prompts)
-    eos = tokenizer.eos_token_id
-    gen_config = transformers.GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad,
-        eos_token_id=eos,
-        use_cache=True,
+    ctx.progress(progress_stage, 0, math.ceil(len(texts) / batch_size))
+    run = generate(
+        model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        add_special_tokens=not chat_template, max_prompt_tokens=max_tokens, ctx=ctx,
+        on_batch=lambda done, total: ctx.progress(progress_stage, done, total),
     )
-    order = by_length([len(e) for e in encoded])
-    batcher = AutoBatch("generate", model, batch_size)  # OOM back-off, see worker/lm/batching.py
-    ctx.progress(progress_stage, 0, batcher.total_for(order))
-    with torch.inference_mode():
-
-        def run_batch(batch: list[int]) -> None:  # writes its own rows: a retry rewrites them
-            ctx.check_cancelled()
-            ids, mask = pad_batch([encoded[i] for i in batch], pad, side="left")
-            stop = transformers.StoppingCriteriaList([_NewlineStop(tokenizer, ids.shape[1])])
-            out = cast(transformers.GenerationMixin, model).generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=gen_config,
-                stopping_criteria=stop,
-            )
-            for row, i in enumerate(batch):
-                text = tokenizer.decode(out[row, ids.shape[1] :].tolist(), skip_special_tokens=True)
-                answers[i] = _first_line(text)
-
-        for _ in batcher.run(order, run_batch):
-            ctx.progress(progress_stage, batcher.done, batcher.total)
-    return answers
+    return [g.text for g in run.generations]
 
 
 def evaluate_qa(

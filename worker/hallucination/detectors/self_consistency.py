@@ -61,7 +61,7 @@ class SelfConsistency(Detector):
         a, o = inp.answers, inp.options
         k, n_test = o.self_consistency_k, a.qa.n_test
         run = generate(
-            inp.loaded, [a.qa.prompts[i] for i in a.qa.test_rows], max_new_tokens=o.max_new_tokens,
+            inp.loaded.model, inp.loaded.tokenizer, [a.qa.prompts[i] for i in a.qa.test_rows], max_new_tokens=o.max_new_tokens,
             batch_size=o.batch_size * k, temperature=o.self_consistency_temperature, num_samples=k, seed=o.seed,
             ctx=inp.ctx, on_batch=inp.on_batch,
         )

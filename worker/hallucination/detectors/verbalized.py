@@ -43,8 +43,8 @@ class Verbalized(Detector):
                               tokenizer=inp.loaded.tokenizer, use_chat_template=o.use_chat_template)
             for i in a.qa.test_rows
         ]
-        run = generate(inp.loaded, prompts, max_new_tokens=o.verbalized_max_new_tokens, batch_size=o.batch_size,
-                       ctx=inp.ctx, on_batch=inp.on_batch)
+        run = generate(inp.loaded.model, inp.loaded.tokenizer, prompts, max_new_tokens=o.verbalized_max_new_tokens,
+                       batch_size=o.batch_size, ctx=inp.ctx, on_batch=inp.on_batch)
         replies = [g.text for g in run.generations]
         conf, bad = verbalized_confidence(replies)
         warnings = []
