@@ -218,6 +218,44 @@ def _autocast(params: dict[str, torch.nn.Parameter]) -> Any:
     return torch.autocast(device_type=p.device.type, dtype=p.dtype)
 
 
+def _train_step(
+    loaded: LoadedModel,
+    layers: Sequence[int],
+    groups: Sequence[CandidateGroup],
+    options: MitigateOptions,
+    params: dict[str, torch.nn.Parameter],
+    master: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+) -> tuple[float, float]:
+    """One optimizer step on `groups`; returns its (InfoNCE, LM loss)."""
+    trained = list(master.values()) if master is not None else list(params.values())
+    with torch.enable_grad():
+        with _autocast(params):
+            nce, lm = group_losses(
+                loaded, layers, groups, temperature=options.temperature, max_tokens=options.max_tokens
+            )
+        loss = nce + options.lm_weight * lm
+        if not torch.isfinite(loss):
+            raise JobFailed(
+                "training_diverged",
+                f"the training loss became {float(loss)} at step {step + 1}; lower learning_rate",
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if master is not None:  # the step in float32, written back in the model's dtype
+            for name, p in params.items():
+                master[name].grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        if master is not None:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(master[name])
+    return float(nce.detach()), float(lm.detach())
+
+
 def train_blocks(
     loaded: LoadedModel,
     layers: Sequence[int],
@@ -261,31 +299,8 @@ def train_blocks(
             losses: list[tuple[float, float]] = []
             for chunk in _chunks(rng.permutation(len(train_groups)).tolist(), options.batch_size):
                 ctx.check_cancelled()
-                with torch.enable_grad():
-                    with _autocast(params):
-                        nce, lm = group_losses(
-                            loaded, layers, [train_groups[i] for i in chunk],
-                            temperature=options.temperature, max_tokens=options.max_tokens,
-                        )
-                    loss = nce + options.lm_weight * lm
-                    if not torch.isfinite(loss):
-                        raise JobFailed(
-                            "training_diverged",
-                            f"the training loss became {float(loss)} at step {step + 1}; lower learning_rate",
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if master is not None:  # the step in float32, written back in the model's dtype
-                        for name, p in params.items():
-                            master[name].grad = None if p.grad is None else p.grad.float()
-                            p.grad = None
-                    torch.nn.utils.clip_grad_norm_(trained, 1.0)
-                    optimizer.step()
-                    if master is not None:
-                        with torch.no_grad():
-                            for name, p in params.items():
-                                p.copy_(master[name])
-                losses.append((float(nce.detach()), float(lm.detach())))
+                batch = [train_groups[i] for i in chunk]
+                losses.append(_train_step(loaded, layers, batch, options, params, master, optimizer, step))
                 step += 1
                 if on_step:
                     on_step(step, total_steps)
