@@ -22,7 +22,11 @@ from app.deps import get_session, get_settings_dep
 from app.models import ApiKey
 from app.problems import Problem
 
-SCOPES = ("read", "submit", "admin")
+SCOPES = ("read", "submit", "admin", "operator")
+# `admin` covers every scope of its project; `operator` is service-wide (e.g. `/metrics`, every project's
+# job counts), so no project scope implies it and only the server's CLI makes such keys.
+PROJECT_SCOPES = ("read", "submit", "admin")
+OPERATOR = "operator"
 
 
 @dataclass(frozen=True)
@@ -165,8 +169,10 @@ def require(scope: str):  # noqa: ANN201 - FastAPI dependency factory
             if wait > 0:
                 raise Problem(429, "Rate limit for this API key exceeded; retry after the given seconds.",
                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
-        if scope not in principal.scopes and "admin" not in principal.scopes:
-            raise Problem(403, f"This API key lacks the `{scope}` scope.")
+        if scope not in principal.scopes and (scope == OPERATOR or "admin" not in principal.scopes):
+            hint = " (service-wide; made with `layerscope keys create --scopes operator` on the server)" \
+                if scope == OPERATOR else ""
+            raise Problem(403, f"This API key lacks the `{scope}` scope{hint}.")
         # Every route with a key passes here: a NUL that Postgres cannot store (or a control character
         # in a path id) is a 422 naming the field, once the key is accepted, like any invalid value.
         await check_request(request)

@@ -217,7 +217,10 @@ def migrate() -> None:
 def keys_create(
     project: str = typer.Option(..., help="Project the key belongs to."),
     name: str = typer.Option("cli", help="A label for the key."),
-    scopes: str = typer.Option("read,submit", help="Comma-separated: read, submit, admin."),
+    scopes: str = typer.Option(
+        "read,submit",
+        help="Comma-separated: read, submit, admin (this project), operator (service-wide: /metrics of every project).",
+    ),
 ) -> None:
     """Create an API key and print it (shown once)."""
     from app.auth import create_key

@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.api.guard import GuardedRoute
-from app.auth import SCOPES, Principal, create_key, require
+from app.auth import OPERATOR, PROJECT_SCOPES, SCOPES, Principal, create_key, require
 from app.config import Settings
 from app.db import rowcount
 from app.deps import get_session, get_settings_dep
@@ -37,7 +37,9 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=PROBLEMS, route_c
 
 class KeyCreate(Strict):
     name: str = Field(min_length=1, max_length=128)
-    scopes: list[str] = Field(min_length=1, description=f"Subset of {list(SCOPES)}.")
+    scopes: list[str] = Field(
+        min_length=1, description=f"Subset of {list(PROJECT_SCOPES)} (`operator` keys are made with the CLI only).",
+    )
 
 
 class KeyOut(BaseModel):
@@ -65,6 +67,10 @@ def create_api_key(
     session: Session = Depends(get_session),
     settings: Settings = Depends(get_settings_dep),
 ) -> KeyCreated:
+    if OPERATOR in body.scopes:
+        raise Problem(422, "scopes: `operator` keys see every project's service metrics; they are made on the "
+                      "server with `layerscope keys create --scopes operator`, not through the API",
+                      errors=[{"field": "scopes", "message": "operator keys are not made through the API"}])
     bad = sorted(set(body.scopes) - set(SCOPES))
     if bad:
         raise Problem(422, f"scopes: unknown {bad}; allowed {list(SCOPES)}",

@@ -1,4 +1,7 @@
-"""Prometheus metrics (`/metrics`, admin scope): jobs by state, queue depth, HTTP latency, stage durations."""
+"""Prometheus metrics (`/metrics`): jobs by state, queue depth, HTTP latency, stage durations.
+
+Service-wide numbers (every project's jobs, all traffic), so they need the `operator` scope, which
+no project key has (a project `admin` gets 403) and only the server's CLI grants."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select
 
-from app.auth import Principal, require
+from app.auth import OPERATOR, Principal, require
 from app.models import Analysis
 from app.routing import QUEUES
 from app.schemas import JobState
@@ -31,16 +34,18 @@ STAGE_SECONDS = Gauge(
 
 
 @router.get(
-    "/metrics", summary="Prometheus metrics", response_class=Response,
+    "/metrics", summary="Prometheus metrics (service-wide: operator scope)", response_class=Response,
+    description="Jobs by state over every project, queue depth, HTTP latency and stage durations. Needs an "
+    "`operator` key (`layerscope keys create --scopes operator`); a project admin key is 403.",
     responses={
         200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}},
         **{code: {"description": desc, "content": {"application/problem+json": {}}} for code, desc in {
-            401: "Missing or invalid API key", 403: "The key lacks the admin scope",
+            401: "Missing or invalid API key", 403: "The key lacks the operator scope",
             429: "Rate limit of this API key exceeded (see Retry-After)", 503: "Database unavailable",
         }.items()},
     },
 )
-def prometheus_metrics(request: Request, principal: Principal = Depends(require("admin"))) -> Response:
+def prometheus_metrics(request: Request, principal: Principal = Depends(require(OPERATOR))) -> Response:
     settings = request.app.state.settings
     with request.app.state.session_factory() as session:
         counts = dict(session.execute(select(Analysis.state, func.count()).group_by(Analysis.state)).all())

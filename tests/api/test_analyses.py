@@ -266,10 +266,16 @@ def test_unknown_route_and_method_are_problems(api: Api) -> None:
     assert_problem(api.client.put("/v1/analyses"), 405)
 
 
-def test_prometheus_metrics_need_admin_and_count_jobs(api: Api) -> None:
+def test_prometheus_metrics_need_the_operator_scope_and_count_jobs(api: Api) -> None:
+    from app.auth import create_key
+    from app.db import session_scope
+
     submit(api)
     assert_problem(api.client.get("/metrics", headers=api.headers(api.read_key)), 403)
-    text = api.get("/metrics").text
+    assert_problem(api.get("/metrics"), 403)  # a project admin: the numbers are every project's
+    with session_scope(api.sf) as s:
+        operator = create_key(s, api.settings, api.project, "ops", ["operator"])
+    text = api.client.get("/metrics", headers=api.headers(operator)).text
     assert 'layerscope_jobs{state="QUEUED"}' in text
     assert "layerscope_http_request_seconds_bucket" in text and "layerscope_queue_depth" in text
 

@@ -127,7 +127,7 @@ def seeded() -> Iterator[None]:
     upgrade(url)
     sf = session_factory(url)
     with session_scope(sf) as s:
-        KEYS["admin"] = create_key(s, SETTINGS, "fuzz", "fuzz-admin", ["read", "submit", "admin"])
+        KEYS["admin"] = create_key(s, SETTINGS, "fuzz", "fuzz-admin", ["read", "submit", "admin", "operator"])
     auth = {"Authorization": f"Bearer {KEYS['admin']}"}
     with TestClient(APP) as client:
         job = client.post("/v1/analyses", headers=auth, json={

@@ -499,6 +499,29 @@ def test_secrets_never_reach_the_logs(env: Env, caplog: pytest.LogCaptureFixture
     assert not leaked, leaked
 
 
+# ------------------------------------------------------------------ service-wide metrics
+
+
+def test_metrics_of_every_project_need_the_operator_scope(env: Env) -> None:
+    """`/metrics` counts every project's jobs; a project admin saw them all. Now only an `operator` key
+    (made with the server's CLI, never through the API) reads them."""
+    env.submit(spec())
+    with session_scope(env.sf) as s:
+        other_admin = create_key(s, env.settings, "other-project", "adm", ["read", "submit", "admin"])
+        operator = create_key(s, env.settings, "ops", "prometheus", ["operator"])
+    for key in (env.key, other_admin):
+        body = assert_problem(env.client.get("/metrics", headers={"Authorization": f"Bearer {key}"}), 403)
+        assert "operator" in body["detail"]
+    resp = env.client.get("/metrics", headers={"Authorization": f"Bearer {operator}"})
+    assert resp.status_code == 200 and 'layerscope_jobs{state="QUEUED"} 1.0' in resp.text, resp.text[:500]
+    # A project admin cannot mint one, and an operator key is no project key.
+    made = env.client.post("/v1/keys", json={"name": "x", "scopes": ["read", "operator"]}, headers=env.auth)
+    assert "scopes" in fields(assert_problem(made, 422))
+    ops = {"Authorization": f"Bearer {operator}"}
+    for method, path in (("GET", "/v1/analyses"), ("GET", "/v1/keys"), ("POST", "/v1/webhooks")):
+        assert_problem(env.client.request(method, path, headers=ops, json={"url": "https://example.com/h"}), 403)
+
+
 # ------------------------------------------------------------------ webhook targets
 
 EMBEDDED_LOOPBACK = [
