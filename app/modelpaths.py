@@ -1,12 +1,16 @@
 """Where a model name points on disk, without torch: shared by the worker's loader
-(`worker/modelzoo/loading.py`) and the API's size estimate for queue routing (`app/modelsize.py`)."""
+(`worker/modelzoo/loading.py`), the API's size estimate for queue routing (`app/modelsize.py`)
+and the checks at submit (`app/api/precheck.py`)."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from app.config import Settings
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def looks_like_path(name: str) -> bool:
@@ -65,3 +69,21 @@ def first_escape(folder: Path, roots: list[Path]) -> Path | None:
                 if entry.is_dir(follow_symlinks=True):
                     pending.append(path)
     return None
+
+
+def certainly_outside(name: str, roots: list[Path]) -> bool:
+    """Whether the local path `name` is outside every root however the worker resolves it: neither
+    its normalized spelling (`..` removed) nor its resolved path here lies under any root, spelled
+    or resolved. With no roots every local path is outside. A name inside a root that only a
+    symlink leads out of is not certain here; the worker refuses it when it resolves the path."""
+    path = Path(name).expanduser()
+    candidates = [path] if path.is_absolute() else [Path(r).expanduser() / path for r in roots]
+    bases: list[Path] = []
+    for root in roots:
+        spelled = Path(root).expanduser()
+        bases += [Path(os.path.normpath(spelled)), spelled.resolve()]
+    for candidate in candidates:
+        for where in (Path(os.path.normpath(candidate)), candidate.resolve()):
+            if any(where.is_relative_to(base) for base in bases):
+                return False
+    return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import unicodedata
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -119,6 +120,39 @@ class PatchSpec(Strict):
 
 
 # ------------------------------------------------------------------- dataset
+
+
+TEXT_FIELDS = ("text", "question", "answer")
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})  # controls, format (zero-width), spaces, marks
+
+
+def text_value_problem(value: Any, field: str) -> str | None:
+    """Why a row's value for our `field` (text, question, answer) cannot be analysed as text, or None.
+    Missing (None, NaN) and blank values are fine here (a row needs text or question; the loader
+    says so). Text and question must be strings: a number or boolean used to be analysed as
+    "5"/"true". A gold answer may be a number or a list of aliases (compared as text), not a
+    boolean or an object. Text of only invisible characters (zero-width spaces) gave no token and
+    null results."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if field == "answer":  # a gold answer may be a number ("8" legs) or a list of aliases
+        aliases = value if isinstance(value, list) and value else [value]
+        if all(isinstance(a, str | int | float) and not isinstance(a, bool) for a in aliases):
+            value = " ".join(str(a) for a in aliases)
+    if not isinstance(value, str):
+        kind = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", list: "a list"}.get(
+            type(value), type(value).__name__)
+        want = "text, a number or a list of them" if field == "answer" else "a string"
+        return f"is {kind} ({json_preview(value)}), not text; give it as {want}"
+    if value.strip() and all(unicodedata.category(ch) in _INVISIBLE for ch in value):
+        shown = ", ".join(sorted({f"U+{ord(ch):04X}" for ch in value if not ch.isspace()}))[:60]
+        return f"has no visible character (only {shown}), so the model would see no token"
+    return None
+
+
+def json_preview(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class DatasetSpec(Strict):

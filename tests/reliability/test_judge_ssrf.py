@@ -12,7 +12,6 @@ on `tiny-random-llama`, and an HTTP listener on loopback standing in for an inte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import uuid
@@ -29,10 +28,10 @@ from app.auth import create_key
 from app.config import JudgeEndpoint, Settings
 from app.db import session_factory, session_scope
 from app.main import create_app
-from app.models import Analysis, utcnow
+from app.models import Analysis
 from app.schemas import JobState
 from tests.api.test_analyses import assert_problem
-from tests.conftest import make_settings
+from tests.conftest import make_settings, store_analysis
 from worker.evaluation.correctness import JudgeError, OpenAIJudge
 from worker.runner import run_job
 
@@ -167,16 +166,7 @@ def test_an_unknown_judge_name_is_422_listing_the_configured_ones(env: Env) -> N
 
 def _store_legacy_job(env: Env, judge: dict) -> str:
     """A job queued before judges were named (its spec holds a URL and a variable), as the database has it."""
-    spec = qa_spec(judge)
-    analysis_id = str(uuid.uuid4())
-    with session_scope(env.sf) as s:  # type: ignore[arg-type]
-        s.add(Analysis(
-            id=analysis_id, project=env.project, state=JobState.QUEUED.value, spec=spec,
-            spec_hash=hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest(),
-            model_name="tiny-random-llama", progress_done=0, progress_total=0, attempt=0,
-            warnings=[], summary={}, created_at=utcnow(),
-        ))
-    return analysis_id
+    return store_analysis(env.sf, env.project, qa_spec(judge))
 
 
 def test_a_stored_job_with_a_judge_url_fails_without_calling_it(env: Env, internal: ThreadingHTTPServer) -> None:

@@ -35,7 +35,7 @@ from app.main import create_app
 from app.models import Analysis, ApiKey
 from app.schemas import MAX_EXAMPLES, MAX_TOKENS, JobState
 from tests.api.test_analyses import assert_problem
-from tests.conftest import free_port, make_settings, serve_in_thread
+from tests.conftest import free_port, make_settings, serve_in_thread, store_analysis
 from worker import jobstore
 from worker.runner import run_job
 from worker.stage import ArtifactFile, LayerRow, StageResult
@@ -108,9 +108,10 @@ class Env:
         assert resp.status_code == 201, resp.text
         return resp.json()["id"]
 
-    def run(self, spec: dict, settings: Settings | None = None) -> Analysis:
-        """Submit over the API, then run it as a worker would: real runner, real pipeline."""
-        analysis_id = self.submit(spec)
+    def run(self, spec: dict, settings: Settings | None = None, *, past_the_api: bool = False) -> Analysis:
+        """Submit over the API (or, `past_the_api`, store it as a job the API accepted under another
+        configuration), then run it as a worker would: real runner, real pipeline."""
+        analysis_id = store_analysis(self.sf, "sec", spec) if past_the_api else self.submit(spec)
         run_job(analysis_id, self.sf, settings or self.settings, "reliability-worker")
         with self.sf() as s:
             return s.get(Analysis, analysis_id)
@@ -282,18 +283,36 @@ def _data_escapes(env: Env) -> list[str]:
     ]
 
 
-def test_model_paths_outside_the_roots_end_failed_unread(env: Env, never_opened: list[str]) -> None:
+# The first four shapes are outside the roots however they resolve: 422 at submit. The last two lie in a
+# root and only a symlink leads out: the worker refuses them when it resolves the path.
+CERTAIN_AT_SUBMIT = 4
+
+
+def test_model_paths_outside_the_roots_are_422_at_submit_or_end_failed_unread(env: Env, never_opened: list[str]) -> None:
     never_opened += ["passwd", env.token]
-    for name in _model_escapes(env):
-        row = env.run(spec(model=name))
+    for i, name in enumerate(_model_escapes(env)):
+        resp = env.client.post("/v1/analyses", json=spec(model=name), headers=env.auth)
+        if i < CERTAIN_AT_SUBMIT:
+            body = assert_problem(resp, 422)
+            assert body["errors"][0]["field"] == "model.name" and "model roots" in body["detail"], (name, body)
+        else:
+            assert resp.status_code == 201, (name, resp.text)
+        # Past the API too (a job accepted under other roots): the worker refuses every shape.
+        row = env.run(spec(model=name), past_the_api=True)
         assert (row.state, row.error_type) == (JobState.FAILED.value, "path_not_allowed"), (name, row.error_detail)
         assert "model roots" in row.error_detail
 
 
-def test_data_paths_outside_the_roots_end_failed_unread(env: Env, never_opened: list[str]) -> None:
+def test_data_paths_outside_the_roots_are_422_at_submit_or_end_failed_unread(env: Env, never_opened: list[str]) -> None:
     never_opened += ["passwd", env.token]
-    for path in _data_escapes(env):
-        row = env.run(spec(path=path, limit=2))
+    for i, path in enumerate(_data_escapes(env)):
+        resp = env.client.post("/v1/analyses", json=spec(path=path, limit=2), headers=env.auth)
+        if i < CERTAIN_AT_SUBMIT:
+            body = assert_problem(resp, 422)
+            assert body["errors"][0]["field"] == "dataset.path" and "data roots" in body["detail"], (path, body)
+        else:
+            assert resp.status_code == 201, (path, resp.text)
+        row = env.run(spec(path=path, limit=2), past_the_api=True)
         assert (row.state, row.error_type) == (JobState.FAILED.value, "path_not_allowed"), (path, row.error_detail)
         assert "data roots" in row.error_detail
 
@@ -346,8 +365,11 @@ def test_a_truncated_safetensors_file_is_model_invalid_naming_the_file(env: Env,
 def test_local_files_are_refused_when_no_roots_are_configured(env: Env, never_opened: list[str]) -> None:
     never_opened += ["passwd"]
     closed = env.settings.model_copy(update={"model_roots": [], "data_roots": []})
-    for job in (spec(model="/etc/passwd"), spec(path="/etc/passwd", limit=2)):
-        row = env.run(job, settings=closed)
+    client = TestClient(create_app(closed))
+    for job, field in ((spec(model="/etc/passwd"), "model.name"), (spec(path="/etc/passwd", limit=2), "dataset.path")):
+        body = assert_problem(client.post("/v1/analyses", json=job, headers=env.auth), 422)
+        assert body["errors"][0]["field"] == field and "disabled" in body["detail"], body
+        row = env.run(job, settings=closed, past_the_api=True)
         assert (row.state, row.error_type) == (JobState.FAILED.value, "path_not_allowed"), row.error_detail
 
 

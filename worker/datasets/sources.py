@@ -40,7 +40,7 @@ from typing import Any
 
 from app.catalog import BUILTIN_DATASETS
 from app.config import Settings
-from app.schemas import DatasetSpec
+from app.schemas import DatasetSpec, text_value_problem
 from worker.stage import JobFailed
 
 FIELDS = ("text", "question", "answer")
@@ -415,6 +415,11 @@ def _map_rows(rows: Iterable[_Row], fields: dict[str, str], *, where: str, sourc
     used = {mapping[f] for f in FIELDS}
     out: list[Example] = []
     for r in rows:
+        for ours in FIELDS:
+            if (problem := text_value_problem(r.values.get(mapping[ours]), ours)) is not None:
+                raise JobFailed(
+                    "dataset_invalid", f"{where}: {r.label}: column {mapping[ours]!r} ({ours}) {problem}"
+                )
         text = _field_text(r.values.get(mapping["text"]))
         question = _field_text(r.values.get(mapping["question"]))
         answer = _answer_text(r.values.get(mapping["answer"]))

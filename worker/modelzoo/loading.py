@@ -52,7 +52,7 @@ from safetensors import SafetensorError
 
 from app.catalog import BUILTIN_MODELS
 from app.config import Settings
-from app.modelpaths import first_escape, local_candidate
+from app.modelpaths import HUB_ID, first_escape, local_candidate
 from app.schemas import ModelSpec
 from worker import runtime
 from worker.modelzoo.adapters import ArchitectureAdapter, adapter_for
@@ -86,7 +86,7 @@ _ENCODER_TYPES = {
     "mpnet",
     "modernbert",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_HUB_ID = HUB_ID
 
 
 @dataclass
@@ -301,11 +301,23 @@ class _Plan:
     load: Loader
 
 
+def _revision_refused(name: str, what: str) -> JobFailed:
+    return JobFailed(
+        "revision_not_supported",
+        f"model.revision applies to Hugging Face hub ids only; {name!r} is {what}, which has one version. "
+        "Remove model.revision",
+    )
+
+
 def _plan(name: str, spec: ModelSpec, settings: Settings) -> _Plan:
     if name in BUILTIN_MODELS:
+        if spec.revision:
+            raise _revision_refused(name, "a built-in model")
         return _builtin_plan(name, settings)
     local = local_candidate(name, settings)
     if local is not None:
+        if spec.revision:
+            raise _revision_refused(name, "a local model")
         path = check_under_roots(name, local, settings.model_roots)
         if not path.exists():
             raise JobFailed("model_not_found", f"no model at {name!r} (nothing there under the model roots)")
