@@ -666,6 +666,10 @@ class AnalysisOut(BaseModel):
     id: str
     state: JobState
     spec: AnalysisSpec
+    spec_rows_cut: bool = Field(
+        False, description="In a list answer (`view=brief`): the spec's inline dataset rows were cut to the first "
+        "few; the single-analysis route gives them whole.",
+    )
     labels: dict[str, str]
     progress: Progress
     attempt: int

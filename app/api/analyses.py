@@ -74,12 +74,40 @@ def spec_hash(spec: AnalysisSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def to_out(row: Analysis, labels: dict[str, str]) -> AnalysisOut:
+LIST_ROWS = 3  # inline dataset rows per spec in a list answer (`view=brief`)
+FULL_VIEW_PAGE = 20  # most analyses per page with `view=full`
+
+
+def brief_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The stored spec with each inline `rows` list (the dataset, the qa and perplexity datasets) cut to
+    its first LIST_ROWS rows, and whether anything was cut. A list page carried 200 specs of up to
+    8 MB each (31.7 MB measured); the single-analysis route and `view=full` give them whole."""
+    cut = False
+
+    def trim(dataset: Any) -> Any:
+        nonlocal cut
+        if isinstance(dataset, dict) and isinstance(dataset.get("rows"), list) and len(dataset["rows"]) > LIST_ROWS:
+            cut = True
+            return {**dataset, "rows": dataset["rows"][:LIST_ROWS]}
+        return dataset
+
+    out = {**spec, "dataset": trim(spec.get("dataset"))}
+    stages = dict(spec.get("stages") or {})
+    for stage, key in (("prune", "qa_dataset"), ("mitigate", "perplexity_dataset")):
+        if isinstance(stages.get(stage), dict) and stages[stage].get(key) is not None:
+            stages[stage] = {**stages[stage], key: trim(stages[stage][key])}
+    out["stages"] = stages
+    return out, cut
+
+
+def to_out(row: Analysis, labels: dict[str, str], *, brief: bool = False) -> AnalysisOut:
     base = f"/v1/analyses/{row.id}"
+    spec, cut = brief_spec(row.spec) if brief else (row.spec, False)
     return AnalysisOut(
         id=row.id,
         state=JobState(row.state),
-        spec=AnalysisSpec.from_stored(row.spec),
+        spec=AnalysisSpec.from_stored(spec),
+        spec_rows_cut=cut,
         labels=labels,
         progress=Progress(stage=row.progress_stage, done=row.progress_done, total=row.progress_total),
         attempt=row.attempt,
@@ -259,7 +287,14 @@ def decode_created_cursor(token: str) -> tuple[dt.datetime, str]:
     return decode_cursor(token, _parse_created_cursor)
 
 
-@router.get("", response_model=AnalysisPage, summary="List analyses", responses=PROBLEM_RESPONSES)
+@router.get(
+    "", response_model=AnalysisPage, summary="List analyses", responses=PROBLEM_RESPONSES,
+    description=(
+        f"Newest first. With `view=brief` (the default) each spec's inline dataset rows are cut to the first "
+        f"{LIST_ROWS} (`spec_rows_cut` says so); `GET /v1/analyses/{{id}}` or `view=full` (at most "
+        f"{FULL_VIEW_PAGE} per page) gives them whole."
+    ),
+)
 def list_analyses(
     request: Request,
     state: Annotated[list[JobState] | None, Query(description="Filter by state (repeatable).")] = None,
@@ -269,9 +304,16 @@ def list_analyses(
     ] = None,
     page_size: Annotated[int, Query(ge=1, le=200)] = 50,
     page_token: Annotated[str | None, Query(max_length=512)] = None,
+    view: Annotated[
+        Literal["brief", "full"],
+        Query(description=f"`brief`: inline dataset rows cut to {LIST_ROWS} per spec; `full`: whole specs, "
+              f"at most {FULL_VIEW_PAGE} per page (a larger page_size gives {FULL_VIEW_PAGE} and a next_page_token)."),
+    ] = "brief",
     principal: Principal = Depends(require("read")),
     session: Session = Depends(get_session),
 ) -> AnalysisPage:
+    if view == "full":  # whole specs (each up to the body limit): fewer per page, the rest on the next
+        page_size = min(page_size, FULL_VIEW_PAGE)
     query = select(Analysis).where(Analysis.project == principal.project)
     if state:
         query = query.where(Analysis.state.in_([s.value for s in state]))
@@ -295,7 +337,7 @@ def list_analyses(
     rows = rows[:page_size]
     labels = labels_for(session, [r.id for r in rows])
     return AnalysisPage(
-        items=[to_out(r, labels[r.id]) for r in rows],
+        items=[to_out(r, labels[r.id], brief=view == "brief") for r in rows],
         next_page_token=encode_created_cursor(rows[-1]) if more else None,
     )
 
