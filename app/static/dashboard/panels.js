@@ -180,8 +180,12 @@ window.layerscopePanels = (lib) => {
     const tableRows = [];
     const plans = [];
     for (const [task, ms] of byTask) {
-      // The task's metric: the one with intervals ("perplexity", "accuracy", ...), not retained_pct or *_std.
-      const name = (ms.find((m) => m.scorer === "original") || ms.find((m) => m.ci_low !== null) || ms[0]).name;
+      // The task's primary metric: its retained share is stored as plain `retained_pct`; any other
+      // metric's as `retained_pct_<metric>`.
+      const suffixed = new Set(ms.filter((m) => m.name.startsWith("retained_pct_")).map((m) => m.name.slice("retained_pct_".length)));
+      const ownNames = ms.filter((m) => m.scorer === "original").map((m) => m.name);
+      const name = ownNames.find((n) => !suffixed.has(n)) || ownNames[0] ||
+        (ms.find((m) => !m.name.startsWith("retained_pct") && !m.name.endsWith("_std")) || ms[0]).name;
       const get = (scorer, metric) => ms.find((m) => m.scorer === scorer && !m.seed && m.name === metric);
       const original = get("original", name);
       const scorers = [...new Set(ms.map((m) => m.scorer))].filter((s) => s !== "original" && s !== "random");
