@@ -117,6 +117,22 @@ window.layerscopePanels = (lib) => {
     };
   }
 
+  /** Make the y axis hold every value drawn (bars, whiskers, bands, lines), not only the bars. */
+  function fitY(opts, values) {
+    const v = values.filter((x) => num(x) !== null);
+    if (!v.length) return opts;
+    const lo = Math.min(...v); const hi = Math.max(...v);
+    const y = opts.scales.y;
+    if (y.type === "logarithmic") {
+      y.min = 10 ** Math.floor(Math.log10(lo));
+      y.max = 10 ** Math.ceil(Math.log10(hi));
+    } else {
+      y.suggestedMin = Math.min(0, lo);
+      y.suggestedMax = hi;
+    }
+    return opts;
+  }
+
   function card(id, title, note) {
     const canvas = h("canvas", { role: "img", "aria-label": `${title}. ${note}`, id });
     return { canvas, el: h("figure", { class: "chart-card" }, h("figcaption", {}, h("strong", {}, title)),
@@ -222,7 +238,8 @@ window.layerscopePanels = (lib) => {
         const values = [...ms.map((m) => m && m.value), ...ms.map((m) => m && m.ci_low), ...ms.map((m) => m && m.ci_high),
           p.original && p.original.value, p.band && p.band.low, p.band && p.band.high];
         const yType = scaleFor(mode[1].value, values);
-        const opts = options({ xTitle: "scorer", yTitle: p.name + (yType === "logarithmic" ? " (log scale)" : ""), yType });
+        const opts = fitY(options({ xTitle: "scorer", yTitle: p.name + (yType === "logarithmic" ? " (log scale)" : ""), yType }),
+          [...values, p.random && p.random.value]);
         opts.plugins.lsOverlays = {
           bands: p.band ? [p.band] : [],
           lines: [
@@ -427,7 +444,7 @@ window.layerscopePanels = (lib) => {
         draw(c.canvas, { type: "bar", plugins: [overlays], data: { labels: variants, datasets: [{ label: n.key,
           data: ms.map((m) => (m ? num(m.value) : null)), ci: ms.map((m) => (m ? [m.ci_low, m.ci_high] : null)),
           backgroundColor: variants.map((v) => VARIANT_COLORS[v] || C.bar) }] },
-        options: options({ xTitle: "variant", yTitle: n.key + (yType === "logarithmic" ? " (log scale)" : ""), yType }) });
+        options: fitY(options({ xTitle: "variant", yTitle: n.key + (yType === "logarithmic" ? " (log scale)" : ""), yType }), values) });
       };
     });
     const redraw = () => {
