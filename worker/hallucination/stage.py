@@ -9,7 +9,7 @@ Data flow (`analyze_hallucination`; `run_hallucination_stage` returns its StageR
    split is dropped with a warning. `n_shots` training examples (seeded) become the
    few-shot prompt and are not answered; every other training example and every test
    example is answered.
-2. Generate (greedy, batched, stop at newline, token cap; `generation.generate`) and
+2. Generate (greedy, batched, stop at newline, token cap; `worker.lm.generate`) and
    label each answer with the correctness rules (`label_answer`, first rule that says
    correct is recorded; the judge only when configured).
 3. Test split only: verbalized confidence (one more short greedy generation per answer)
