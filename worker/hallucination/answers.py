@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 import numpy as np
 
@@ -30,9 +30,16 @@ from worker.hallucination.generation import Generation, GenerationRun, build_pro
 from worker.modelzoo import LoadedModel
 from worker.stage import JobContext, JobFailed
 
+if TYPE_CHECKING:
+    from worker.datasets import Example
+
+# A QA example: a loaded `Example` or a mapping with `question`, `answer` (and `meta`).
+QAExample: TypeAlias = "Example | Mapping[str, Any]"
+
 __all__ = [
     "Answers",
     "Judge",
+    "QAExample",
     "QAItem",
     "QASet",
     "label_answers",
@@ -41,6 +48,9 @@ __all__ = [
     "question_key",
     "split_examples",
 ]
+
+
+ExampleT = TypeVar("ExampleT", bound="Example | Mapping[str, Any]")
 
 
 class Judge(Protocol):
@@ -57,13 +67,13 @@ class QAItem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _field(example: Any, name: str) -> Any:
-    if isinstance(example, dict):
+def _field(example: QAExample, name: str) -> Any:
+    if isinstance(example, Mapping):
         return example.get(name)
     return getattr(example, name, None)
 
 
-def qa_item(example: Any, where: str) -> QAItem:
+def qa_item(example: QAExample, where: str) -> QAItem:
     """A question with its gold aliases from a mapping or an object with `question`/`answer`."""
     question = _field(example, "question")
     gold = _field(example, "answer")
@@ -89,7 +99,9 @@ def question_key(question: str) -> str:
     return normalize_answer(question) or question.strip().lower()
 
 
-def split_examples(examples: Sequence[Any], test_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+def split_examples(
+    examples: Sequence[ExampleT], test_fraction: float, seed: int
+) -> tuple[list[ExampleT], list[ExampleT]]:
     """(train, test): distinct normalized questions shuffled with `seed`, round(test_fraction x
     questions) of them (at least 1, and at least 1 left for training) go to the test split,
     with every example carrying one of them. Order inside each split follows the input."""
@@ -160,8 +172,8 @@ def _pick_shot_rows(train: list[QAItem], n_shots: int, seed: int) -> list[int]:
 
 def prepare_questions(
     loaded: LoadedModel,
-    train_examples: Sequence[Any],
-    test_examples: Sequence[Any],
+    train_examples: Sequence[QAExample],
+    test_examples: Sequence[QAExample],
     options: HallucinationOptions,
     warnings: list[str],
 ) -> QASet:

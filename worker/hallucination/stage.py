@@ -62,6 +62,7 @@ from worker.hallucination import probe as probes
 from worker.hallucination.answers import (
     Answers,
     Judge,
+    QAExample,
     QAItem,
     QASet,
     label_answers,
@@ -75,7 +76,9 @@ from worker.hallucination.detectors import DETECTORS, Detector, DetectorInput, L
 from worker.hallucination.generation import build_prompt, generate
 from worker.modelzoo import LoadedModel
 from worker.profiler.profiler import Profile
+from worker.profiler.stats import RunningStats
 from worker.progress import PhasedProgress
+from worker.scoring.avss import VarianceMode
 from worker.scoring.eavss import EAVSSResult, compute_eavss, to_layer_rows
 from worker.stage import (  # AnswerRecord lives in worker.stage; re-exported here for existing imports
     AnswerRecord,
@@ -141,8 +144,8 @@ def _batches(n: int, size: int) -> int:
 
 def run_hallucination_stage(
     loaded: LoadedModel,
-    train_examples: Sequence[Any],
-    test_examples: Sequence[Any],
+    train_examples: Sequence[QAExample],
+    test_examples: Sequence[QAExample],
     options: HallucinationOptions | None = None,
     ctx: JobContext | None = None,
     **kw: Any,
@@ -153,8 +156,8 @@ def run_hallucination_stage(
 
 def analyze_hallucination(
     loaded: LoadedModel,
-    train_examples: Sequence[Any],
-    test_examples: Sequence[Any],
+    train_examples: Sequence[QAExample],
+    test_examples: Sequence[QAExample],
     options: HallucinationOptions | None = None,
     ctx: JobContext | None = None,
     *,
@@ -358,25 +361,26 @@ class LayerScores:
     warnings: list[str]
 
 
-def _merged(prof: AnswerProfiles, names: Sequence[str], site: str) -> list[Any]:
-    """Per layer: the statistics of the named groups merged."""
+def _merged(prof: AnswerProfiles, names: Sequence[str], site: str) -> list[RunningStats]:
+    """Per layer: the statistics of the named groups merged (`names` holds a profiled group)."""
     out = []
     for layer in range(prof.n_layers):
-        acc = None
+        acc: RunningStats | None = None
         for nm in names:
             if nm in prof.profiles:
                 s = prof.profiles[nm].stats[(layer, site)]
                 acc = s.copy() if acc is None else acc.merge(s)
+        assert acc is not None
         out.append(acc)
     return out
 
 
 def _group_layer_values(
-    stats: Sequence[Any], thresholds: np.ndarray, variance_mode: str
+    stats: Sequence[RunningStats], thresholds: np.ndarray, variance_mode: VarianceMode
 ) -> tuple[list[float], list[float]]:
     from worker.scoring.avss import layer_sparsity, layer_variance
 
-    var = layer_variance(stats, variance_mode)  # type: ignore[arg-type]
+    var = layer_variance(stats, variance_mode)
     sp = layer_sparsity(stats, thresholds)
     var = np.where(np.isfinite(var), np.maximum(var, 0.0), 0.0)
     sp = np.where(np.isfinite(sp), np.clip(sp, 0.0, 1.0), 0.0)

@@ -46,6 +46,7 @@ from worker.evaluation.bootstrap import bootstrap_ci
 from worker.evaluation.calibration import auroc, brier, ece
 from worker.evaluation.correctness import label_answer
 from worker.evaluation.tasks import TaskResult, evaluate_perplexity
+from worker.hallucination.answers import QAExample, QAItem
 from worker.hallucination.generation import build_prompt, first_alias, generate
 from worker.hallucination.stage import (
     HallucinationRun,
@@ -89,7 +90,9 @@ class RuleParams(TypedDict):
 # ------------------------------------------------------------------ data
 
 
-def _split_tuning(train_examples: Sequence[Any], options: MitigateOptions) -> tuple[list, list, list]:
+def _split_tuning(
+    train_examples: Sequence[QAExample], options: MitigateOptions
+) -> tuple[list[QAExample], list[QAExample], list[QAExample]]:
     """(probe part, tuning part, validation part) by distinct question (see module doc)."""
     try:
         probe, tune = split_examples(train_examples, options.tune_fraction, options.seed)
@@ -104,7 +107,7 @@ def _split_tuning(train_examples: Sequence[Any], options: MitigateOptions) -> tu
 
 
 def candidate_groups(
-    items: Sequence[Any], own_answers: Sequence[str], own_correct: Sequence[bool], n_negatives: int, seed: int,
+    items: Sequence[QAItem], own_answers: Sequence[str], own_correct: Sequence[bool], n_negatives: int, seed: int,
     rules: Sequence[str], *, contains_max_tokens: int = 5, f1_threshold: float = 0.5, rouge_threshold: float = 0.3,
 ) -> list[CandidateGroup]:
     """One group per QA item: gold positive; own wrong answer + sampled wrong answers as negatives."""
@@ -328,15 +331,15 @@ def _tuning_groups(
 class Plan:
     """The data parts and the number of blocks to tune, checked before any work."""
 
-    probe_part: list[Any]
-    fit_part: list[Any]
-    val_part: list[Any]
+    probe_part: list[QAExample]
+    fit_part: list[QAExample]
+    val_part: list[QAExample]
     n_blocks: int
     k: int  # blocks per tuned variant
     control: bool  # also tune k random other blocks
 
 
-def _plan(loaded: LoadedModel, train_examples: Sequence[Any], options: MitigateOptions, warnings: list[str]) -> Plan:
+def _plan(loaded: LoadedModel, train_examples: Sequence[QAExample], options: MitigateOptions, warnings: list[str]) -> Plan:
     probe_part, fit_part, val_part = _split_tuning(train_examples, options)
     n_blocks = len(loaded.adapter.blocks(loaded.model))
     if options.layers is not None:
@@ -356,8 +359,8 @@ class _Evaluation:
     the test split (module doc, step 2), and perplexity of the general text."""
 
     loaded: LoadedModel
-    test_examples: Sequence[Any]
-    probe_part: list[Any]
+    test_examples: Sequence[QAExample]
+    probe_part: list[QAExample]
     options: HallucinationOptions  # the hallucination options with the mitigate evaluation's changes
     perplexity_texts: list[str]
     n_boot: int
@@ -382,8 +385,8 @@ class _Evaluation:
 
 def run_mitigate_stage(
     loaded: LoadedModel,
-    train_examples: Sequence[Any],
-    test_examples: Sequence[Any],
+    train_examples: Sequence[QAExample],
+    test_examples: Sequence[QAExample],
     options: MitigateOptions | None = None,
     ctx: JobContext | None = None,
     *,

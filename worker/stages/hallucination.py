@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from app.schemas import AnalysisSpec, HallucinationOptions
 from worker.scoring.agreement import Ranking
 from worker.stage import Key, Stage, StageInputs, StageOutput
 
+if TYPE_CHECKING:
+    from worker.datasets import Example
+
 # Block indices, highest EAVSS (most hallucination-prone) first; scores: EAVSS per layer.
 EAVSS_RANKING: Key[Ranking] = Key("hallucination.eavss_ranking")
 
 
-def qa_split(job: StageInputs) -> tuple[list[Any], list[Any]]:
+def qa_split(job: StageInputs) -> tuple[list[Example], list[Example]]:
     """The train/test split of the analysis data. Both the hallucination and the mitigate
     stage use the hallucination options' split (mitigate: its defaults without that stage),
     so mitigate never trains on a question the hallucination stage scored on."""
