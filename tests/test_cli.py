@@ -59,7 +59,7 @@ def test_embedded_mode_one_worker_serves_the_app(uvicorn_calls: list) -> None:
     assert result.exit_code == 0, result.output
     [(args, kwargs)] = uvicorn_calls
     assert not isinstance(args[0], str)  # the app object itself, with its in-process worker
-    assert kwargs == {"host": "127.0.0.1", "port": 8123, "log_level": "info"}
+    assert kwargs == {"host": "127.0.0.1", "port": 8123, "log_level": "info", "log_config": None}
 
 
 def test_served_mode_runs_uvicorn_workers_on_the_factory(
@@ -71,7 +71,7 @@ def test_served_mode_runs_uvicorn_workers_on_the_factory(
     assert result.exit_code == 0, result.output
     [(args, kwargs)] = uvicorn_calls
     assert args == ("cli.main:api_factory",)
-    assert kwargs == {"factory": True, "workers": 3, "host": "0.0.0.0", "port": 8124, "log_level": "info"}
+    assert kwargs == {"factory": True, "workers": 3, "host": "0.0.0.0", "port": 8124, "log_level": "info", "log_config": None}
 
     # What each worker process does: import the factory, build the app from the environment.
     factory = uvicorn.importer.import_from_string(args[0])
