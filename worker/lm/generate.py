@@ -4,8 +4,10 @@ hallucination stage.
 - Batched, deterministic, without `model.generate`: a loop over a KV cache so that the
   prompt part shared by every prompt (e.g. a few-shot block) is run once and reused by
   every batch **(choice: an exact speed-up, the model sees the same token ids as without
-  it; only floating-point summation order differs; bench/bench_generation.py measures
-  it against transformers' `generate`)**. Each row is laid out `[shared prefix][left
+  it; only floating-point summation order differs. bench/bench_generation.py, SmolLM2-135M
+  on the CPU, 8 SciQ questions: with 15 shots (434 of 453 prompt tokens shared) 4.1x faster
+  than without the shared prefix and 5.6x faster than transformers' `generate`; on
+  zero-shot prompts within 5% of both; the same answers every way)**. Each row is laid out `[shared prefix][left
   padding][own suffix]`, with the padding masked out and positions counted on real
   tokens only, so every row's next-token logits sit at the last position. A finished
   row leaves the batch.
