@@ -6,6 +6,9 @@
 #
 #   scripts/build_images.sh            CPU worker image (torch 2.13.0+cpu)
 #   TORCH=cuda scripts/build_images.sh GPU worker image (torch 2.13.0 from PyPI, ~3 GB more wheels)
+# On a dockerd with the vfs storage driver (`dockerd --iptables=false --bridge=none --storage-driver=vfs`
+# where overlayfs is unavailable) every build step copies the whole image: expect about an hour on two
+# busy cores; overlay2 takes minutes.
 #
 # 1. a base image from debootstrap (Debian bookworm: Python 3.11, python3-venv) via `docker import`;
 # 2. a wheelhouse (build/wheelhouse) of every package the images install, laid out as a PEP 503
