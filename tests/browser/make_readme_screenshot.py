@@ -62,13 +62,15 @@ PANELS = {
 }
 
 
-def run_analyses(server: Server, model: str) -> dict[str, str]:
+def run_analyses(server: Server, model: str, only: set[str] | None = None) -> dict[str, str]:
     """Submit (or find, with a kept data dir) each analysis and wait for it to succeed."""
     client = server.client()
     have = {a["labels"].get("readme"): a["id"] for a in
             client.get("/v1/analyses", params={"state": "SUCCEEDED", "model": model, "page_size": 200}).json()["items"]}
     ids: dict[str, str] = {}
     for key, spec in specs(model).items():
+        if only is not None and key not in only:
+            continue
         if key in have:
             ids[key] = have[key]
             continue
@@ -81,7 +83,7 @@ def run_analyses(server: Server, model: str) -> dict[str, str]:
         if job["state"] != "SUCCEEDED":
             raise RuntimeError(f"{key} analysis {analysis_id} {job['state']}: {job.get('error')}\n{server.output()[-4000:]}")
         print(f"{key}: analysis {analysis_id}", file=sys.stderr)
-    if client.get(f"/v1/analyses/{ids['layers']}/verdicts").status_code != 404:
+    if "layers" in ids and client.get(f"/v1/analyses/{ids['layers']}/verdicts").status_code != 404:
         r = client.post("/v1/gates", json={"name": "registry", "rules": [
             "layers.avss.warnings == 0", "metrics.avss.avss.prune_count <= 8",
         ]})
@@ -102,6 +104,8 @@ def photograph(server: Server, ids: dict[str, str], out: Path, profile: Path) ->
         page = context.pages[0] if context.pages else context.new_page()
         out.mkdir(parents=True, exist_ok=True)
         for filename, (key, section) in PANELS.items():
+            if key not in ids:
+                continue
             page.set_viewport_size({"width": 1400, "height": 900})
             page.goto(f"{server.url}/dashboard#/a/{ids[key]}")
             page.reload()
@@ -127,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--data-dir", type=Path, default=None, help="keep the service's data here and reuse it")
+    parser.add_argument("--only", default=None, help="comma-separated analyses to run and photograph: layers,prune,hallucination")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data_dir or Path(tmp) / "data"
         server = start_server(data, auth_disabled=True)
         try:
-            ids = run_analyses(server, args.model)
+            ids = run_analyses(server, args.model, set(args.only.split(",")) if args.only else None)
             photograph(server, ids, args.out, Path(tmp) / "profile")
             return 0
         finally:
