@@ -1,7 +1,7 @@
 """Make the README's dashboard screenshots from real analyses: one PNG per panel.
 
     .venv/bin/python -m tests.browser.make_readme_screenshot [--model smollm2-135m] [--out docs]
-        [--data-dir DIR]
+        [--data-dir DIR] [--only layers,prune,hallucination]
 
 Starts `layerscope serve` (embedded, auth off), runs one analysis per panel on the
 model (SmolLM2-135M by default; `tiny-random-llama` for a quick look), gates the
