@@ -785,12 +785,15 @@
     return out;
   }
 
+  /** A panel for each stage with stored results: a later stage's failure does not hide an earlier one's. */
   function stagePanels(a, res) {
     const s = a.summary || {};
+    const stored = (stage) => ranStage(a, stage) &&
+      (res.metrics.some((m) => m.stage === stage) || res.layers.some((r) => r.stage === stage));
     return [
-      ranStage(a, "prune") ? panels.prunePanel(res.metrics, res.layers) : null,
-      ranStage(a, "hallucination") ? panels.hallucinationPanel(s.hallucination, res.metrics, res.layers, res.answers) : null,
-      ranStage(a, "mitigate") ? panels.mitigationPanel(s.mitigate, res.metrics) : null,
+      stored("prune") ? panels.prunePanel(res.metrics, res.layers) : null,
+      stored("hallucination") ? panels.hallucinationPanel(s.hallucination, res.metrics, res.layers, res.answers) : null,
+      stored("mitigate") ? panels.mitigationPanel(s.mitigate, res.metrics) : null,
     ].filter(Boolean);
   }
 
@@ -809,7 +812,7 @@
     const id = route.id;
     const base = `/v1/analyses/${encodeURIComponent(id)}`;
     const a = await api(base);
-    const res = await loadResults(id, a.state === "SUCCEEDED" && ranStage(a, "hallucination"));
+    const res = await loadResults(id, ranStage(a, "hallucination"));
     if (token !== view.token) return;
 
     const others = h("select", { id: "compare-with" }, h("option", { value: "" }, "pick an analysis…"));
@@ -834,7 +837,7 @@
         h("label", { for: "compare-with" }, "Compare with"), others),
     ];
     if (res.verdicts !== null) content.push(section("verdicts", "Gate verdicts", verdictsView(res.verdicts)));
-    if (a.state === "SUCCEEDED") content.push(...stagePanels(a, res));
+    content.push(...stagePanels(a, res));
     content.push(
       section("layers", "Per-layer scores", layerPanel([{ name: shortId(id), rows: res.layers }], { compare: false }),
         h("p", { class: "small" }, downloadLink(`${base}/layers?format=csv`, `layers-${shortId(id)}.csv`, "Download per-layer CSV"))),
