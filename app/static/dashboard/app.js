@@ -455,6 +455,8 @@
     container.append(card);
     const options = baseOptions(logScale, "layer", score);
     canvas.dataset.scale = logScale ? "logarithmic" : "linear";
+    // Every layer labelled: upright when there are many.
+    if (rows.length > 16) Object.assign(options.scales.x.ticks, { minRotation: 90, maxRotation: 90 });
     options.scales.x.ticks.color = (ctx) => {
       const r = rows[ctx.tick ? ctx.tick.value : ctx.index];
       return r && isPruned(r) ? COLORS.pruned : COLORS.text;
@@ -496,6 +498,7 @@
     const options = baseOptions(logScale, relative ? "relative depth (layer / (layers − 1))" : "layer", score);
     canvas.dataset.scale = logScale ? "logarithmic" : "linear";
     if (relative) options.scales.x.ticks.autoSkip = true;
+    else if (Math.max(...sides.map((s) => s.rows.length)) > 16) Object.assign(options.scales.x.ticks, { minRotation: 90, maxRotation: 90 });
     options.scales.x.type = "linear";
     if (!relative) options.scales.x.ticks.stepSize = 1;
     options.plugins.legend = {

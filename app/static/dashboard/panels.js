@@ -110,7 +110,9 @@ window.layerscopePanels = (lib) => {
       plugins: { legend: { display: !!legend } },
       scales: {
         x: { title: { display: true, text: xTitle }, grid: { color: C.grid },
-          ticks: { color: C.text, autoSkip: !allTicks, maxRotation: allTicks ? 0 : 50, font: allTicks ? { size: 10 } : undefined } },
+          ticks: { color: C.text, autoSkip: !allTicks, font: allTicks ? { size: 10 } : undefined,
+            // Every layer labelled: upright when there are many.
+            minRotation: allTicks && allTicks > 16 ? 90 : 0, maxRotation: allTicks ? (allTicks > 16 ? 90 : 0) : 50 } },
         y: { type: yType || "linear", title: { display: true, text: yTitle }, grid: { color: C.grid },
           ticks: { color: C.text, callback: (v) => fmt(v) } },
       },
@@ -333,7 +335,7 @@ window.layerscopePanels = (lib) => {
         const yType = scaleFor(mode[1].value, values);
         draw(c.canvas, { type: "bar", data: { labels: eav.map((r) => String(r.layer)), datasets: [{ label: "eavss", data: values,
           backgroundColor: eav.map((r) => (top.has(r.layer) ? C.top : C.bar)) }] },
-        options: options({ xTitle: "layer", yTitle: "EAVSS" + (yType === "logarithmic" ? " (log scale)" : ""), yType, allTicks: true }) });
+        options: options({ xTitle: "layer", yTitle: "EAVSS" + (yType === "logarithmic" ? " (log scale)" : ""), yType, allTicks: eav.length }) });
       });
     }
     if (probes.length) {
@@ -343,7 +345,7 @@ window.layerscopePanels = (lib) => {
         (allNull ? " No AUROC here: the test answers are all of one class." : ""));
       box.append(c.el);
       plans.push(() => {
-        const opts = options({ xTitle: "layer", yTitle: "AUROC", allTicks: true });
+        const opts = options({ xTitle: "layer", yTitle: "AUROC", allTicks: probes.length });
         opts.scales.y.min = 0; opts.scales.y.max = 1;
         opts.plugins.lsOverlays = { lines: [{ value: 0.5, color: C.bandLine, label: "chance" }] };
         draw(c.canvas, { type: "line", plugins: [overlays], data: { labels: probes.map((r) => String(r.layer)), datasets: [{
