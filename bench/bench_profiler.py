@@ -174,6 +174,53 @@ class _Runner:
         self.kept = {}
 
 
+class _Baseline:
+    """The per-batch work of the profiler as of another git revision: its
+    worker/profiler/stats.py (self-contained) loaded apart, driven the way that revision's
+    profile() drove it (one reduction per hook, one transfer per batch, host merge)."""
+
+    def __init__(self, rev: str, runner: _Runner) -> None:
+        import importlib.util
+        import tempfile
+
+        source = subprocess.run(
+            ["git", "show", f"{rev}:worker/profiler/stats.py"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+        path = Path(tempfile.mkdtemp()) / "baseline_stats.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("baseline_stats", path)
+        assert spec is not None and spec.loader is not None
+        self.mod = importlib.util.module_from_spec(spec)
+        sys.modules["baseline_stats"] = self.mod
+        spec.loader.exec_module(self.mod)
+        self.runner = runner
+        self.hspec = self.mod.HistogramSpec()
+        keys = [(i, s) for i in range(len(runner.blocks)) for s in runner.sites]
+        self.stats = {k: self.mod.RunningStats(self.hspec) for k in keys}
+        self.lead = {k: self.mod.RunningStats(self.hspec) for k in keys}
+        self.plan: Any = None
+        self.pending: list[tuple[tuple[int, str], Any, Any, int]] = []
+
+    def _hook(self, position: int, site: str, tensor: torch.Tensor) -> None:
+        vec, hist = self.mod.reduce_activations(tensor, self.plan)[:2]
+        self.pending.append(((position, site), vec, hist, tensor.shape[-1]))
+
+    def __call__(self, batch: tuple) -> None:
+        _, lens, input_ids, mask = batch
+        with torch.inference_mode(), capture(self.runner.blocks, self.runner.sites, self._hook):
+            self.plan = self.mod.BatchPlan.build(lens, input_ids.shape[1], spec=self.hspec, lead_positions=1)
+            self.pending = []
+            self.runner.forward(input_ids, mask)
+            packed = torch.cat(
+                [torch.stack([p[1] for p in self.pending]), torch.stack([p[2] for p in self.pending]).double()], 1
+            ).cpu().numpy()
+            n_vec = self.pending[0][1].numel()
+            for k, (key, _, _, width) in enumerate(self.pending):
+                hist = packed[k, n_vec:].round().astype("int64")
+                self.stats[key].absorb(packed[k, :n_vec], hist, self.plan, width, column=0)
+                self.lead[key].absorb(packed[k, :n_vec], hist, self.plan, width, column=1)
+
+
 def bench_speed(loaded: Any, args: argparse.Namespace) -> dict[str, float]:
     texts = corpus_texts(args.texts)
     batches = prepared_batches(loaded, texts, args.batch_size, args.max_tokens)
@@ -186,6 +233,9 @@ def bench_speed(loaded: Any, args: argparse.Namespace) -> dict[str, float]:
         f"sites {sites}, {torch.get_num_threads()} threads, {args.repeats} repeats"
     )
     modes = {"bare": runner.bare, "profiled": runner.profiled, "coarse": runner.coarse, "naive": runner.naive}
+    if args.baseline_rev:
+        modes["baseline"] = _Baseline(args.baseline_rev, runner)
+        print(f"    baseline: the profiler's reduction as of {args.baseline_rev}")
     for fn in modes.values():  # warm-up
         fn(batches[-1])
     # clocks[clock][mode][batch] = list over repeats; modes interleaved per batch, order rotated.
@@ -205,7 +255,7 @@ def bench_speed(loaded: Any, args: argparse.Namespace) -> dict[str, float]:
     out: dict[str, float] = {}
     for clock in clocks:
         t = times[clock]
-        for name in ("profiled", "coarse", "naive"):
+        for name in [m for m in modes if m != "bare"]:
             pair = [
                 x / y for bx, by in zip(t[name], t["bare"], strict=True) for x, y in zip(bx, by, strict=True)
             ]
@@ -215,6 +265,16 @@ def bench_speed(loaded: Any, args: argparse.Namespace) -> dict[str, float]:
             print(
                 f"    {clock:4s} {name:8s}/bare: ratio of per-batch medians {med:.3f}, of per-batch minima "
                 f"{best:.3f}, median of paired ratios {statistics.median(pair):.3f}"
+            )
+    if "baseline" in modes:
+        for clock in clocks:
+            t = times[clock]
+            med = sum(statistics.median(v) for v in t["profiled"]) / sum(statistics.median(v) for v in t["baseline"])
+            pair = [x / y for bx, by in zip(t["profiled"], t["baseline"], strict=True) for x, y in zip(bx, by, strict=True)]
+            out[f"profiled_over_baseline_{clock}"] = med
+            print(
+                f"    {clock:4s} profiled/baseline: ratio of per-batch medians {med:.3f}, "
+                f"median of paired ratios {statistics.median(pair):.3f}   (target <= 1.03)"
             )
     per_pass = sum(statistics.median(v) for v in times["wall"]["bare"])
     print(
@@ -429,6 +489,12 @@ def main() -> None:
         "itself, unaffected by other processes on the machine (several threads spin while they wait)",
     )
     parser.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory", "numerics"])
+    parser.add_argument(
+        "--baseline-rev",
+        default="",
+        help="also time the profiler's per-batch work as of this git revision (its worker/profiler/stats.py), "
+        "interleaved in the same run, e.g. the commit before a change to the reductions",
+    )
     parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
