@@ -21,17 +21,18 @@ from worker.stage import JobContext
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1800)  # two passes over 256 texts: about 5 minutes on two shared cores
 def test_smollm2_relative_sparsity_within_bound_of_two_pass_count(tmp_path: Path) -> None:
     loaded = load_model(ModelSpec(name="smollm2-135m", device="cpu", dtype="float32"), Settings(data_dir=tmp_path))
     texts = corpus_texts(256)
     options = ProfileOptions(sites=["block_output"], batch_size=16)
-    prof = profile(loaded, texts, options, JobContext(), max_tokens=64)
+    prof = profile(loaded, texts, options, JobContext(), max_tokens=48)
     avss = AvssOptions(plots=False)
     one_pass = avss_stage(prof, avss).result
     alt_before = [s.sparsity_bounded(0.01 * s.rms) for s in prof.alternative_stats("block_output")]
     exact = Profile.from_dict(prof.to_dict())
     count_exactly(exact, counted_thresholds(exact, avss, profile_stage=False), loaded, texts, options,
-                  JobContext(), max_tokens=64)
+                  JobContext(), max_tokens=48)
     two_pass = avss_stage(exact, avss).result
     assert two_pass.summary["threshold"]["exact"] is True
     worst = 0.0

@@ -174,8 +174,8 @@ class FineSpec:
     HistogramSpec's (exact), at a resolution where a threshold's bin holds a small share of
     the values: with 4096 bins per octave a bin spans a factor 1.00017 (measured on SmolLM2
     block outputs at 0.01 x RMS: at most 6.5e-5 of N, against 2.6e-4 with 1024 bins per
-    octave; bench/bench_profiler.py (c)). One window, not one per anchor, counted together
-    with the coarse histogram (`_combined_counts`): counting is the costly pass. 8 octaves
+    octave; bench/bench_profiler.py (c)). One window, not one per anchor: each window is one
+    more count over the activation (`_fine_counts`). 8 octaves
     hold 0.01 x RMS and 0.01 x RMS of the view without position 0 (4.1 octaves lower on
     SmolLM2's massive-activation layers) with room for the first batch's estimate to drift
     (up to a factor 4 upward seen when a later batch brings a massive activation); a
@@ -318,7 +318,7 @@ class BatchPlan:
     example_tokens: list[int]  # main tokens per example (host copy)
     want_pooled: bool = False
     fine: FineSpec | None = None
-    fine_base: torch.Tensor | None = None  # [B, P, 1] int32: category * (slots + fine.bins), see _combined_counts
+    fine_base: torch.Tensor | None = None  # [B, P, 1] int32: category * fine.slots
     alt_sign: int = -1  # the alternative view is main - lead (skip_positions 0) or main + lead
 
     @classmethod
@@ -369,7 +369,7 @@ class BatchPlan:
             fine=fine if fine is not None and fine.anchors else None,
             fine_base=None
             if fine is None or not fine.anchors
-            else ((spec.slots + fine.bins) * cat)[..., None].to(dev, non_blocking=True),
+            else (fine.slots * cat)[..., None].to(dev, non_blocking=True),
             alt_sign=-1 if skip_positions == 0 else 1,
         )
 
@@ -432,19 +432,17 @@ def reduce_activations(
     fine_now = plan.fine is not None and starts is not None
     parts = [_reduce_slice(x[r], plan, r, ths, starts if fine_now else None) for r in ranges]
     if len(parts) == 1:
-        sums, mxw, ex, counts, pooled = parts[0]
+        sums, mxw, ex, hist, fine, pooled = parts[0]
     else:
         sums = torch.stack([p[0] for p in parts]).sum(0)
         mxw = torch.stack([p[1] for p in parts]).amax(0)
         ex = torch.stack([p[2] for p in parts]).sum(0)
-        counts = torch.stack([p[3] for p in parts]).sum(0)
-        pooled = torch.cat([p[4] for p in parts]) if plan.want_pooled else None  # type: ignore[misc]
-    hist, fine = counts, None
-    if plan.fine is not None:
-        if starts is None:  # a hook's first batch: place its window from it, then count again with it
-            starts = _window_starts(sums, counts, plan, x.shape[-1])
-            counts = torch.stack([_combined_counts(x[r].abs(), plan, r, starts) for r in ranges]).sum(0)
-        hist, fine = _split_counts(counts, plan, starts)
+        hist = torch.stack([p[3] for p in parts]).sum(0)
+        fine = torch.stack([p[4] for p in parts]).sum(0) if fine_now else None  # type: ignore[misc]
+        pooled = torch.cat([p[5] for p in parts]) if plan.want_pooled else None  # type: ignore[misc]
+    if plan.fine is not None and starts is None:  # a hook's first batch: place its window from it
+        starts = _window_starts(sums, hist, plan, x.shape[-1])
+        fine = torch.stack([_fine_counts(x[r].abs(), plan, r, starts) for r in ranges]).sum(0)
     return Reduced(torch.cat([sums.flatten(), mxw, ex]), hist, fine, starts, pooled)
 
 
@@ -480,7 +478,7 @@ def _reduce_slice(
     rows_: slice,
     thresholds: tuple[float, ...],
     starts: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     f64 = torch.float64
     spec = plan.spec
     counted = plan.counted[rows_]
@@ -508,56 +506,30 @@ def _reduce_slice(
     pooled_var = pooled_mean.var(dim=-1, correction=0)
     ex = torch.stack([per_ex[0] / counts, per_ex[1] / counts, per_ex[2].sqrt(), pooled_var]) @ plan.has[rows_]
 
-    # Histogram: bin code = top bits of |a| (exponent + leading mantissa bits), integers only;
-    # with the fine window placed, one count gives both histograms (_combined_counts).
-    if starts is not None:
-        counts = _combined_counts(a, plan, rows_, starts)
-    else:
-        shift, lo_code = spec.code_offset(a.dtype)
-        bits = a.view(torch.int64 if a.dtype == f64 else torch.int32)
-        code = bits >> shift
-        code.clamp_(lo_code - 1, lo_code + spec.bins).add_(plan.category[rows_].to(code.dtype) - lo_code)
-        counts = _count(code, _N_CATS * spec.slots)
-        del code
+    # Histogram: bin code = top bits of |a| (exponent + leading mantissa bits), integers only.
+    shift, lo_code = spec.code_offset(a.dtype)
+    bits = a.view(torch.int64 if a.dtype == f64 else torch.int32)
+    code = bits >> shift
+    code.clamp_(lo_code - 1, lo_code + spec.bins).add_(plan.category[rows_].to(code.dtype) - lo_code)
+    hist = _count(code, _N_CATS * spec.slots)
+    del code
+    fine = _fine_counts(a, plan, rows_, starts) if starts is not None else None
 
     pooled = pooled_mean.to(torch.float32) if plan.want_pooled else None
-    return sums, mxw, ex, counts, pooled
+    return sums, mxw, ex, hist, fine, pooled
 
 
-def _combined_counts(a: torch.Tensor, plan: BatchPlan, rows_: slice, starts: torch.Tensor) -> torch.Tensor:
-    """One count for the coarse histogram and the fine window: a value inside the window goes
-    to its fine bin, any other to its coarse slot; per category, `slots` coarse slots then
-    `fine.bins` fine bins ([4 * (slots + fine.bins)], split by `_split_counts`). The window
-    starts on a coarse edge, so its fine bins add up to whole coarse bins. Counting is the
-    costly pass (about 10 ns per value on the CPU); the rest is shifts, compares and adds."""
-    fine, spec = plan.fine, plan.spec
+def _fine_counts(a: torch.Tensor, plan: BatchPlan, rows_: slice, starts: torch.Tensor) -> torch.Tensor:
+    """The fine window's histogram of |a| per token category ([1, 4 * fine.slots]): shift,
+    subtract, clamp to the two outer slots, add the category, count. Scalar clamps and a
+    broadcast add only: measured on the CPU, a tensor-bounded clamp or a torch.where
+    merging this count into the coarse one cost more than the second count."""
+    fine = plan.fine
     assert fine is not None and plan.fine_base is not None
-    fc = _float_codes(a, fine.bits)
-    rel = fc - starts[0].to(fc.dtype)
-    inside = (rel >= 0) & (rel < fine.bins)
-    _, lo_code = spec.code_offset(torch.float32)
-    coarse = (fc >> (fine.bits - spec.bits)).clamp_(lo_code - 1, lo_code + spec.bins).sub_(lo_code - 1)
-    slot = torch.where(inside, rel.add_(spec.slots), coarse)
-    slot.add_(plan.fine_base[rows_].to(slot.dtype))
-    return _count(slot, _N_CATS * (spec.slots + fine.bins))
-
-
-def _split_counts(counts: torch.Tensor, plan: BatchPlan, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_combined_counts` (summed over slices) as (coarse histogram [4 * slots], fine window
-    [1, 4 * fine.slots]: below the window, its bins, at or above its top), on the device."""
-    fine, spec = plan.fine, plan.spec
-    assert fine is not None
-    c, f, group = spec.slots, fine.bins, 1 << (fine.bits - spec.bits)
-    m = counts.view(_N_CATS, c + f)
-    outside, window = m[:, :c], m[:, c:]
-    _, lo_code = spec.code_offset(torch.float32)
-    first = (starts[0] >> (fine.bits - spec.bits)) - lo_code + 1  # coarse slot where the window begins
-    dev = counts.device
-    slots_of = (first + torch.arange(f // group, device=dev)).clamp(0, c - 1)
-    hist = outside.clone().index_add_(1, slots_of, window.reshape(_N_CATS, f // group, group).sum(-1))
-    below = (outside * (torch.arange(c, device=dev) < first.clamp(min=1))).sum(-1, keepdim=True)
-    above = outside.sum(-1, keepdim=True) - below
-    return hist.flatten(), torch.cat([below, window, above], dim=1).flatten()[None]
+    code = _float_codes(a, fine.bits)
+    code.sub_(starts[0].to(code.dtype) - 1).clamp_(0, fine.bins + 1)
+    code.add_(plan.fine_base[rows_].to(code.dtype))
+    return _count(code, _N_CATS * fine.slots)[None]
 
 
 def _window_starts(sums: torch.Tensor, hist: torch.Tensor, plan: BatchPlan, width: int) -> torch.Tensor:
@@ -589,9 +561,7 @@ def _window_starts(sums: torch.Tensor, hist: torch.Tensor, plan: BatchPlan, widt
             value = value.clamp(2.0**-126, 2.0**64).float()
             centre = _float_codes(value.reshape(1), fine.bits)[0].to(torch.int64)
         centres.append(centre)
-    # one octave below the lowest anchor, down to a coarse edge (see _combined_counts)
-    d = fine.bits - spec.bits
-    return (((torch.stack(centres).to(dev, torch.int64).amin() - fine.per_octave) >> d) << d).reshape(1)
+    return (torch.stack(centres).to(dev, torch.int64).amin() - fine.per_octave).reshape(1)  # an octave below
 
 
 # ------------------------------------------------------------------- host side
