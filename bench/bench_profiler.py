@@ -2,12 +2,15 @@
 
     python bench/bench_profiler.py [--texts 24] [--batch-size 8] [--max-tokens 128] [--repeats 3] [--threads N]
                                    [--sites ...] [--memory-texts 8] [--skip speed memory numerics]
+                                   [--baseline-rev REV]
 
 Prints, and does not assert:
 (a) speed: one pass over the same pre-tokenized batches, bare forward vs the profiler's
     per-batch work (hooks + on-device reductions + host merge), interleaved repeats,
     ratio of medians (target <= 1.15); the same without the fine |a| windows ("coarse":
-    the coarse histogram only, what the windows cost); the same for the naive way (hooks keep every
+    the coarse histogram only, what the windows cost); with --baseline-rev, the same for the
+    profiler's reductions as of that git revision (before/after in one run); the same for
+    the naive way (hooks keep every
     block's output, statistics computed afterwards over the kept tensors, as the
     reference code does); and profile() end to end (tokenization included) vs the
     bare pass.
