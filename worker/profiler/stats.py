@@ -173,7 +173,7 @@ class FineSpec:
     below-window and an above-window slot. Bins are read from the float's bits like
     HistogramSpec's (exact), at a resolution where a threshold's bin holds a small share of
     the values: with 4096 bins per octave a bin spans a factor 1.00017 (measured on SmolLM2
-    block outputs at 0.01 x RMS: at most 6.5e-5 of N, against 2.6e-4 with 1024 bins per
+    outputs at 0.01 x RMS: at most 7.6e-5 of N, against 2.5e-4 with 1024 bins per
     octave; bench/bench_profiler.py (c)). One window, not one per anchor: each window is one
     more count over the activation (`_fine_counts`). 8 octaves
     hold 0.01 x RMS and 0.01 x RMS of the view without position 0 (4.1 octaves lower on
