@@ -1,6 +1,6 @@
 """Emitting webhook events: the outbox (`webhook_events`, fanned out to one
 `webhook_deliveries` row per subscribed webhook), written in the same transaction as
-the change it reports; the workers' sweeper sends them (`worker/webhooks.py`).
+the change it reports; the workers' sweeper sends them (`worker/service/webhooks.py`).
 `enqueue_event` is the one way to emit an event, used by the API routes and the worker.
 """
 

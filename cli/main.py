@@ -73,7 +73,7 @@ def _say_how_to_get_a_key(settings: Settings) -> None:
 
 def start_embedded_worker(api, settings: Settings):  # noqa: ANN001, ANN201
     """Start the in-process worker that runs queued jobs when no broker is configured."""
-    from worker.embedded import EmbeddedWorker
+    from worker.service.embedded import EmbeddedWorker
 
     worker = EmbeddedWorker(api.state.session_factory, settings, api.state.enqueuer)
     worker.start()
@@ -196,7 +196,7 @@ def worker(
             typer.echo("WARNING: no CUDA device is visible to this GPU worker; the gpu-queue jobs it takes "
                        "will fail with gpu_unavailable (they are never run on the CPU).", err=True)
     _logging()
-    from worker.celery_app import celery
+    from worker.service.celery_app import celery
 
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
     node = name or (f"layerscope-gpu{'-'.join(ids)}-{os.getpid()}@%h" if ids else f"layerscope-{os.getpid()}@%h")

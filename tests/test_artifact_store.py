@@ -24,7 +24,7 @@ from app.main import create_app
 from app.models import Analysis
 from tests.conftest import free_port, make_settings
 from tests.test_jobs import new_job
-from worker import jobstore
+from worker.service import jobstore
 from worker.stage import ArtifactFile, StageResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +177,7 @@ def test_s3_store_down_gives_a_503_not_a_500(sqlite_url: str, tmp_path: Path, s3
 
 
 def test_a_job_whose_store_is_unreachable_fails_with_a_stable_type(sqlite_url: str, tmp_path: Path) -> None:
-    from worker.runner import run_job
+    from worker.service.runner import run_job
 
     dead = make_settings(sqlite_url, tmp_path / "h", artifact_store="s3://layerscope-artifacts/x",
                          artifact_s3_endpoint_url=f"http://127.0.0.1:{free_port()}")

@@ -11,8 +11,8 @@ from app.db import session_factory
 from app.schemas import JobState
 from tests.conftest import make_settings
 from tests.test_jobs import new_job, row
-from worker.runner import is_device_error, run_job
-from worker.sweeper import enqueue_pending
+from worker.service.runner import is_device_error, run_job
+from worker.service.sweeper import enqueue_pending
 
 ILLEGAL = "CUDA error: an illegal memory access was encountered\nCompile with `TORCH_USE_CUDA_DSA`"
 

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from tests.conftest import make_settings, wait_for_analysis
-from worker.embedded import EmbeddedWorker
+from worker.service.embedded import EmbeddedWorker
 
 
 def test_embedded_mode_runs_a_real_analysis_end_to_end(sqlite_url: str, tmp_path: Path) -> None:

@@ -16,11 +16,11 @@ from app.models import Analysis, Artifact, LayerScore, utcnow
 from app.schemas import AnalysisSpec, JobState
 from tests.api.conftest import SPEC
 from tests.conftest import make_settings
-from worker import jobstore
-from worker.jobstore import LostOwnership
-from worker.runner import run_job
+from worker.service import jobstore
+from worker.service.jobstore import LostOwnership
+from worker.service.runner import run_job
+from worker.service.sweeper import enqueue_pending, reap
 from worker.stage import ArtifactFile, JobFailed, LayerRow, StageResult
-from worker.sweeper import enqueue_pending, reap
 
 
 @pytest.fixture

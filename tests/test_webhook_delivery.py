@@ -36,11 +36,11 @@ from app.schemas import JobState
 from app.webhooks import InvalidSignature, generate_secret, headers, sign, verify
 from tests.api.conftest import SPEC
 from tests.conftest import make_settings
-from worker import jobstore
-from worker.runner import run_job
+from worker.service import jobstore
+from worker.service.runner import run_job
+from worker.service.sweeper import reap, sweep
+from worker.service.webhooks import _claim, deliver_due, emit_missed, process
 from worker.stage import LayerRow, StageResult
-from worker.sweeper import reap, sweep
-from worker.webhooks import _claim, deliver_due, emit_missed, process
 
 
 class Receiver:
@@ -324,7 +324,7 @@ def test_the_sweep_sends_events(env: Env, receiver: Receiver) -> None:
 
 
 def test_embedded_worker_runs_the_job_and_delivers_its_event(env: Env, receiver: Receiver) -> None:
-    from worker.embedded import EmbeddedWorker
+    from worker.service.embedded import EmbeddedWorker
 
     env.register(receiver)
     worker = EmbeddedWorker(env.sf, env.settings, env.client.app.state.enqueuer, ok_pipeline)

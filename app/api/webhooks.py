@@ -3,7 +3,7 @@
 Events are written to an outbox table (`webhook_events`, fanned out to one
 `webhook_deliveries` row per subscribed webhook) in the same transaction as the
 change they report; the workers' sweeper sends them with retries
-(`worker/webhooks.py`). `app.events.enqueue_event` is the one way to emit an event.
+(`worker/service/webhooks.py`). `app.events.enqueue_event` is the one way to emit an event.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import math
 from app.models import Analysis
 from app.schemas import JobState
 from tests.api.conftest import SPEC, Api
-from worker import jobstore
+from worker.service import jobstore
 from worker.stage import ArtifactFile, LayerRow, MetricRow, StageResult
 
 

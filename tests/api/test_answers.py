@@ -16,7 +16,7 @@ from app.models import Answer
 from app.schemas import JobState
 from tests.api.conftest import Api
 from tests.api.test_analyses import assert_problem, submit
-from worker import jobstore
+from worker.service import jobstore
 from worker.stage import AnswerRecord, MetricRow, StageResult
 
 N_HALL = 23

@@ -12,8 +12,8 @@ from app.models import GateVerdict
 from app.schemas import JobState
 from tests.api.conftest import SPEC, Api
 from tests.api.test_analyses import assert_problem, submit
-from worker import jobstore
-from worker.runner import run_job
+from worker.service import jobstore
+from worker.service.runner import run_job
 from worker.stage import LayerRow, MetricRow, StageResult
 
 RULES = [
@@ -237,7 +237,7 @@ def test_spec_gate_policy_is_evaluated_when_the_job_succeeds(api: Api) -> None:
     assert verdict["passed"] is False and verdict["rules"] == [] and "nope" in verdict["error"]
     assert_problem(api.post("/v1/analyses", json={**SPEC, "gate_policy": "bad name!"}), 422)
     # Evaluated once: a second end-of-job hook (a redelivery, the sweep) adds nothing.
-    from worker.webhooks import emit_missed, on_finished
+    from worker.service.webhooks import emit_missed, on_finished
 
     assert on_finished(api.sf, api.settings, job, JobState.SUCCEEDED) is False
     emit_missed(api.sf, api.settings)

@@ -20,7 +20,7 @@ from app.db import session_factory, session_scope
 from app.main import create_app
 from tests.api.conftest import SPEC
 from tests.conftest import make_settings, serve_in_thread
-from worker.embedded import EmbeddedWorker
+from worker.service.embedded import EmbeddedWorker
 
 
 @pytest.fixture(scope="module")

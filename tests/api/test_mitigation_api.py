@@ -13,9 +13,9 @@ from app.config import Settings
 from app.schemas import ModelSpec
 from tests.api.conftest import Api
 from tests.conftest import wait_for_analysis
-from worker.embedded import EmbeddedWorker
 from worker.mitigation.patch import apply_patch, read_patch
 from worker.modelzoo import load_model
+from worker.service.embedded import EmbeddedWorker
 
 QA = [{"question": f"What is item number {i} called?", "answer": f"thing{i}"} for i in range(48)]
 SPEC = {

@@ -19,7 +19,7 @@ from layerscope.client import _finished
 from layerscope.errors import AnalysisFailed
 from tests.api.conftest import SPEC
 from tests.conftest import make_settings, serve_in_thread
-from worker.embedded import EmbeddedWorker
+from worker.service.embedded import EmbeddedWorker
 
 
 @pytest.fixture

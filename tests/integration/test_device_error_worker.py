@@ -7,7 +7,7 @@ import pytest
 
 from tests.integration.conftest import Cluster
 from tests.integration.test_celery_worker import spec
-from worker.runner import EXIT_DEVICE_ERROR
+from worker.service.runner import EXIT_DEVICE_ERROR
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -18,7 +18,7 @@ import os, sys
 marker = os.environ.get("LS_TEST_CUDA_ERROR_ONCE")
 if marker:
     sys.path.insert(0, os.getcwd())  # the checkout under test, as `python -m cli.main` would
-    import worker.runner as runner
+    import worker.service.runner as runner
     real_run_job = runner.run_job
 
     def failing_once(spec, ctx, settings, save):

@@ -32,7 +32,7 @@ from app.db import engine_for, session_factory, session_scope
 from app.migrate import upgrade
 from tests.conftest import IN_CI, free_port, make_settings
 from tests.integration.conftest import ROOT, Cluster, RedisServer, cluster  # noqa: F401 - `cluster` is a fixture
-from worker.runner import _is_out_of_memory
+from worker.service.runner import _is_out_of_memory
 
 TINY_LAYERS = 4
 

@@ -42,7 +42,7 @@ from app.db import engine_for, session_factory, session_scope
 from app.main import create_app
 from app.migrate import upgrade
 from app.schemas import JobState
-from worker import jobstore
+from worker.service import jobstore
 from worker.stage import AnswerRecord, ArtifactFile, LayerRow, MetricRow, StageResult
 
 MAX_EXAMPLES = 25

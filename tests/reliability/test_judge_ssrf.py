@@ -33,7 +33,7 @@ from app.schemas import JobState
 from tests.api.test_analyses import assert_problem
 from tests.conftest import make_settings, store_analysis
 from worker.evaluation.correctness import JudgeError, OpenAIJudge
-from worker.runner import run_job
+from worker.service.runner import run_job
 
 MARKER = f"INTERNAL-SECRET-{uuid.uuid4().hex}"  # in every reply of the listener; must never reach a client
 KEY_ENV = "LS_RELIABILITY_JUDGE_KEY"

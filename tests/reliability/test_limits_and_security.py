@@ -2,7 +2,7 @@
 
 Limits (body size, examples per job, tokens per example, page sizes) are refused at the
 API. Paths that escape the configured roots, `trust_remote_code`, and malformed data files
-go through the real worker code path (`worker.runner.run_job` with the real pipeline), end
+go through the real worker code path (`worker.service.runner.run_job` with the real pipeline), end
 FAILED with an error a person can act on, and a file outside the roots is never opened
 (checked with a Python audit hook on every `open`). Keys are stored as an HMAC and compared
 in constant time; secrets never reach the logs; another project's resources are 404.
@@ -36,8 +36,8 @@ from app.models import Analysis, ApiKey
 from app.schemas import MAX_EXAMPLES, MAX_TOKENS, JobState
 from tests.api.test_analyses import assert_problem
 from tests.conftest import free_port, make_settings, serve_in_thread, store_analysis
-from worker import jobstore
-from worker.runner import run_job
+from worker.service import jobstore
+from worker.service.runner import run_job
 from worker.stage import ArtifactFile, LayerRow, StageResult
 
 # ------------------------------------------------------------------ file-open audit
@@ -531,7 +531,7 @@ def test_secrets_never_reach_the_logs(env: Env, caplog: pytest.LogCaptureFixture
     secrets_seen.append(generated)
 
     # A finished job emits an event; the delivery attempt to the dead receiver logs a warning.
-    from worker import webhooks
+    from worker.service import webhooks
 
     analysis_id = env.submit(spec())
     token = jobstore.claim(env.sf, analysis_id, "w")

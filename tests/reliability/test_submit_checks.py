@@ -25,7 +25,7 @@ from app.models import Analysis
 from app.schemas import JobState
 from tests.api.test_analyses import assert_problem
 from tests.conftest import make_settings, store_analysis
-from worker.runner import run_job
+from worker.service.runner import run_job
 
 BASE: dict[str, Any] = {
     "model": {"name": "tiny-random-llama", "device": "cpu"},

@@ -47,3 +47,9 @@ def offenders(package: str, forbidden: tuple[str, ...], under: str = "") -> list
 )
 def test_layering(package: str, under: str, forbidden: tuple[str, ...]) -> None:
     assert offenders(package, forbidden, under) == []
+
+
+def test_the_analysis_library_never_imports_the_job_service() -> None:
+    """worker/service (Celery, runner, jobstore, sweeper) calls the library; never the other way."""
+    found = [o for o in offenders("worker", ("worker.service",)) if not o.startswith("worker/service/")]
+    assert found == []

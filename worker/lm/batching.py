@@ -17,7 +17,7 @@ on the same model starts at the size that fitted instead of failing again. It on
 down: a transient OOM (another process on the GPU) lowers it until the worker restarts.
 `forget()` clears it.
 
-No torch import at module level: `is_out_of_memory` is also used by `worker.runner`.
+No torch import at module level: `is_out_of_memory` is also used by `worker.service.runner`.
 """
 
 from __future__ import annotations

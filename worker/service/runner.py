@@ -15,11 +15,12 @@ from app.config import Settings
 from app.logs import analysis_id_var
 from app.routing import GPU_QUEUE
 from app.schemas import AnalysisSpec, JobState
-from worker import jobstore, runtime
-from worker.jobstore import LostOwnership, SessionFactory
+from worker import runtime
 from worker.lm.batching import is_out_of_memory as _is_out_of_memory
+from worker.service import jobstore
+from worker.service.jobstore import LostOwnership, SessionFactory
+from worker.service.webhooks import on_finished
 from worker.stage import JobCancelled, JobContext, JobFailed, StageResult
-from worker.webhooks import on_finished
 
 log = logging.getLogger("layerscope.worker")
 

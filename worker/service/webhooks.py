@@ -38,7 +38,7 @@ from app.models import (
 from app.schemas import JobState
 from app.verdicts import evaluate_and_store, find_policy, split_policy_ref
 from app.webhooks import TERMINAL_EVENT, UrlRefused, backoff, check_url, encode_body, headers
-from worker.jobstore import SessionFactory
+from worker.service.jobstore import SessionFactory
 
 log = logging.getLogger("layerscope.webhooks")
 

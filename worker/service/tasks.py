@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers around `worker.runner.run_job`."""
+"""Celery tasks: thin wrappers around `worker.service.runner.run_job`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from app.db import session_factory
 from app.queue import RUN_TASK
-from worker.celery_app import celery, settings
-from worker.runner import EXIT_DEVICE_ERROR, run_job
+from worker.service.celery_app import celery, settings
+from worker.service.runner import EXIT_DEVICE_ERROR, run_job
 
 
 def _exit_for_restart() -> None:

@@ -11,11 +11,11 @@ from celery import signals
 from app.config import get_settings
 from app.db import session_factory
 from app.queue import CeleryEnqueuer, make_celery
-from worker.sweeper import SweeperThread
+from worker.service.sweeper import SweeperThread
 
 settings = get_settings()
 celery = make_celery(settings)
-celery.conf.include = ["worker.tasks"]
+celery.conf.include = ["worker.service.tasks"]
 
 _sweeper: SweeperThread | None = None
 

@@ -17,10 +17,10 @@ from app.db import session_scope
 from app.models import Analysis
 from app.queue import EmbeddedEnqueuer
 from app.schemas import JobState
-from worker import webhooks
-from worker.jobstore import SessionFactory
-from worker.runner import Pipeline, run_job
-from worker.sweeper import reap
+from worker.service import webhooks
+from worker.service.jobstore import SessionFactory
+from worker.service.runner import Pipeline, run_job
+from worker.service.sweeper import reap
 
 log = logging.getLogger("layerscope.embedded")
 

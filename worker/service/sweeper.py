@@ -19,8 +19,8 @@ from app.models import Analysis, utcnow
 from app.queue import Enqueuer
 from app.routing import queue_of
 from app.schemas import JobState
-from worker import webhooks
-from worker.jobstore import SessionFactory
+from worker.service import webhooks
+from worker.service.jobstore import SessionFactory
 
 log = logging.getLogger("layerscope.sweeper")
 
