@@ -177,20 +177,24 @@ Reduction = tuple[int, str, np.ndarray, np.ndarray, np.ndarray | None, list[int]
 class _Collector:
     """Hook callback: reduces each captured tensor on the device for the current batch.
 
-    Keeps each hook's fine-window starts (placed on the device from the hook's first batch
-    with counted tokens) and, for a second pass, each hook's own exact thresholds."""
+    Keeps each hook's fine-window starts (placed on the device from the hook's first completed
+    batch with counted tokens; a batch that fails, e.g. out of memory, places none, so a retried
+    run equals one started at the smaller size) and, for a second pass, each hook's own exact
+    thresholds."""
 
     def __init__(self, thresholds: dict[tuple[int, str], tuple[float, ...]] | None = None) -> None:
         self.plan: BatchPlan | None = None
         self.shape: tuple[int, int] = (0, 0)
         self.pending: list[tuple[int, str, Reduced, int]] = []
         self.starts: dict[tuple[int, str], torch.Tensor] = {}
+        self.placed: dict[tuple[int, str], torch.Tensor] = {}  # starts placed by the current batch
         self.thresholds = thresholds or {}
 
     def begin(self, plan: BatchPlan, batch: int, positions: int) -> None:
         self.plan = plan
         self.shape = (batch, positions)
         self.pending = []
+        self.placed = {}
 
     def __call__(self, position: int, site: str, tensor: torch.Tensor) -> None:
         plan = self.plan
@@ -211,13 +215,15 @@ class _Collector:
         key = (position, site)
         red = reduce_activations(x, plan, starts=self.starts.get(key), thresholds=self.thresholds.get(key))
         if red.starts is not None and key not in self.starts and plan.main_tokens > 0:
-            self.starts[key] = red.starts
+            self.placed[key] = red.starts
         self.pending.append((position, site, red, x.shape[-1]))
 
     def finish(self) -> list[Reduction]:
         """Host copies of this batch's reductions: one device-to-host transfer for all hooks
         (float64 sums, int64 histograms and window starts, each stacked over the hooks)."""
         pending, self.pending, self.plan = self.pending, [], None
+        self.starts.update(self.placed)  # the batch completed: its window placements hold
+        self.placed = {}
         if not pending:
             return []
         vec = torch.stack([p[2].vec for p in pending])
