@@ -19,7 +19,7 @@ The leading positions (< max(skip_positions, 1)) are also accumulated apart
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -288,11 +288,101 @@ def profile(
     thresholds = tuple(sorted({float(t) for t in thresholds}))
     fine = fine_spec(relative)
     per_hook = {k: tuple(float(t) for t in v) for k, v in (hook_thresholds or {}).items()}
-    if len({len(v) for v in per_hook.values()}) > 1:
-        raise ValueError("hook_thresholds must give every hook as many thresholds")
     skip = int(options.skip_positions)
     lead_positions = skip if skip > 0 else 1
     n_examples = len(examples)
+    _check_inputs(blocks, sites, per_hook, token_start, n_examples)
+    result = _new_profile(blocks, sites, spec, thresholds, per_hook, fine, skip, lead_positions, n_examples,
+                          max_tokens, answer_only=token_start is not None)
+
+    lengths = _lengths(tokenizer, examples, max_tokens)
+    batcher = AutoBatch(STAGE, model, int(options.batch_size))  # OOM back-off, see worker/lm/batching.py
+    batches = length_batches(lengths, batcher.size)
+    total = len(batches)
+    if collect_pooled:
+        result.pooled_tokens = np.zeros(n_examples, dtype=np.int64)
+
+    device = model_device(model)
+    # MPS has no float64: reduce there on the CPU (one copy per hook), exact but slower.
+    stats_device = torch.device("cpu") if device.type == "mps" else device
+    collector = _Collector({k: thresholds + v for k, v in per_hook.items()})
+    ctx.progress(STAGE, 0, total)
+    order = [i for batch in batches for i in batch]
+    one = _BatchRun(
+        tokenizer=tokenizer, examples=examples, token_start=token_start, max_tokens=max_tokens,
+        pad=pad_id(tokenizer), forward=forward_callable(model, blocks), device=device, collector=collector, ctx=ctx,
+        plan_options={"spec": spec, "thresholds": thresholds, "skip_positions": skip,
+                      "lead_positions": lead_positions, "device": stats_device, "want_pooled": collect_pooled,
+                      "fine": fine},
+    )
+
+    _run_pass(result, one, batcher, order, blocks, sites, model)
+    _check_coverage(result)
+    if batcher.warning():
+        result.warnings.append(str(batcher.warning()))
+    return result
+
+
+@dataclass
+class _BatchRun:
+    """One batch of a pass: encode it, plan what is counted, forward it with the hooks on. Nothing
+    is merged until the forward completed, so an out-of-memory retry counts nothing twice."""
+
+    tokenizer: Any
+    examples: Sequence[Any]
+    token_start: Sequence[int] | None
+    max_tokens: int | None
+    pad: int
+    forward: Callable[[torch.Tensor, torch.Tensor], Any]
+    device: torch.device
+    collector: _Collector
+    ctx: JobContext
+    plan_options: dict[str, Any]
+
+    def run(self, batch: list[int]) -> tuple[list[Reduction], BatchPlan]:
+        self.ctx.check_cancelled()
+        ids = encode_texts(self.tokenizer, [example_text(self.examples[i]) for i in batch], self.max_tokens)
+        input_ids, mask = pad_batch(ids, self.pad)
+        starts = None if self.token_start is None else [max(0, int(self.token_start[i])) for i in batch]
+        plan = BatchPlan.build([len(x) for x in ids], input_ids.shape[1], starts=starts, **self.plan_options)
+        self.collector.begin(plan, len(batch), input_ids.shape[1])
+        try:
+            self.forward(input_ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
+            return self.collector.finish(), plan
+        except BaseException:
+            self.collector.pending, self.collector.plan = [], None  # free the failed batch's reductions
+            raise
+
+
+def _run_pass(
+    result: Profile, one: _BatchRun, batcher: AutoBatch, order: list[int], blocks: Sequence[Any],
+    sites: Sequence[str], model: torch.nn.Module,
+) -> None:
+    """Every batch through the hooks, in eval mode (restored after), merged as each completes."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), capture(blocks, sites, one.collector):
+            for batch, (reduced, plan) in batcher.run(order, one.run):
+                _merge_batch(result, reduced, plan, batch)
+                result.n_batches += 1
+                result.n_tokens += plan.main_tokens
+                result.n_profiled_examples += plan.examples
+                one.ctx.progress(STAGE, batcher.done, batcher.total)
+    finally:
+        one.collector.plan = None
+        if was_training:
+            model.train()
+
+
+def _check_inputs(
+    blocks: Sequence[Any], sites: Sequence[str], per_hook: Mapping[tuple[int, str], tuple[float, ...]],
+    token_start: Sequence[int] | None, n_examples: int,
+) -> None:
+    """Arguments that fit together, and every block offering every requested capture site (a
+    typed error names the missing ones)."""
+    if len({len(v) for v in per_hook.values()}) > 1:
+        raise ValueError("hook_thresholds must give every hook as many thresholds")
     if token_start is not None and len(token_start) != n_examples:
         raise ValueError(f"token_start has {len(token_start)} entries for {n_examples} examples")
     if not blocks:
@@ -308,20 +398,28 @@ def profile(
                 f"(available: {sorted(block.sites)}); choose profile.sites among those.",
             )
 
-    result = Profile(
+
+def _new_profile(
+    blocks: Sequence[Any], sites: Sequence[str], spec: HistogramSpec, thresholds: tuple[float, ...],
+    per_hook: Mapping[tuple[int, str], tuple[float, ...]], fine: FineSpec | None, skip: int, lead_positions: int,
+    n_examples: int, max_tokens: int, *, answer_only: bool,
+) -> Profile:
+    """An empty profile: one RunningStats per (block, site) for the counted tokens and one for the
+    view with the leading positions toggled."""
+
+    def hooks() -> dict[tuple[int, str], RunningStats]:
+        return {
+            (i, s): RunningStats(spec, thresholds + per_hook.get((i, s), ()), fine=fine)
+            for i in range(len(blocks))
+            for s in sites
+        }
+
+    return Profile(
         block_names=[b.name for b in blocks],
         layer_indices=[int(b.index) for b in blocks],
         sites=[str(s) for s in sites],
-        stats={
-            (i, s): RunningStats(spec, thresholds + per_hook.get((i, s), ()), fine=fine)
-            for i in range(len(blocks))
-            for s in sites
-        },
-        lead={
-            (i, s): RunningStats(spec, thresholds + per_hook.get((i, s), ()), fine=fine)
-            for i in range(len(blocks))
-            for s in sites
-        },
+        stats=hooks(),
+        lead=hooks(),
         spec=spec,
         thresholds=thresholds,
         fine=fine,
@@ -329,75 +427,17 @@ def profile(
         lead_positions=lead_positions,
         n_examples=n_examples,
         max_tokens=max_tokens,
-        answer_only=token_start is not None,
+        answer_only=answer_only,
     )
 
-    # Pass 1: lengths only (ids are re-encoded per batch, so nothing per-token is kept).
+
+def _lengths(tokenizer: Any, examples: Sequence[Any], max_tokens: int | None) -> list[int]:
+    """Pass 1: token counts only (ids are re-encoded per batch, so nothing per-token is kept)."""
     lengths: list[int] = []
-    for i in range(0, n_examples, 256):
+    for i in range(0, len(examples), 256):
         chunk = [example_text(e) for e in examples[i : i + 256]]
         lengths.extend(len(ids) for ids in encode_texts(tokenizer, chunk, max_tokens))
-    batcher = AutoBatch(STAGE, model, int(options.batch_size))  # OOM back-off, see worker/lm/batching.py
-    batches = length_batches(lengths, batcher.size)
-    total = len(batches)
-    if collect_pooled:
-        result.pooled_tokens = np.zeros(n_examples, dtype=np.int64)
-
-    device = model_device(model)
-    # MPS has no float64: reduce there on the CPU (one copy per hook), exact but slower.
-    stats_device = torch.device("cpu") if device.type == "mps" else device
-    forward = forward_callable(model, blocks)
-    pad = pad_id(tokenizer)
-    collector = _Collector({k: thresholds + v for k, v in per_hook.items()})
-    ctx.progress(STAGE, 0, total)
-    was_training = model.training
-    model.eval()
-    order = [i for batch in batches for i in batch]
-
-    def run_batch(batch: list[int]) -> tuple[Any, BatchPlan]:
-        """One batch's reductions; nothing is merged until the forward completed (OOM retry)."""
-        ctx.check_cancelled()
-        ids = encode_texts(tokenizer, [example_text(examples[i]) for i in batch], max_tokens)
-        input_ids, mask = pad_batch(ids, pad)
-        lens = [len(x) for x in ids]
-        starts = None if token_start is None else [max(0, int(token_start[i])) for i in batch]
-        plan = BatchPlan.build(
-            lens,
-            input_ids.shape[1],
-            spec=spec,
-            thresholds=thresholds,
-            starts=starts,
-            skip_positions=skip,
-            lead_positions=lead_positions,
-            device=stats_device,
-            want_pooled=collect_pooled,
-            fine=fine,
-        )
-        collector.begin(plan, len(batch), input_ids.shape[1])
-        try:
-            forward(input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-            return collector.finish(), plan
-        except BaseException:
-            collector.pending, collector.plan = [], None  # free the failed batch's reductions
-            raise
-
-    try:
-        with torch.inference_mode(), capture(blocks, sites, collector):
-            for batch, (reduced, plan) in batcher.run(order, run_batch):
-                _merge_batch(result, reduced, plan, batch)
-                result.n_batches += 1
-                result.n_tokens += plan.main_tokens
-                result.n_profiled_examples += plan.examples
-                ctx.progress(STAGE, batcher.done, batcher.total)
-    finally:
-        collector.plan = None
-        if was_training:
-            model.train()
-
-    _check_coverage(result)
-    if batcher.warning():
-        result.warnings.append(str(batcher.warning()))
-    return result
+    return lengths
 
 
 def count_exactly(

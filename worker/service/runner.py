@@ -59,6 +59,57 @@ class _Heartbeat(threading.Thread):
                 log.warning("heartbeat failed for %s: %s", self.analysis_id, exc)
 
 
+def _job_context(sf: SessionFactory, settings: Settings, analysis_id: str, token: str, beat: _Heartbeat) -> JobContext:
+    """Progress (throttled to one write per 0.5 s), cancellation (read at most once a second; a lost
+    claim stops the run), the time limit and artifact reads, all conditioned on this claim."""
+    last_check = [0.0, False]
+    last_progress = [0.0]
+
+    def is_cancelled() -> bool:
+        if beat.lost:
+            raise LostOwnership(analysis_id)
+        now = time.monotonic()
+        if now - last_check[0] >= 1.0:
+            last_check[:] = [now, jobstore.current_state(sf, analysis_id, token) == JobState.CANCELLING.value]
+        return bool(last_check[1])
+
+    def progress(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done in (0, total) or now - last_progress[0] >= 0.5:
+            last_progress[0] = now
+            jobstore.set_progress(sf, analysis_id, token, stage, done, total)
+
+    return JobContext(
+        progress=progress,
+        is_cancelled=is_cancelled,
+        deadline=time.monotonic() + settings.job_soft_time_limit,
+        read_artifact=lambda other_id, name: jobstore.read_artifact(sf, settings, analysis_id, other_id, name),
+    )
+
+
+def _end_on_error(
+    sf: SessionFactory, settings: Settings, analysis_id: str, token: str, exc: Exception, *, give_back: bool
+) -> JobState | None:
+    """An unexpected error: a CUDA error gives the job back to the queue (up to the attempt cap);
+    anything else fails it, out of memory with advice, the rest as `internal_error`."""
+    if give_back:
+        log.exception("analysis %s: CUDA error; requeueing the job and exiting this worker", analysis_id)
+        return jobstore.give_back(
+            sf, analysis_id, token, settings.max_attempts, "device_error",
+            f"The GPU failed on each of {settings.max_attempts} attempts ({type(exc).__name__}: {exc}); "
+            "check the worker logs and the GPU (nvidia-smi), or run on another worker.",
+        )
+    if _is_out_of_memory(exc):
+        kind, detail = "out_of_memory", (
+            "The model ran out of memory; try dtype float16, fewer examples per batch, or a bigger worker."
+        )
+    else:
+        log.exception("analysis %s failed", analysis_id)
+        kind, detail = "internal_error", f"{type(exc).__name__}: {exc}"
+    jobstore.finish(sf, analysis_id, token, JobState.FAILED, kind, detail)
+    return JobState.FAILED
+
+
 def run_job(
     analysis_id: str,
     sf: SessionFactory,
@@ -86,29 +137,7 @@ def run_job(
     log_context = analysis_id_var.set(analysis_id)
     beat = _Heartbeat(sf, analysis_id, token, settings.heartbeat_interval)
     beat.start()
-    last_check = [0.0, False]
-    last_progress = [0.0]
-
-    def is_cancelled() -> bool:
-        if beat.lost:
-            raise LostOwnership(analysis_id)
-        now = time.monotonic()
-        if now - last_check[0] >= 1.0:
-            last_check[:] = [now, jobstore.current_state(sf, analysis_id, token) == JobState.CANCELLING.value]
-        return bool(last_check[1])
-
-    def progress(stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done in (0, total) or now - last_progress[0] >= 0.5:
-            last_progress[0] = now
-            jobstore.set_progress(sf, analysis_id, token, stage, done, total)
-
-    ctx = JobContext(
-        progress=progress,
-        is_cancelled=is_cancelled,
-        deadline=time.monotonic() + settings.job_soft_time_limit,
-        read_artifact=lambda other_id, name: jobstore.read_artifact(sf, settings, analysis_id, other_id, name),
-    )
+    ctx = _job_context(sf, settings, analysis_id, token, beat)
 
     def save(result: StageResult) -> None:
         jobstore.save_stage(sf, settings, analysis_id, token, result)
@@ -138,24 +167,8 @@ def run_job(
         final = JobState.FAILED
         jobstore.finish(sf, analysis_id, token, final, "timeout", "The job ran past its time limit.")
     except Exception as exc:
-        if on_device_error is not None and is_device_error(exc):
-            log.exception("analysis %s: CUDA error; requeueing the job and exiting this worker", analysis_id)
-            device_error = True
-            final = jobstore.give_back(
-                sf, analysis_id, token, settings.max_attempts, "device_error",
-                f"The GPU failed on each of {settings.max_attempts} attempts ({type(exc).__name__}: {exc}); "
-                "check the worker logs and the GPU (nvidia-smi), or run on another worker.",
-            )
-        else:
-            final = JobState.FAILED
-            if _is_out_of_memory(exc):
-                kind, detail = "out_of_memory", (
-                    "The model ran out of memory; try dtype float16, fewer examples per batch, or a bigger worker."
-                )
-            else:
-                log.exception("analysis %s failed", analysis_id)
-                kind, detail = "internal_error", f"{type(exc).__name__}: {exc}"
-            jobstore.finish(sf, analysis_id, token, final, kind, detail)
+        device_error = on_device_error is not None and is_device_error(exc)
+        final = _end_on_error(sf, settings, analysis_id, token, exc, give_back=device_error)
     finally:
         beat.stop_event.set()
         log.info("analysis %s ended %s", analysis_id, final.value if final else "elsewhere")
