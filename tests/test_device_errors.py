@@ -69,7 +69,9 @@ def test_cuda_error_requeues_the_job_and_asks_the_worker_to_exit(env) -> None:  
             return True
 
     sent = Sent()
-    assert enqueue_pending(sf, settings, sent) == 1 and sent.ids == [job]  # the sweeper sends it again
+    # the sweeper sends it again (the Postgres database is shared by the run: other tests' queued
+    # jobs may be sent in the same sweep, so only this job's presence is asserted)
+    assert enqueue_pending(sf, settings, sent) >= 1 and job in sent.ids
 
     # the second claim hits the cap (max_attempts=2): FAILED with a stable type, the worker still exits
     final = run_job(job, sf, settings, "gpu-w2", failing(RuntimeError(ILLEGAL)), on_device_error=lambda: exits.append("x"))
