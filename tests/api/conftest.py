@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from fastapi.testclient import TestClient
 from app.auth import create_key
 from app.db import session_factory, session_scope
 from app.main import create_app
-from tests.conftest import make_settings
+from tests.conftest import make_settings, serve_in_thread
+from worker.service.embedded import EmbeddedWorker
 
 
 @dataclass
@@ -47,6 +49,23 @@ def api(db_url: str, tmp_path: Path) -> Api:
         other_key = create_key(s, settings, f"other-{project}", "other", ["read", "submit"])
     client = TestClient(create_app(settings))
     return Api(client, settings, sf, project, key, other_key, read_key)
+
+
+@pytest.fixture
+def live_server(sqlite_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The real app under uvicorn with its in-process worker, on SQLite; yields (base URL, a read+submit key)."""
+    settings = make_settings(sqlite_url, tmp_path)
+    with session_scope(session_factory(settings.resolved_database_url)) as s:
+        key = create_key(s, settings, f"proj-{uuid.uuid4().hex[:8]}", "client", ["read", "submit"])
+    app = create_app(settings)
+    worker = EmbeddedWorker(app.state.session_factory, settings, app.state.enqueuer)
+    worker.start()
+    try:
+        with serve_in_thread(app) as base:
+            yield base, key
+    finally:
+        worker.stop()
+        worker.join(timeout=10)
 
 
 SPEC = {

@@ -15,12 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from app.auth import create_key
-from app.db import session_factory, session_scope
 from app.main import create_app
 from tests.api.conftest import SPEC
-from tests.conftest import make_settings, serve_in_thread
-from worker.service.embedded import EmbeddedWorker
+from tests.conftest import make_settings
 
 
 @pytest.fixture(scope="module")
@@ -46,47 +43,33 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> object:
 
 
 def test_generated_client_submits_polls_and_gets_typed_problems(
-    generated: object, sqlite_url: str, tmp_path: Path
+    generated: object, live_server: tuple[str, str]
 ) -> None:
-    settings = make_settings(sqlite_url, tmp_path)
-    with session_scope(session_factory(settings.resolved_database_url)) as s:
-        key = create_key(s, settings, f"proj-{uuid.uuid4().hex[:8]}", "client", ["read", "submit"])
-    app = create_app(settings)
-    worker = EmbeddedWorker(app.state.session_factory, settings, app.state.enqueuer)
-    worker.start()
-    try:
-        _submit_poll_and_fail(app, key)
-    finally:
-        worker.stop()
-        worker.join(timeout=10)
-
-
-def _submit_poll_and_fail(app: object, key: str) -> None:
     from layerscope_client import AuthenticatedClient
     from layerscope_client.api.analyses import get_analysis, submit_analysis
     from layerscope_client.models import AnalysisOut, AnalysisSpec, Problem
 
-    with serve_in_thread(app) as base:
-        client = AuthenticatedClient(base_url=base, token=key)
+    base, key = live_server
+    client = AuthenticatedClient(base_url=base, token=key)
 
-        job = submit_analysis.sync(client=client, body=AnalysisSpec.from_dict(SPEC))
+    job = submit_analysis.sync(client=client, body=AnalysisSpec.from_dict(SPEC))
+    assert isinstance(job, AnalysisOut), job
+    deadline = time.monotonic() + 120
+    while job.state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+        job = get_analysis.sync(job.id, client=client)
         assert isinstance(job, AnalysisOut), job
-        deadline = time.monotonic() + 120
-        while job.state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.3)
-            job = get_analysis.sync(job.id, client=client)
-            assert isinstance(job, AnalysisOut), job
-        assert job.state == "SUCCEEDED", job.error
+    assert job.state == "SUCCEEDED", job.error
 
-        missing = get_analysis.sync(str(uuid.uuid4()), client=client)
-        assert isinstance(missing, Problem) and missing.status == 404
-        assert "analysis" in missing.detail.lower()
+    missing = get_analysis.sync(str(uuid.uuid4()), client=client)
+    assert isinstance(missing, Problem) and missing.status == 404
+    assert "analysis" in missing.detail.lower()
 
-        bad = AnalysisSpec.from_dict({**SPEC, "dataset": {**SPEC["dataset"], "limit": 0}})
-        invalid = submit_analysis.sync(client=client, body=bad)
-        assert isinstance(invalid, Problem) and invalid.status == 422, invalid
-        assert [e.field for e in invalid.errors] == ["dataset.limit"]
+    bad = AnalysisSpec.from_dict({**SPEC, "dataset": {**SPEC["dataset"], "limit": 0}})
+    invalid = submit_analysis.sync(client=client, body=bad)
+    assert isinstance(invalid, Problem) and invalid.status == 422, invalid
+    assert [e.field for e in invalid.errors] == ["dataset.limit"]
 
-        anonymous = get_analysis.sync(job.id, client=AuthenticatedClient(base_url=base, token="ls_nope"))
-        assert isinstance(anonymous, Problem) and anonymous.status == 401
+    anonymous = get_analysis.sync(job.id, client=AuthenticatedClient(base_url=base, token="ls_nope"))
+    assert isinstance(anonymous, Problem) and anonymous.status == 401

@@ -5,41 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from app.auth import create_key
-from app.db import session_factory, session_scope
-from app.main import create_app
 from app.schemas import AnalysisOut
 from layerscope import AsyncClient, Client, InvalidRequest, NotFound, Unauthorized
 from layerscope.client import _finished
 from layerscope.errors import AnalysisFailed
 from tests.api.conftest import SPEC
-from tests.conftest import make_settings, serve_in_thread
-from worker.service.embedded import EmbeddedWorker
 
 
-@pytest.fixture
-def server(sqlite_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    settings = make_settings(sqlite_url, tmp_path)
-    with session_scope(session_factory(settings.resolved_database_url)) as s:
-        key = create_key(s, settings, f"proj-{uuid.uuid4().hex[:8]}", "sdk", ["read", "submit"])
-    app = create_app(settings)
-    worker = EmbeddedWorker(app.state.session_factory, settings, app.state.enqueuer)
-    worker.start()
-    try:
-        with serve_in_thread(app) as base:
-            yield base, key
-    finally:
-        worker.stop()
-        worker.join(timeout=10)
-
-
-def test_client_submits_waits_and_reads_typed_results(server: tuple[str, str]) -> None:
-    base, key = server
+def test_client_submits_waits_and_reads_typed_results(live_server: tuple[str, str]) -> None:
+    base, key = live_server
     seen: list[tuple[str, str | None, int, int]] = []
     with Client(base, key) as ls:
         job = ls.submit(SPEC, idempotency_key="sdk-1")
@@ -68,8 +46,8 @@ def test_client_submits_waits_and_reads_typed_results(server: tuple[str, str]) -
         anonymous.get(job.id)
 
 
-def test_async_client_runs_the_same_operations(server: tuple[str, str]) -> None:
-    base, key = server
+def test_async_client_runs_the_same_operations(live_server: tuple[str, str]) -> None:
+    base, key = live_server
     async def run() -> None:
         async with AsyncClient(base, key) as ls:
             job = await ls.submit(SPEC)
@@ -93,7 +71,7 @@ def test_wait_raises_on_failure_only_when_asked() -> None:
         _finished(job, raise_on_failure=True)
 
 
-def test_cli_client_commands_go_through_the_sdk(server: tuple[str, str], tmp_path: Path) -> None:
+def test_cli_client_commands_go_through_the_sdk(live_server: tuple[str, str], tmp_path: Path) -> None:
     import json
 
     import yaml
@@ -101,7 +79,7 @@ def test_cli_client_commands_go_through_the_sdk(server: tuple[str, str], tmp_pat
 
     import cli.main
 
-    base, key = server
+    base, key = live_server
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(SPEC))
     run = CliRunner().invoke
