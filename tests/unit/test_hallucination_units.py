@@ -337,3 +337,30 @@ def test_generation_without_shared_prefix() -> None:
     assert run.shared_prefix_tokens == 0
     assert [g.text for g in run.generations] == ["y", "x"]
     assert model.calls[0] == (2, 4)  # no prefix pass: the first call is the padded batch
+
+
+def test_generation_keeps_the_end_of_answer_token_apart() -> None:
+    """Every step puts 0.6 on the scripted token and 0.4 / 11 on each other one: the answer
+    tokens and the token that ended the answer carry log 0.6 and the same entropy."""
+
+    class Soft(_ScriptedLM):
+        def forward(self, input_ids, **kw):
+            out = super().forward(input_ids, **kw)
+            top = out.logits > 0
+            out.logits = torch.where(top, torch.tensor(np.log(0.6)), torch.tensor(np.log(0.4 / 11)))
+            return out
+
+    h = -(0.6 * np.log(0.6) + 11 * (0.4 / 11) * np.log(0.4 / 11))
+    # row 0: "y" "y" "\n" (newline ends it); row 1: "Par" "is.\nmore" (the newline inside the
+    # last answer token: no end token apart); row 2: "y" "<eos>"; row 3: cut at the cap
+    prompts = ["q w", "q w", "q w", "q w"]
+    runs = [generate(Soft(s), _Tok(), prompts[:1], max_new_tokens=3, batch_size=1).generations[0]
+            for s in ({2: "y", 3: "y", 4: "\n"}, {2: "Par", 3: "is.\nmore"}, {2: "y", 3: "<eos>"}, {})]
+    ended, inside, eos, capped = runs
+    assert ended.logprobs == pytest.approx([np.log(0.6)] * 2) and ended.entropies == pytest.approx([h, h])
+    assert ended.end_logprob == pytest.approx(np.log(0.6)) and ended.end_entropy == pytest.approx(h)
+    assert ended.logprobs_with_end == pytest.approx([np.log(0.6)] * 3)
+    assert inside.n_tokens == 2 and inside.end_logprob is None and inside.logprobs_with_end == inside.logprobs
+    assert (eos.stop, eos.n_tokens, eos.end_logprob) == ("eos", 1, pytest.approx(np.log(0.6)))
+    assert (capped.stop, capped.n_tokens, capped.end_logprob, capped.end_entropy) == ("max_tokens", 3, None, None)
+    assert capped.entropies_with_end == pytest.approx([h] * 3)

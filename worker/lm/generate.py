@@ -19,8 +19,12 @@ hallucination stage.
   is the decoded text before the first newline, stripped (an answer that starts with a
   newline is empty); its tokens (those before the stopping token, plus the stopping
   token when text precedes its newline) carry the log-probabilities of the
-  sequence-likelihood detector. Log-probabilities are always those of the model at
-  temperature 1, also for sampled tokens.
+  sequence-likelihood detector. The token that ended the answer (a newline token with no
+  text before its newline, or an EOS token) is not an answer token; its log-probability
+  and entropy are kept apart (`end_logprob`, `end_entropy`; None after `max_new_tokens`,
+  or when the ending newline sits inside the last answer token), for the estimators that
+  count it, as lm-polygraph's do. Log-probabilities and entropies are always those of the
+  model at temperature 1, also for sampled tokens.
 - Optionally the final hidden state (`hidden_states[-1]`, after the model's final norm
   where it has one) at the last prompt token, for the P(IK) probe.
 - Batches run through `AutoBatch` (worker/lm/batching.py): an out-of-memory halves the
@@ -105,6 +109,18 @@ class Generation:
     token_ids: list[int]  # the answer tokens
     logprobs: list[float]  # their log-probabilities (temperature 1)
     stop: str  # "newline" | "eos" | "max_tokens"
+    entropies: list[float] = field(default_factory=list)  # entropy (nats) of each answer token's distribution
+    end_logprob: float | None = None  # the token that ended the answer (module doc)
+    end_entropy: float | None = None
+
+    @property
+    def logprobs_with_end(self) -> list[float]:
+        """The answer tokens' log-probabilities and the end-of-answer token's, when there is one."""
+        return self.logprobs + ([self.end_logprob] if self.end_logprob is not None else [])
+
+    @property
+    def entropies_with_end(self) -> list[float]:
+        return self.entropies + ([self.end_entropy] if self.end_entropy is not None else [])
 
     @property
     def n_tokens(self) -> int:
@@ -127,7 +143,9 @@ class GenerationRun:
     warnings: list[str] = field(default_factory=list)
 
 
-def _finish(tokenizer: Any, ids: list[int], lps: list[float], stops: _Stops, hit_max: bool) -> Generation:
+def _finish(
+    tokenizer: Any, ids: list[int], lps: list[float], ents: list[float], stops: _Stops, hit_max: bool
+) -> Generation:
     """Cut a row's tokens at the stop token; see module doc."""
     stop = "max_tokens" if hit_max else "eos"
     keep = len(ids)
@@ -146,8 +164,11 @@ def _finish(tokenizer: Any, ids: list[int], lps: list[float], stops: _Stops, hit
     answer_ids = [int(t) for t in ids[:n]]
     text = tokenizer.decode(answer_ids, skip_special_tokens=True) if answer_ids else ""
     completion = text.split("\n", 1)[0]
+    ended = stop != "max_tokens" and not partial and keep < len(ids)
     return Generation(text=completion.strip(), completion=completion.rstrip(), token_ids=answer_ids,
-                      logprobs=[float(x) for x in lps[:n]], stop=stop)
+                      logprobs=[float(x) for x in lps[:n]], stop=stop, entropies=[float(x) for x in ents[:n]],
+                      end_logprob=float(lps[keep]) if ended else None,
+                      end_entropy=float(ents[keep]) if ended else None)
 
 
 # ------------------------------------------------------------------------ the model calls
@@ -244,13 +265,14 @@ class _Decoder:
     def decode(
         self, cache: Any, logits: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
         generator: torch.Generator | None,
-    ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    ) -> tuple[list[list[int]], list[list[float]], list[list[float]], list[bool]]:
         """Generate until every row stopped or the budget is spent: (tokens, their log-probs,
-        stopped) per row; a stopped row leaves the batch."""
+        the entropies of their distributions, stopped) per row; a stopped row leaves the batch."""
         bsz, device = logits.shape[0], logits.device
         active = torch.arange(bsz, device=device)  # batch rows still generating
         toks: list[list[int]] = [[] for _ in range(bsz)]
         lps: list[list[float]] = [[] for _ in range(bsz)]
+        ents: list[list[float]] = [[] for _ in range(bsz)]
         done = [False] * bsz
         for step in range(self.max_new_tokens):
             logp = torch.log_softmax(logits, dim=-1)
@@ -260,10 +282,12 @@ class _Decoder:
                 probs = torch.softmax(logits / self.temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             chosen = logp.gather(1, nxt[:, None]).squeeze(-1).cpu().tolist()
+            entropy = (-(logp.exp() * logp).nan_to_num().sum(dim=-1)).cpu().tolist()  # 0 * -inf counts 0
             is_stop, nxt_cpu = self.stops.hit(nxt), nxt.cpu()
             for k, row in enumerate(active.cpu().tolist()):
                 toks[row].append(int(nxt_cpu[k]))
                 lps[row].append(float(chosen[k]))
+                ents[row].append(float(entropy[k]))
                 done[row] = done[row] or bool(is_stop[k])
             if all(done) or step == self.max_new_tokens - 1:
                 break
@@ -276,7 +300,7 @@ class _Decoder:
             pos = pos + 1
             out = self.forward(cache, False, input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None])
             cache, logits = _out_cache(out), out.logits[:, -1, :].float()
-        return toks, lps, done
+        return toks, lps, ents, done
 
     def batch(self, rows: Sequence[tuple[int, int]], seed: int | None) -> tuple[list[Generation], Any]:
         """Answers of (prompt, sample) rows, and the last hidden state per row or None."""
@@ -285,8 +309,9 @@ class _Decoder:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed)
         cache, logits, mask, pos, hidden = self.prefill([i for i, _ in rows])
-        toks, lps, done = self.decode(cache, logits, mask, pos, generator)
-        gens = [_finish(self.tokenizer, toks[r], lps[r], self.stops, hit_max=not done[r]) for r in range(len(rows))]
+        toks, lps, ents, done = self.decode(cache, logits, mask, pos, generator)
+        gens = [_finish(self.tokenizer, toks[r], lps[r], ents[r], self.stops, hit_max=not done[r])
+                for r in range(len(rows))]
         return gens, hidden
 
 
