@@ -28,7 +28,10 @@ Measuring
   pruned model's, on the same batch, `runs` timed runs after one warm-up each, in
   the same process: a measured number, noisy on a shared CPU, reported as measured;
 - retained performance (%) = pruned / original x 100 for higher-is-better metrics,
-  original / pruned x 100 for perplexity.
+  original / pruned x 100 for perplexity; its 95% interval is a paired bootstrap
+  over the examples (`retained_metric`): the original's and the pruned model's
+  per-example values (the task's per-example contract, worker.evaluation.tasks.base)
+  are resampled with the same indices and the ratio recomputed on each resample.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ if TYPE_CHECKING:
     import transformers
 
 from app.schemas import PruneOptions
-from worker.evaluation.tasks import TASKS, TaskResult, TaskRun, lm_texts, qa_pairs
+from worker.evaluation.bootstrap import paired_bootstrap_ci
+from worker.evaluation.tasks import TASKS, MetricValue, TaskResult, TaskRun, lm_texts, qa_pairs
 from worker.lm.model import is_causal_lm, model_device
 from worker.lm.tokens import encode_texts, pad_batch, pad_id
 from worker.modelzoo import LoadedModel, adapter_for
@@ -78,6 +82,7 @@ __all__ = [
     "pruned_view",
     "ranks_from_order",
     "remove_blocks",
+    "retained_metric",
     "retained_pct",
     "run_prune_stage",
     "PruneOptions",
@@ -99,6 +104,38 @@ def retained_pct(original: float | None, pruned: float | None, higher_is_better:
     if den == 0 or not math.isfinite(num) or not math.isfinite(den):
         return None
     return 100.0 * num / den
+
+
+def retained_metric(
+    original: TaskResult, pruned: TaskResult, metric: str | None = None, *, n_boot: int = 1000, seed: int = 0,
+) -> tuple[MetricValue, str | None]:
+    """Retained performance (%) of `metric` (default: the primary) with a paired bootstrap
+    95% interval over the examples both results share (module doc), and why there is no
+    interval when there is none (no per-example values, or the two results are not over
+    the same examples). `n` = the examples the original's metric is over."""
+    name = metric or original.primary
+    orig_mv, pruned_mv = original.metrics[name], pruned.metrics[name]
+    hib = orig_mv.higher_is_better
+    value = finite_or_none(retained_pct(orig_mv.value, pruned_mv.value, hib))
+    out = MetricValue("retained_pct", value, None, None, orig_mv.n, True)
+    stat = original.statistics.get(name)
+    a, b = original.example_values(name), pruned.example_values(name)
+    if stat is None or a is None or b is None or stat != pruned.statistics.get(name):
+        return out, f"{original.task}/{name} has no per-example values to pair; retained_pct has no interval"
+    if a[0].shape != b[0].shape:
+        return out, f"{original.task}/{name}: the original and pruned results are over different examples"
+    if n_boot == 0 or value is None:
+        return out, None
+
+    def ratio(a_blocks: list[np.ndarray], b_blocks: list[np.ndarray]) -> np.ndarray:
+        va, vb = stat(*a_blocks), stat(*b_blocks)
+        num, den = (vb, va) if hib else (va, vb)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return np.where((den != 0) & np.isfinite(num) & np.isfinite(den), 100.0 * num / den, np.nan)
+
+    ci = paired_bootstrap_ci(ratio, a, b, n_boot=n_boot, seed=seed)
+    out.ci_low, out.ci_high = finite_or_none(ci.low), finite_or_none(ci.high)
+    return out, None
 
 
 def median(values: Sequence[float]) -> float:
@@ -606,7 +643,8 @@ def _metric_rows(scope: str, res: TaskResult) -> list[MetricRow]:
 
 
 def _scorer_row(
-    task: str, name: str, dropped: list[int], orig: TaskResult, measured: _Measured, metrics: list[MetricRow]
+    job: _Prune, task: str, name: str, dropped: list[int], orig: TaskResult, measured: _Measured,
+    metrics: list[MetricRow],
 ) -> dict[str, Any]:
     key = tuple(dropped)
     res = measured.evaluated[key][task]
@@ -614,12 +652,15 @@ def _scorer_row(
     row: dict[str, Any] = {"scorer": name, "layers_removed": list(dropped)}
     for mname, mv in res.metrics.items():
         metrics.append(MetricRow(scope, mname, mv.value, mv.ci_low, mv.ci_high, mv.n))
-        kept = retained_pct(orig.metrics[mname].value, mv.value, mv.higher_is_better)
+        kept, why = retained_metric(orig, res, mname, n_boot=job.options.n_boot, seed=job.options.seed)
+        if why is not None and why not in job.warnings:
+            job.warnings.append(why)
         suffix = "" if mname == res.primary else f"_{mname}"
-        metrics.append(MetricRow(scope, f"retained_pct{suffix}", finite_or_none(kept)))
+        metrics.append(MetricRow(scope, f"retained_pct{suffix}", kept.value, kept.ci_low, kept.ci_high, kept.n))
         row[mname] = mv.value
         row[f"{mname}_ci"] = [mv.ci_low, mv.ci_high]
-        row[f"retained_pct{suffix}"] = finite_or_none(kept)
+        row[f"retained_pct{suffix}"] = kept.value
+        row[f"retained_pct{suffix}_ci"] = [kept.ci_low, kept.ci_high]
     row["parameter_reduction_pct"] = measured.reduction(key)
     row["speedup"] = measured.speedup(key)
     return row
@@ -668,7 +709,7 @@ def _task_tables(
     for task, orig in original.items():
         metrics.extend(_metric_rows(f"task={task},scorer=original", orig))
         rows = [
-            _scorer_row(task, name, dropped, orig, measured, metrics)
+            _scorer_row(job, task, name, dropped, orig, measured, metrics)
             for name, dropped in selection.dropped_by.items()
         ]
         if selection.random_sets:

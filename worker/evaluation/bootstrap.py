@@ -25,11 +25,18 @@ Two calling conventions:
 `bootstrap_cis(fn, *arrays)` is the batched form for several metrics at once:
 `fn` returns (B, M) and every metric gets its interval from the same resamples
 (this is how `calibration_report` shares one sort across its metrics).
+
+Paired: `paired_bootstrap_ci(fn, a, b)` compares two systems measured on the same
+N examples (e.g. a model before and after pruning): both systems' per-example
+arrays are resampled with the *same* indices, so what the examples share (an easy
+or a hard text) cancels in a ratio or a difference instead of widening its
+interval. `fn(a_blocks, b_blocks) -> array[B]` (lists of (B, N) blocks, batched).
+Its resamples are `bootstrap_ci`'s for the same seed, N and n_boot.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -137,3 +144,32 @@ def bootstrap_cis(
         low, high = np.percentile(valid, [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)])
         result.append(BootstrapCI(float(low), float(high), int(valid.size), n_boot))
     return result
+
+
+def paired_bootstrap_ci(
+    fn: Callable[[list[np.ndarray], list[np.ndarray]], Any],
+    a: Sequence[Any],
+    b: Sequence[Any],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    max_block_elems: int = 2_000_000,
+) -> BootstrapCI:
+    """Percentile interval of `fn(a_blocks, b_blocks)` where the per-example arrays of
+    system `a` and of system `b` (the same N examples, in the same order) are resampled
+    with the same indices (module doc). `fn` returns one value per resample (NaN =
+    undefined, left out)."""
+    if not a or not b:
+        raise ValueError("paired_bootstrap_ci needs at least one array per system")
+    k = len(a)
+    return bootstrap_ci(
+        lambda *blocks: fn(list(blocks[:k]), list(blocks[k:])),
+        *a,
+        *b,
+        n_boot=n_boot,
+        seed=seed,
+        alpha=alpha,
+        batched=True,
+        max_block_elems=max_block_elems,
+    )

@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.evaluation.tasks.base import MetricValue, Task, TaskResult, TaskRun, example_field
+from worker.evaluation.tasks.base import (
+    ExampleStatistic,
+    MetricValue,
+    Task,
+    TaskResult,
+    TaskRun,
+    example_field,
+    mean_of,
+)
 from worker.evaluation.tasks.classification import Classification, evaluate_classification
 from worker.evaluation.tasks.perplexity import Perplexity, evaluate_perplexity, lm_texts, sliding_windows
 from worker.evaluation.tasks.qa import QA, evaluate_qa, generate_answers, qa_pairs
@@ -23,6 +31,7 @@ TASKS: dict[str, Task[Any]] = {t.name: t for t in (Perplexity(), QA(), Classific
 
 __all__ = [
     "TASKS",
+    "ExampleStatistic",
     "MetricValue",
     "Task",
     "TaskResult",
@@ -33,6 +42,7 @@ __all__ = [
     "example_field",
     "generate_answers",
     "lm_texts",
+    "mean_of",
     "qa_pairs",
     "sliding_windows",
 ]

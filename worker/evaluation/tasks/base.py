@@ -7,6 +7,17 @@ between batches, and returns a `TaskResult`: every metric with its value, a
 bootstrap 95% percentile interval over *examples* (`worker.evaluation.bootstrap`)
 and the number of examples it is over.
 
+Per-example contract (what paired comparisons read, e.g. retained performance of a
+pruned model against the original on the same examples, `worker.pruning`):
+`per_example[key]` holds one value per example, in the order of the data the task
+was given (every key the same length, examples without targets included), and
+`statistics[metric]` says how the metric is recomputed from those values on any
+resample of the examples: `transform(sum(numerator) / sum(denominator))`, the
+denominator 1 per example when unset (a mean; e.g. accuracy = mean of `correct`),
+`transform="exp"` for a perplexity (exp of summed NLL over summed tokens). Two
+results of the same task on the same data are then paired example by example.
+A metric without a statistic gets no paired interval (the prune stage says so).
+
 Examples: an example is a `str` (its text), a mapping, or an object with
 attributes (e.g. `worker.datasets.Example`); the fields read are `text`,
 `question`, `answer` and `label`, the latter also from `meta["columns"]`
@@ -22,8 +33,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
+import numpy as np
 import torch
 
 from worker.lm.model import is_causal_lm
@@ -47,15 +59,60 @@ class MetricValue:
     higher_is_better: bool
 
 
+@dataclass(frozen=True)
+class ExampleStatistic:
+    """A metric recomputed from per-example values (module doc):
+    `transform(sum(per_example[numerator]) / sum(per_example[denominator]))`, the
+    denominator counting 1 per example when None (the mean of `numerator`)."""
+
+    numerator: str
+    denominator: str | None = None
+    transform: Literal["identity", "exp"] = "identity"
+
+    def keys(self) -> tuple[str, ...]:
+        return (self.numerator,) if self.denominator is None else (self.numerator, self.denominator)
+
+    def __call__(self, *blocks: np.ndarray) -> np.ndarray:
+        """The metric per row of (B, N) blocks of the `keys()` values (NaN where the
+        denominator sums to 0); a 1-d block is one row."""
+        num = np.atleast_2d(np.asarray(blocks[0], dtype=np.float64))
+        den = (
+            np.full(num.shape, 1.0) if self.denominator is None
+            else np.atleast_2d(np.asarray(blocks[1], dtype=np.float64))
+        )
+        total = den.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            ratio = np.where(total > 0, num.sum(axis=1) / np.where(total > 0, total, 1.0), np.nan)
+            return np.exp(ratio) if self.transform == "exp" else ratio
+
+
+def mean_of(key: str) -> ExampleStatistic:
+    """The mean of `per_example[key]` (accuracy, F1, exact match, ...)."""
+    return ExampleStatistic(key)
+
+
 @dataclass
 class TaskResult:
-    """What an evaluator measured. `metrics` keeps the primary metric first."""
+    """What an evaluator measured. `metrics` keeps the primary metric first; `per_example`
+    and `statistics` follow the per-example contract (module doc)."""
 
-    task: str  # "perplexity" | "classification" | "qa"
+    task: str  # a `TASKS` name
     primary: str
     metrics: dict[str, MetricValue]
     per_example: dict[str, list[float]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    statistics: dict[str, ExampleStatistic] = field(default_factory=dict)
+
+    def example_values(self, metric: str) -> list[np.ndarray] | None:
+        """The per-example arrays `statistics[metric]` reads (in its `keys()` order), or None
+        when the metric has no statistic or its values are missing or of unequal lengths."""
+        stat = self.statistics.get(metric)
+        if stat is None or any(k not in self.per_example for k in stat.keys()):
+            return None
+        arrays = [np.asarray(self.per_example[k], dtype=np.float64) for k in stat.keys()]
+        if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
+            return None
+        return arrays
 
     @property
     def value(self) -> float | None:

@@ -29,6 +29,7 @@ from worker.evaluation.tasks.base import (
     TaskRun,
     example_field,
     job_context,
+    mean_of,
     metric,
     require_causal,
 )
@@ -177,6 +178,7 @@ def evaluate_classification(
         primary="accuracy",
         metrics={"accuracy": metric("accuracy", float(correct.mean()) if n else None, ci, n, True)},
         per_example={"correct": correct.tolist()},
+        statistics={"accuracy": mean_of("correct")},
         details={
             "method": method,
             "classes": names,

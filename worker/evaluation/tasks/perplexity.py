@@ -26,6 +26,7 @@ import torch
 
 from worker.evaluation.bootstrap import bootstrap_ci
 from worker.evaluation.tasks.base import (
+    ExampleStatistic,
     Task,
     TaskResult,
     TaskRun,
@@ -147,6 +148,7 @@ def evaluate_perplexity(
         primary="perplexity",
         metrics={"perplexity": metric("perplexity", value, ci, int(valid.sum()), False)},
         per_example={"nll_sum": nll_sum.tolist(), "tokens": counts.tolist()},
+        statistics={"perplexity": ExampleStatistic("nll_sum", "tokens", "exp")},
         details={
             "tokens_scored": int(total),
             "mean_nll": finite_or_none(nll_sum.sum() / total) if total > 0 else None,

@@ -29,6 +29,7 @@ from worker.evaluation.tasks.base import (
     TaskRun,
     example_field,
     job_context,
+    mean_of,
     metric,
     require_causal,
 )
@@ -130,6 +131,7 @@ def evaluate_qa(
             "exact_match": metric("exact_match", float(em.mean()) if n else None, ci_em, n, True),
         },
         per_example={"f1": f1.tolist(), "exact_match": em.tolist()},
+        statistics={"f1": mean_of("f1"), "exact_match": mean_of("exact_match")},
         details={
             "prompt_template": prompt_template,
             "max_new_tokens": max_new_tokens,
