@@ -526,14 +526,22 @@ class HallucinationOptions(Strict):
         return self
 
 
+MitigationMethodName = Literal["contrastive"]  # the registry worker.mitigation.methods.METHODS
+
+
 class MitigateOptions(Strict):
-    """Contrastive fine-tuning of the most hallucination-prone layers, docs/method.md section 7.
+    """Mitigation of the most hallucination-prone layers, docs/method.md section 7: `method` at the
+    top-k EAVSS layers, and the same method at as many random other layers as a control.
 
     Data: the hallucination stage's split (same `test_fraction` and `seed`). The training
     split's distinct questions are divided into a tuning part (`tune_fraction`, of which
     `validation_fraction` decides early stopping) and a probe part that trains the detectors
     of the before/after evaluation; the test split is never trained on."""
 
+    method: MitigationMethodName = Field(
+        "contrastive",
+        description="The mitigation method: `contrastive` (tune the chosen blocks with InfoNCE + LM loss).",
+    )
     layers: list[Annotated[int, Field(ge=0, le=4095)]] | None = Field(
         None, min_length=1, max_length=256,
         description="Block indices to tune; null: the top `top_k` layers by EAVSS.",

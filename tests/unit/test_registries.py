@@ -8,8 +8,17 @@ from typing import get_args
 import pytest
 
 from app.config import Settings
-from app.schemas import ALL_SCORERS, ModelSpec, PruneOptions, ScorerName, TaskName
+from app.schemas import (
+    ALL_SCORERS,
+    MitigateOptions,
+    MitigationMethodName,
+    ModelSpec,
+    PruneOptions,
+    ScorerName,
+    TaskName,
+)
 from worker.evaluation.tasks import TASKS, TaskRun
+from worker.mitigation.methods import METHODS
 from worker.modelzoo import load_model
 from worker.scoring.scorers import SCORERS
 from worker.stage import JobContext
@@ -24,6 +33,11 @@ def test_schema_names_are_the_registries() -> None:
         scorer.options(PruneOptions())  # every scorer reads its options from the prune options
     for name, task in TASKS.items():
         assert task.name == name and task.description
+    assert get_args(MitigationMethodName) == tuple(METHODS)
+    fields = set(MitigateOptions.model_fields)
+    for name, method in METHODS.items():
+        assert method.name == name and method.description and method.units > 0
+        assert set(method.options) <= fields, (name, set(method.options) - fields)
 
 
 EXAMPLES = [

@@ -1,11 +1,13 @@
-"""A mitigation patch: the tuned blocks' weights as one safetensors file.
+"""A mitigation patch as one safetensors file.
 
-The file holds every parameter of the tuned blocks under its full name in the model
-(`model.layers.28.mlp.down_proj.weight`) and, in the safetensors metadata, the recipe
-that produced it plus a SHA-256 of each parameter's *base* value. `apply_patch` checks
-those hashes against the model it is applied to, so a patch made from one base model is
-refused on another (a different checkpoint, revision or dtype) instead of silently
-producing a hybrid.
+A weight patch (contrastive tuning) holds every parameter of the tuned blocks under its
+full name in the model (`model.layers.28.mlp.down_proj.weight`); a method that changes no
+weight holds its own small tensors (steering vectors, ...). In the safetensors metadata:
+the method's name (`recipe.method`; absent in older files: a weight patch), the recipe that
+produced the patch and a SHA-256 of each *base* parameter it was made from. `apply_patch`
+checks those hashes against the model it is applied to, so a patch made from one base
+model is refused on another (a different checkpoint, revision or dtype) instead of silently
+producing a hybrid, and then lets the method (`worker.mitigation.methods`) apply it.
 """
 
 from __future__ import annotations
@@ -94,9 +96,18 @@ def read_patch(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any], di
         digests = json.loads(meta.get("base_sha256") or "{}")
     except json.JSONDecodeError as exc:
         raise JobFailed("patch_invalid", f"the patch metadata is not valid JSON: {exc}") from exc
-    if set(digests) != set(tensors):
+    if not isinstance(recipe, dict) or not isinstance(digests, dict):
+        raise JobFailed("patch_invalid", "the patch metadata is not a recipe and a table of base digests")
+    if _is_weight_patch(recipe) and set(digests) != set(tensors):
         raise JobFailed("patch_invalid", "the patch metadata does not describe every tensor in it")
     return tensors, recipe, digests
+
+
+def _is_weight_patch(recipe: dict[str, Any]) -> bool:
+    from worker.mitigation.methods import METHODS
+
+    method = METHODS.get(str(recipe.get("method", "contrastive")))
+    return method is None or method.changes_weights
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -110,35 +121,40 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 
 def apply_patch(loaded: LoadedModel, data: bytes) -> dict[str, Any]:
-    """Copy the patch's tensors into `loaded.model` after checking that every target exists
-    with the same shape and dtype and still holds the base weights the patch was made from.
-    Returns the patch's recipe. JobFailed `patch_mismatch` when the model is another base."""
+    """Apply a patch file to `loaded.model` for good, after checking that every base parameter
+    it names exists with the same shape and dtype and still holds the value the patch was made
+    from (a weight patch: every tensor it replaces). Returns the patch's recipe. JobFailed
+    `patch_mismatch` when the model is another base, `patch_invalid` for an unknown method."""
+    from worker.mitigation.methods import METHODS
+
     tensors, recipe, digests = read_patch(data)
+    method = METHODS.get(str(recipe.get("method", "contrastive")))
+    if method is None:
+        raise JobFailed("patch_invalid", f"the patch was made by an unknown mitigation method {recipe.get('method')!r}")
     params = dict(loaded.model.named_parameters())
-    missing = sorted(set(tensors) - set(params))
+    missing = sorted(set(digests) - set(params))
     if missing:
         raise JobFailed(
             "patch_mismatch",
             f"the patch has {len(missing)} weights this model lacks (first: {missing[0]}); "
             f"it was made for {recipe.get('base_model', 'another model')!r}",
         )
-    for name, t in tensors.items():
+    for name, digest in digests.items():
         p = params[name]
-        if tuple(p.shape) != tuple(t.shape) or p.dtype != t.dtype:
+        t = tensors.get(name)
+        if t is not None and (tuple(p.shape) != tuple(t.shape) or p.dtype != t.dtype):
             raise JobFailed(
                 "patch_mismatch",
                 f"{name}: the patch holds {tuple(t.shape)} {t.dtype}, the model {tuple(p.shape)} {p.dtype} "
                 "(load the base with the dtype the patch was made with)",
             )
-        if tensor_digest(p) != digests[name]:
+        if tensor_digest(p) != digest:
             raise JobFailed(
                 "patch_mismatch",
                 f"{name} differs from the base weights the patch was made from: it was made for "
                 f"{recipe.get('base_model', 'another model')!r} ({recipe.get('base_source', '?')})",
             )
-    with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t.to(params[name].device))
+    method.load(loaded, tensors, recipe).apply(loaded)
     return recipe
 
 

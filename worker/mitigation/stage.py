@@ -1,4 +1,5 @@
-"""The `mitigate` stage: tune the most hallucination-prone blocks, measure before and after
+"""The `mitigate` stage: apply a mitigation method (`options.method`, one module in
+`worker.mitigation.methods`) at the most hallucination-prone blocks, measure before and after
 (docs/method.md section 7; paper sections 1 and 4).
 
 Data flow (`run_mitigate_stage`):
@@ -18,9 +19,10 @@ Data flow (`run_mitigate_stage`):
 4. Candidate groups for the tuning questions: the gold answer as positive; as negatives,
    the base model's own greedy answer when the lexical rules call it wrong, plus
    `negatives` gold answers of other tuning questions (never one the rules would accept).
-5. Tune the chosen blocks (`contrastive.train_blocks`), evaluate as in 2, write the patch
-   (tuned blocks only, with the recipe) and restore the base weights. With `control`,
-   the same again for as many randomly chosen *other* blocks (same data, steps, seed).
+5. Fit the method at the chosen blocks (`MitigationMethod.fit`: the model is left as it
+   was, the result is a `Patch`), evaluate as in 2 with the patch applied, remove it and
+   write it (with the recipe) as the artifact. With `control`, the same again for as
+   many randomly chosen *other* blocks (same method, data, budget, seed).
 6. Report: per variant the answer accuracy, perplexity and every detector's metrics with
    bootstrap 95% intervals; paired bootstrap intervals of each variant minus base (and
    EAVSS minus random) on the same test questions; per-answer rows of every variant.
@@ -38,7 +40,6 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar, TypedDict
 
 import numpy as np
-import torch
 
 from app.config import JudgeEndpoint
 from app.schemas import PATCH_ARTIFACT, HallucinationOptions, MitigateOptions
@@ -55,8 +56,8 @@ from worker.hallucination.stage import (
     question_key,
     split_examples,
 )
-from worker.mitigation.contrastive import CandidateGroup, TrainReport, train_blocks
-from worker.mitigation.patch import block_parameters, restore, save_patch, snapshot, tensor_digest
+from worker.mitigation.contrastive import CandidateGroup
+from worker.mitigation.methods import METHODS, MethodInput, MitigationMethod, TuningData
 from worker.modelzoo import LoadedModel
 from worker.progress import PhasedProgress
 from worker.scoring.agreement import Ranking
@@ -76,7 +77,6 @@ SCORER = "mitigation"
 LEXICAL_RULES = ("exact", "contains", "token_f1", "rouge_l")
 DELTA_METRICS = {"ece": ece, "brier": brier, "auroc": auroc}
 TABLE_DETECTOR_METRICS = ("acc@50", "cov@50", "ece", "brier", "auroc")
-UNITS_TRAIN = 20  # progress units of one tuning run
 
 
 class RuleParams(TypedDict):
@@ -151,7 +151,7 @@ class Variant:
     layers: list[int]
     run: HallucinationRun
     ppl: TaskResult | None
-    train: TrainReport | None
+    train: dict[str, Any] | None  # the method's report (`Patch.report`)
 
     @property
     def test_answers(self) -> list[AnswerRecord]:
@@ -285,16 +285,6 @@ def _choose_layers(
     return chosen, source, control_layers
 
 
-@dataclass
-class TuningData:
-    """Candidate groups of the tuning and validation questions (module doc, step 4)."""
-
-    fit: list[CandidateGroup]
-    val: list[CandidateGroup]
-    own_wrong: int  # base answers the lexical rules call wrong
-    negatives_mean: float
-
-
 def _tuning_groups(
     loaded: LoadedModel, plan: Plan, shots: Sequence[tuple[str, str]], hopts: HallucinationOptions,
     options: MitigateOptions, ctx: JobContext, on_batch: Callable[[int, int], None],
@@ -371,7 +361,7 @@ class _Evaluation:
     UNITS: ClassVar[int] = 40
     PPL_UNITS: ClassVar[int] = 4
 
-    def __call__(self, name: str, layers: list[int], train: TrainReport | None) -> Variant:
+    def __call__(self, name: str, layers: list[int], train: dict[str, Any] | None) -> Variant:
         run = analyze_hallucination(self.loaded, self.probe_part, self.test_examples, self.options,
                                     self.progress.sub_context(self.UNITS), dataset_name=self.dataset_name,
                                     judges=self.judges)
@@ -406,10 +396,11 @@ def run_mitigate_stage(
         raise JobFailed("model_unsupported", "the mitigate stage generates answers, so it needs a causal language model")
     started = time.monotonic()
     warnings: list[str] = []
+    method = METHODS[options.method]
     plan = _plan(loaded, train_examples, options, warnings)
     n_variants = 2 + (1 if plan.control else 0)
     units_eval = _Evaluation.UNITS + _Evaluation.PPL_UNITS
-    progress = PhasedProgress(ctx, STAGE, n_variants * units_eval + 5 + (n_variants - 1) * UNITS_TRAIN)
+    progress = PhasedProgress(ctx, STAGE, n_variants * units_eval + 5 + (n_variants - 1) * method.units)
     evaluate = _Evaluation(
         loaded, test_examples, plan.probe_part,
         hopts.model_copy(update={"detectors": list(options.eval_detectors), "layer_probes": False,
@@ -423,13 +414,13 @@ def run_mitigate_stage(
     recipe = {
         "base_model": loaded.name, "base_source": loaded.source,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        "options": options.model_dump(mode="json"),
+        "method": method.name, "options": options.model_dump(mode="json"),
         "hallucination_options": {k_: v for k_, v in evaluate.options.model_dump(mode="json").items() if k_ != "judge"},
         "dataset": dataset_name, "tuning_questions": len(data.fit), "validation_questions": len(data.val),
     }
     tuned = [("eavss", chosen)] + ([("random", control_layers)] if plan.control else [])
-    variants, artifacts, weight_change = _tune_and_evaluate(loaded, tuned, data, options, ctx, progress, evaluate,
-                                                            {**recipe, "layer_source": source}, warnings)
+    variants, artifacts, weight_change = _fit_and_evaluate(method, loaded, tuned, data, options, ctx, progress,
+                                                           evaluate, {**recipe, "layer_source": source}, warnings)
     metrics = _report_metrics([base, *variants], options)
     table = before_after_table(metrics, [base, *variants], options.eval_detectors)
     artifacts.append(ArtifactFile("before_after.md", "text/markdown", table.encode()))
@@ -444,37 +435,32 @@ def run_mitigate_stage(
                        warnings=warnings, answers=answers)
 
 
-def _tune_and_evaluate(
-    loaded: LoadedModel, tuned: Sequence[tuple[str, list[int]]], data: TuningData, options: MitigateOptions,
-    ctx: JobContext, progress: PhasedProgress, evaluate: _Evaluation, recipe: dict[str, Any], warnings: list[str],
+def _fit_and_evaluate(
+    method: MitigationMethod, loaded: LoadedModel, tuned: Sequence[tuple[str, list[int]]], data: TuningData,
+    options: MitigateOptions, ctx: JobContext, progress: PhasedProgress, evaluate: _Evaluation,
+    recipe: dict[str, Any], warnings: list[str],
 ) -> tuple[list[Variant], list[ArtifactFile], dict[str, dict[int, float]]]:
-    """Per tuned variant: tune its blocks, evaluate, write the patch (eavss only) and
-    restore the base weights, also on failure or cancel (module doc, step 5)."""
+    """Per variant: fit the method at its layers, evaluate with the patch applied and remove
+    it (also on failure or cancel), and write the eavss variant's patch (module doc, step 5)."""
     variants: list[Variant] = []
     artifacts: list[ArtifactFile] = []
     weight_change: dict[str, dict[int, float]] = {}
     for name, layers in tuned:
-        params = block_parameters(loaded, layers)
-        saved = snapshot(params)
-        try:
-            report = train_blocks(loaded, layers, data.fit, data.val, options, ctx,
-                                  on_step=progress.phase(UNITS_TRAIN))
-            if report.best_epoch == 0:
-                warnings.append(f"{name}: no epoch lowered the validation loss; the tuned weights equal the base")
-            after = snapshot(params)
-            weight_change[name] = _relative_change(saved, after, loaded)
-            variants.append(evaluate(name, list(layers), report))
-            if name == "eavss":
-                source = recipe["layer_source"]
-                full = {**{k: v for k, v in recipe.items() if k != "layer_source"}, "layers": list(layers),
-                        "layer_source": source, "training": report.to_dict()}
-                digests = {n: tensor_digest(t) for n, t in saved.items()}
-                artifacts.append(ArtifactFile(PATCH_ARTIFACT, "application/octet-stream",
-                                              save_patch(after, digests, full)))
-                artifacts.append(ArtifactFile("mitigation_recipe.json", "application/json",
-                                              json.dumps(full, indent=1, default=str).encode()))
-        finally:
-            restore(params, saved)
+        patch = method.fit(MethodInput(loaded, name, list(layers), data, options, ctx,
+                                       on_step=progress.phase(method.units)))
+        warnings.extend(f"{name}: {w}" for w in patch.warnings)
+        change = patch.weight_change(loaded)
+        if change is not None:
+            weight_change[name] = change
+        with patch.applied(loaded):
+            variants.append(evaluate(name, list(layers), patch.report))
+        if name == "eavss":
+            source = recipe["layer_source"]
+            full = {**{k: v for k, v in recipe.items() if k != "layer_source"}, "layers": list(layers),
+                    "layer_source": source, "training": patch.report}
+            artifacts.append(ArtifactFile(PATCH_ARTIFACT, "application/octet-stream", patch.to_bytes(full)))
+            artifacts.append(ArtifactFile("mitigation_recipe.json", "application/json",
+                                          json.dumps(full, indent=1, default=str).encode()))
     return variants, artifacts, weight_change
 
 
@@ -525,7 +511,8 @@ def _summary(
             "validation_questions": len(data.val), "test_answered": len(variants[0].test_answers),
             "own_wrong_answers_as_negatives": data.own_wrong, "negatives_mean": data.negatives_mean,
         },
-        "training": {v.name: v.train.to_dict() for v in variants if v.train is not None},
+        "method": options.method,
+        "training": {v.name: v.train for v in variants if v.train is not None},
         "table_markdown": table,
         "headline": {
             v.name: {
@@ -543,17 +530,3 @@ def _as_dict(m: MetricRow | None) -> dict[str, Any] | None:
     if m is None:
         return None
     return {"value": m.value, "ci_low": m.ci_low, "ci_high": m.ci_high, "n": m.n}
-
-
-def _relative_change(
-    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], loaded: LoadedModel
-) -> dict[int, float]:
-    """Per tuned block: ||W_after - W_before|| / ||W_before|| over all its parameters."""
-    path = loaded.adapter.block_list_path(loaded.model) + "."
-    num: dict[int, float] = {}
-    den: dict[int, float] = {}
-    for name, b in before.items():
-        layer = int(name[len(path):].split(".", 1)[0])
-        num[layer] = num.get(layer, 0.0) + float((after[name].double() - b.double()).pow(2).sum())
-        den[layer] = den.get(layer, 0.0) + float(b.double().pow(2).sum())
-    return {k_: (num[k_] ** 0.5) / (den[k_] ** 0.5 or 1.0) for k_ in num}

@@ -1,0 +1,44 @@
+"""Contrastive tuning of the chosen blocks (docs/method.md section 7; the training itself is
+`worker.mitigation.contrastive.train_blocks`): the patch is the tuned blocks' weights."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from worker.mitigation.contrastive import train_blocks
+from worker.mitigation.methods.base import MethodInput, MitigationMethod, WeightPatch, load_weight_patch
+from worker.mitigation.patch import block_parameters, restore, snapshot
+
+if TYPE_CHECKING:
+    from worker.modelzoo import LoadedModel
+
+
+class Contrastive(MitigationMethod):
+    name: ClassVar[str] = "contrastive"
+    description: ClassVar[str] = (
+        "InfoNCE between the question and the gold vs wrong answers at the chosen blocks' outputs, plus "
+        "lm_weight x the gold answer's LM loss; only the chosen blocks are tuned, early stopping on validation"
+    )
+    options: ClassVar[tuple[str, ...]] = (
+        "temperature", "lm_weight", "learning_rate", "epochs", "patience", "batch_size", "max_tokens", "seed",
+    )
+    changes_weights: ClassVar[bool] = True
+
+    def fit(self, inp: MethodInput) -> WeightPatch:
+        params = block_parameters(inp.loaded, inp.layers)
+        base = snapshot(params)
+        try:
+            report = train_blocks(inp.loaded, inp.layers, inp.data.fit, inp.data.val, inp.options, inp.ctx,
+                                  on_step=inp.on_step)
+            tuned = snapshot(params)
+        finally:
+            restore(params, base)
+        warnings = []
+        if report.best_epoch == 0:
+            warnings.append("no epoch lowered the validation loss; the tuned weights equal the base")
+        return WeightPatch(self.name, list(inp.layers), base, tuned, report.to_dict(), warnings)
+
+    def load(self, loaded: LoadedModel, tensors: dict[str, torch.Tensor], recipe: dict[str, Any]) -> WeightPatch:
+        return load_weight_patch(self.name, loaded, tensors, recipe)
