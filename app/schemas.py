@@ -260,7 +260,7 @@ class AvssOptions(Strict):
 
 
 ScorerName = Literal["avss", "gbis", "lrp", "cim", "block_influence", "angular_distance"]
-TaskName = Literal["perplexity", "qa", "classification"]
+TaskName = Literal["perplexity", "qa", "classification", "multiple_choice"]
 DEFAULT_TASKS: tuple[TaskName, ...] = ("perplexity", "qa")
 ALL_SCORERS: tuple[ScorerName, ...] = get_args(ScorerName)  # the order of the scorer registry (a test checks)
 
@@ -308,12 +308,16 @@ class PruneOptions(Strict):
         default_factory=lambda: list(DEFAULT_TASKS),
         min_length=1,
         description="Tasks measured; one the data cannot support (qa without question/answer fields, "
-        "classification without labels) is skipped with a warning.",
+        "classification without labels, multiple_choice without question and choices) is skipped with a "
+        "warning. `multiple_choice`: acc and acc_norm (lm-eval's definitions) of the choice of highest "
+        "log-likelihood, from rows with `question`, `choices` (a list) and the gold `label` (0-based index) or "
+        "`answer` (index or choice text).",
     )
     qa_dataset: DatasetSpec | None = Field(
         None,
-        description='Question/answer set for the qa task (e.g. {"name": "chatterbot-trivia"}), loaded by '
-        "the pipeline; default: the examples of the analysis dataset that have question and answer fields.",
+        description='Question/answer set for the qa and multiple_choice tasks (e.g. {"name": '
+        '"chatterbot-trivia"}), loaded by the pipeline; default: the examples of the analysis dataset that have '
+        "question and answer fields (multiple_choice: question and choices).",
     )
     random_seeds: int = Field(
         5, ge=0, le=100, description="Seeds of the random-layer baseline (mean reported)."
@@ -339,7 +343,12 @@ class PruneOptions(Strict):
     ppl_stride: int | None = Field(
         None, ge=1, le=MAX_TOKENS, description="Window stride (default window // 2)."
     )
-    qa_prompt: str = Field("Question: {question}\nAnswer:", max_length=2000)
+    qa_prompt: str = Field(
+        "Question: {question}\nAnswer:",
+        max_length=2000,
+        description="Prompt of the qa task and the context of the multiple_choice task (each choice is "
+        'scored as the continuation " " + choice).',
+    )
     qa_max_new_tokens: int = Field(24, ge=1, le=512)
     qa_chat_template: bool = Field(
         False, description="Wrap QA prompts in the tokenizer's chat template (instruct models)."

@@ -44,6 +44,7 @@ EXAMPLES = [
     {"text": "the cat sat on the mat", "label": 1},
     {"text": "rivers flow to the sea", "label": 0},
     {"question": "What is two plus two?", "answer": "four"},
+    {"question": "Which is a color?", "choices": ["red", "dog"], "answer": "red"},
 ]
 
 
