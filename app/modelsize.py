@@ -107,9 +107,15 @@ def _hub_cache(name: str, revision: str | None) -> ModelSize:
     except ImportError:  # pragma: no cover - transformers depends on it
         return UNKNOWN
     found = try_to_load_from_cache(name, "config.json", revision=revision)
-    if not isinstance(found, str):
+    return hub_config_size(Path(found)) if isinstance(found, str) else UNKNOWN
+
+
+def hub_config_size(config_file: Path) -> ModelSize:
+    """The size a hub model's downloaded (or cached) `config.json` gives; UNKNOWN when it gives none."""
+    try:
+        params = config_params(json.loads(config_file.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
         return UNKNOWN
-    params = config_params(json.loads(Path(found).read_text()))
     return ModelSize(params, "hub_cache_config") if params else UNKNOWN
 
 

@@ -174,3 +174,37 @@ def test_advice_names_only_what_would_fit() -> None:
     assert advice(seventy_b, 2, spread, torch.device("cuda")) == [
         'a worker that sees 2 GPUs of 80.0 GB (`layerscope worker --gpu 0,1`) with model.device_map "auto"'
     ]
+
+
+def test_preflight_fetches_an_uncached_hub_config_before_any_weight(tmp_path: Path, monkeypatch) -> None:
+    """A hub model whose config is not cached: its config.json alone is fetched, and a model that
+    cannot fit is refused before the weights' download would start (hf_hub_download stands in for
+    the hub, which this machine cannot reach)."""
+    import huggingface_hub
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        **LLAMA3_8B, "hidden_size": 8192, "num_hidden_layers": 80, "intermediate_size": 28672,
+        "num_attention_heads": 64, "architectures": ["LlamaForCausalLM"],
+    }))
+    asked: list[tuple[str, str, str | None]] = []
+
+    def fake_download(repo_id: str, filename: str, revision: str | None = None, **_: object) -> str:
+        asked.append((repo_id, filename, revision))
+        return str(config)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    settings = Settings(data_dir=tmp_path / "state")
+    spec = ModelSpec(name="example-org/llama-70b-uncached", device="cpu", dtype="bfloat16")
+    with pytest.raises(JobFailed) as info:
+        loading.load_model(spec, settings, use_cache=False)
+    assert asked == [("example-org/llama-70b-uncached", "config.json", None)]
+    assert info.value.error_type == "model_too_large"
+    assert "from its hub cache config" in info.value.detail and "Nothing was loaded" in info.value.detail
+
+    # Offline, nothing is fetched and the size stays unknown: no pre-flight verdict.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    asked.clear()
+    placement.preflight(spec, settings, torch.device("cpu"), torch.bfloat16, hub=True)
+    assert asked == []

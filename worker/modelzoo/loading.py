@@ -229,7 +229,8 @@ def load_model(spec: ModelSpec, settings: Settings, *, use_cache: bool = True) -
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-        preflight(spec, settings, device, dtype)  # model_too_large before any weight is read
+        # model_too_large before any weight is read (or downloaded)
+        preflight(spec, settings, device, dtype, hub=plan.source.startswith("hub:"))
         try:
             model, tokenizer, is_causal = plan.load(dtype, placement.from_pretrained_kwargs() if placement else {})
             model.eval()

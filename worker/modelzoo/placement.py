@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from app.config import Settings
-from app.modelsize import estimate, human_bytes
+from app.modelsize import UNKNOWN, ModelSize, estimate, hub_config_size, human_bytes
 from app.schemas import AnalysisSpec, ModelSpec
 from worker.stage import JobFailed
 
@@ -194,9 +194,15 @@ def budget(spec: ModelSpec, device: torch.device, settings: Settings) -> Budget 
     return Budget(devices, gpus, host, spread=True)
 
 
-def preflight(spec: ModelSpec, settings: Settings, device: torch.device, dtype: torch.dtype) -> None:
-    """Fail with `model_too_large` before loading when the weights cannot fit where they would go."""
+def preflight(
+    spec: ModelSpec, settings: Settings, device: torch.device, dtype: torch.dtype, *, hub: bool = False
+) -> None:
+    """Fail with `model_too_large` before loading when the weights cannot fit where they would go.
+    `hub`: the model comes from the Hugging Face hub; when its config is not cached yet, fetch
+    that one small file first, so a 70B model is refused before its 141 GB download starts."""
     size = estimate(spec, settings)
+    if size.params is None and hub:
+        size = _fetch_hub_config(spec)
     where = budget(spec, device, settings)
     if size.params is None or where is None:
         return
@@ -215,6 +221,20 @@ def preflight(spec: ModelSpec, settings: Settings, device: torch.device, dtype: 
         + ("Options that fit: " + "; ".join(options) + "." if options else "No option fits on this kind of worker.")
         + " Quantized (8-/4-bit) loading is not offered by this service.",
     )
+
+
+def _fetch_hub_config(spec: ModelSpec) -> ModelSize:
+    """Download `config.json` alone (a few KB, into the usual hub cache). Best effort: offline or
+    unreachable, the size stays unknown and the load that follows reports what went wrong."""
+    import huggingface_hub
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return UNKNOWN
+    try:
+        found = huggingface_hub.hf_hub_download(spec.name.strip(), "config.json", revision=spec.revision)
+    except Exception:  # noqa: BLE001 - any hub failure leaves the size unknown, never fails the job here
+        return UNKNOWN
+    return hub_config_size(Path(found))
 
 
 def advice(params: int, width: int, where: Budget, device: torch.device) -> list[str]:
