@@ -402,12 +402,18 @@ class PruneOptions(Strict):
         return self
 
 
-Detector = Literal["sequence_likelihood", "p_ik", "verbalized", "self_consistency", "length", "eavss_probe"]
+Detector = Literal[
+    "sequence_likelihood", "max_sequence_probability", "max_sequence_probability_no_end", "perplexity",
+    "mean_token_entropy", "p_ik", "verbalized", "self_consistency", "semantic_consistency", "length", "eavss_probe",
+]
 CorrectnessRule = Literal["exact", "contains", "token_f1", "rouge_l", "judge"]
 DEFAULT_RULES: tuple[CorrectnessRule, ...] = ("exact", "contains", "token_f1")
 DEFAULT_EVAL_DETECTORS: tuple[Detector, ...] = ("sequence_likelihood", "p_ik", "verbalized")
 
-ALL_DETECTORS: list[Detector] = ["sequence_likelihood", "p_ik", "verbalized", "self_consistency", "length", "eavss_probe"]
+ALL_DETECTORS: list[Detector] = [
+    "sequence_likelihood", "max_sequence_probability", "max_sequence_probability_no_end", "perplexity",
+    "mean_token_entropy", "p_ik", "verbalized", "self_consistency", "semantic_consistency", "length", "eavss_probe",
+]
 
 
 LEGACY_JUDGE = "free-url-judge-removed"  # what a stored spec from before named judges reads as

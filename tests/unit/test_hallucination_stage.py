@@ -29,7 +29,12 @@ from worker.hallucination.stage import (
 from worker.modelzoo import load_model
 from worker.stage import JobCancelled, JobContext, JobFailed
 
-DETECTORS = ["sequence_likelihood", "p_ik", "verbalized", "self_consistency", "length", "eavss_probe"]
+DETECTORS = [
+    "sequence_likelihood", "max_sequence_probability", "max_sequence_probability_no_end", "perplexity",
+    "mean_token_entropy", "p_ik", "verbalized", "self_consistency", "semantic_consistency", "length", "eavss_probe",
+]
+ANSWER_PHASE = {"sequence_likelihood", "max_sequence_probability", "max_sequence_probability_no_end", "perplexity",
+                "mean_token_entropy"}  # read the greedy answers: every answer scored
 
 
 def _says_yes(question: str) -> bool:
@@ -150,7 +155,7 @@ def test_detector_confidences_in_range(run) -> None:
         for d, v in r.confidence.items():
             if r.split == "test":
                 assert v is not None and 0.0 <= v <= 1.0, (d, v)
-            elif d != "sequence_likelihood":
+            elif d not in ANSWER_PHASE:
                 assert v is None  # probes are not scored on their own training answers
         if r.split == "test":
             assert len(r.samples) == 2 and r.verbalized_reply is not None

@@ -199,7 +199,7 @@ def analyze_hallucination(
     def run_detector(d: Detector, features: LayerFeatures | None = None) -> None:
         with timed(d.timing):
             on_batch = progress.phase(d.units(qa.n_test, options))
-            scored[d.name] = s = d.score(DetectorInput(loaded, options, ctx, answers, on_batch, features))
+            scored[d.name] = s = d.score(DetectorInput(loaded, options, ctx, answers, on_batch, features, dict(scored)))
             warnings.extend(s.warnings)
 
     scored: dict[str, Scored] = {}

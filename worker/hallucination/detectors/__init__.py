@@ -14,14 +14,31 @@ from __future__ import annotations
 from worker.hallucination.detectors.base import PHASES, Detector, DetectorInput, LayerFeatures, Phase, Scored
 from worker.hallucination.detectors.eavss_probe import EavssProbe
 from worker.hallucination.detectors.length import Length, length_features
+from worker.hallucination.detectors.max_sequence_probability import (
+    MaxSequenceProbability,
+    max_sequence_probability,
+)
+from worker.hallucination.detectors.max_sequence_probability_no_end import MaxSequenceProbabilityNoEnd
+from worker.hallucination.detectors.mean_token_entropy import (
+    MeanTokenEntropy,
+    entropy_confidence,
+    mean_token_entropy,
+)
 from worker.hallucination.detectors.p_ik import PIK
+from worker.hallucination.detectors.perplexity import Perplexity, inverse_perplexity
 from worker.hallucination.detectors.self_consistency import SelfConsistency, answers_match, self_consistency
+from worker.hallucination.detectors.semantic_consistency import (
+    SemanticConsistency,
+    semantic_clusters,
+    semantic_consistency,
+)
 from worker.hallucination.detectors.sequence_likelihood import SequenceLikelihood, sequence_likelihood
 from worker.hallucination.detectors.verbalized import Verbalized, verbalized_confidence
 from worker.hallucination.probe import probe_confidence
 
 _REGISTERED: tuple[Detector, ...] = (
-    SequenceLikelihood(), PIK(), Verbalized(), SelfConsistency(), Length(), EavssProbe(),
+    SequenceLikelihood(), MaxSequenceProbability(), MaxSequenceProbabilityNoEnd(), Perplexity(), MeanTokenEntropy(),
+    PIK(), Verbalized(), SelfConsistency(), SemanticConsistency(), Length(), EavssProbe(),
 )
 DETECTORS: dict[str, Detector] = {d.name: d for d in _REGISTERED}
 
@@ -34,9 +51,15 @@ __all__ = [
     "Phase",
     "Scored",
     "answers_match",
+    "entropy_confidence",
+    "inverse_perplexity",
     "length_features",
+    "max_sequence_probability",
+    "mean_token_entropy",
     "probe_confidence",
     "self_consistency",
+    "semantic_clusters",
+    "semantic_consistency",
     "sequence_likelihood",
     "verbalized_confidence",
 ]

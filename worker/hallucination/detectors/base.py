@@ -17,7 +17,7 @@ Phases, in the order the stage runs them:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -50,6 +50,7 @@ class DetectorInput:
     answers: Answers
     on_batch: Callable[[int, int], None]  # fills the detector's progress units
     features: LayerFeatures | None = None  # set in the probe phase
+    earlier: Mapping[str, Scored] = field(default_factory=dict)  # detectors of this run that ran before
 
 
 @dataclass

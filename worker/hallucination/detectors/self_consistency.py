@@ -45,6 +45,28 @@ def self_consistency(
     return out
 
 
+def sampling_units(n_test: int, options: HallucinationOptions) -> int:
+    k = options.self_consistency_k
+    return -(-(n_test * k) // (options.batch_size * k))
+
+
+def sample_answers(inp: DetectorInput) -> list[list[str]]:
+    """Per test question: its `self_consistency_k` answers sampled at `self_consistency_temperature`
+    (seeded), or those an earlier detector of this run already sampled (the same call)."""
+    for earlier in inp.earlier.values():
+        if earlier.samples is not None:
+            inp.on_batch(1, 1)
+            return earlier.samples
+    a, o = inp.answers, inp.options
+    k, n_test = o.self_consistency_k, a.qa.n_test
+    run = generate(
+        inp.loaded.model, inp.loaded.tokenizer, [a.qa.prompts[i] for i in a.qa.test_rows], max_new_tokens=o.max_new_tokens,
+        batch_size=o.batch_size * k, temperature=o.self_consistency_temperature, num_samples=k, seed=o.seed,
+        ctx=inp.ctx, on_batch=inp.on_batch,
+    )
+    return [[g.text for g in run.generations[j * k : (j + 1) * k]] for j in range(n_test)]
+
+
 class SelfConsistency(Detector):
     name = "self_consistency"
     phase = "sampling"
@@ -54,18 +76,11 @@ class SelfConsistency(Detector):
     timing = "generate_self_consistency"
 
     def units(self, n_test: int, options: HallucinationOptions) -> int:
-        k = options.self_consistency_k
-        return -(-(n_test * k) // (options.batch_size * k))
+        return sampling_units(n_test, options)
 
     def score(self, inp: DetectorInput) -> Scored:
         a, o = inp.answers, inp.options
-        k, n_test = o.self_consistency_k, a.qa.n_test
-        run = generate(
-            inp.loaded.model, inp.loaded.tokenizer, [a.qa.prompts[i] for i in a.qa.test_rows], max_new_tokens=o.max_new_tokens,
-            batch_size=o.batch_size * k, temperature=o.self_consistency_temperature, num_samples=k, seed=o.seed,
-            ctx=inp.ctx, on_batch=inp.on_batch,
-        )
-        per_q = [[g.text for g in run.generations[j * k : (j + 1) * k]] for j in range(n_test)]
+        per_q = sample_answers(inp)
         conf = self_consistency([a.texts[i] for i in a.qa.test_rows], per_q,
                                 contains_max_tokens=o.contains_max_tokens, f1_threshold=o.f1_threshold)
         return Scored(confidence=a.full(conf), samples=per_q)
