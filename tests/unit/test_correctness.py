@@ -65,11 +65,49 @@ def test_token_f1():
 
 
 def test_rouge_l_f1():
-    assert rouge_l_f1("the cat was on the mat", "the cat sat on the mat") == pytest.approx(0.75)
+    # LitCab keeps articles: LCS "the cat on the mat" = 5 of 6 tokens each side
+    assert rouge_l_f1("the cat was on the mat", "the cat sat on the mat") == pytest.approx(5 / 6)
     # order matters for ROUGE-L, not for token F1
     assert rouge_l_f1("mat on cat", "cat on mat") == pytest.approx(1 / 3)
     assert token_f1("mat on cat", "cat on mat") == 1.0
     assert rouge_l_f1("", "cat") == 0.0
+
+
+# (answer, gold, ROUGE-L F1 by LitCab's rule: rouge_score's RougeL, use_stemmer=True, worked by hand)
+LITCAB_PAIRS = [
+    ("sediments", "sediment", 1.0),  # Porter: sediment
+    ("cells", "cell", 1.0),  # "cells" -> cell; "cell" (4 letters) -> cell
+    ("golden eagles", "eagle", 2 / 3),  # eagl in both: P 1/2, R 1
+    ("eagle", "golden eagle", 2 / 3),
+    ("a hurricane", "hurricanes", 2 / 3),  # "a" stays a token: P 1/2, R 1
+    ("running water", "run", 2 / 3),  # running -> run; "run" (3 letters) is not stemmed
+    ("they are mammals", "mammal", 0.5),  # P 1/3, R 1
+    ("kinetic energy", "potential energy", 0.5),  # lenient: passes the 0.3 cut
+    ("Carbon dioxide (CO2)", "carbon dioxide", 0.8),  # co2 is a token: P 2/3, R 1
+    ("pupa stage", "the pupal stage", 0.4),  # pupa / pupal differ: LCS "stage"
+    ("Sun's energy", "solar energy", 0.4),  # sun, s, energi vs solar, energi
+    ("the sun", "sun", 2 / 3),
+    ("The mitochondria", "mitochondrion", 0.0),  # mitochondria / mitochondrion stem apart
+    ("nuclei", "nucleus", 0.0),
+    ("photosynthesis", "photosynthesizing", 0.0),
+    ("U.S.", "US", 0.0),  # u, s vs us
+    ("oxygen", "hydrogen", 0.0),
+    ("42", "forty-two", 0.0),
+    ("", "x", 0.0),
+]
+
+
+@pytest.mark.parametrize(("answer", "gold", "f1"), LITCAB_PAIRS)
+def test_rouge_l_is_litcabs_stemmed_rule(answer: str, gold: str, f1: float) -> None:
+    assert rouge_l_f1(answer, gold) == pytest.approx(f1)
+    assert (label_answer("q", answer, gold, rules=("rouge_l",))[0]) == (f1 > 0.3 and bool(answer))
+
+
+def test_rouge_l_equals_rouge_score_on_the_pairs() -> None:
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="rouge_score (lm_eval's dependency) absent")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for answer, gold, _ in LITCAB_PAIRS:  # LitCab: scorer.score(gold, answer)
+        assert rouge_l_f1(answer, gold) == pytest.approx(scorer.score(gold, answer)["rougeL"].fmeasure, abs=1e-12)
 
 
 def test_contains_match():

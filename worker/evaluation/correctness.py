@@ -11,9 +11,14 @@ Text handling
 - `token_f1`: SQuAD token F1 on normalized tokens (bag of tokens); if either
   side has no tokens it is 1.0 when both are empty, else 0.0 (SQuAD's rule).
 - `rouge_l_f1`: ROUGE-L F1 = 2PR/(P+R) from the longest common subsequence of
-  normalized tokens; 0.0 if either side is empty. (LitCab uses the
-  `rouge_score` package with Porter stemming on the raw gold string; this has
-  no stemming and uses SQuAD-normalized tokens, compared per alias.)
+  tokens, as LitCab computes it (`evaluate/get_rouge_correctness.py`:
+  `rouge_score`'s RougeL with `use_stemmer=True`): `litcab_tokens` lowercases,
+  turns every run of characters outside [a-z0-9] into a space, Porter-stems
+  (nltk's `PorterStemmer`, the one `rouge_score` uses) every token longer than 3
+  characters and keeps the tokens of [a-z0-9]; articles stay. So "sediments" /
+  "sediment", "cells" / "cell" score 1 and "golden eagles" / "eagle" 2/3.
+  0.0 if either side has no token. LitCab scores the raw gold string; we score
+  each alias and take the best.
 
 Rules (each compares the answer with every alias; "correct" if any alias
 passes). An answer whose normalization is empty is never correct under the
@@ -26,8 +31,9 @@ lexical rules.
   answers are left to `token_f1`/`rouge_l`/`judge`, because a long answer that
   lists many candidates would otherwise "contain" the gold.
 - `token_f1`: token F1 >= `f1_threshold` (0.5) with some alias.
-- `rouge_l`: ROUGE-L F1 > `rouge_threshold` (0.3) with some alias (LitCab's
-  fallback rule).
+- `rouge_l`: ROUGE-L F1 (stemmed, as LitCab) > `rouge_threshold` (0.3) with
+  some alias (LitCab's fallback rule; lenient: "kinetic energy" against
+  "potential energy" scores 0.5).
 - `judge`: an OpenAI-compatible chat-completions endpoint says whether the
   answer is semantically equivalent to a gold answer (`OpenAIJudge`). Off
   unless a judge is passed; in the service only a judge the operator
@@ -42,6 +48,7 @@ rule decided.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import string
@@ -61,6 +68,7 @@ __all__ = [
     "contains_match",
     "exact_match",
     "label_answer",
+    "litcab_tokens",
     "normalize_answer",
     "rouge_l_f1",
     "split_aliases",
@@ -129,9 +137,31 @@ def _lcs_len(a: list[str], b: list[str]) -> int:
     return prev[-1]
 
 
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+_ALNUM_TOKEN = re.compile(r"^[a-z0-9]+$")
+
+
+@functools.lru_cache(maxsize=1)
+def _porter() -> Any:
+    from nltk.stem import porter  # the worker extra (via lm_eval's rouge_score); only this rule needs it
+
+    return porter.PorterStemmer()
+
+
+@functools.lru_cache(maxsize=65536)
+def _stem(token: str) -> str:
+    return str(_porter().stem(token)) if len(token) > 3 else token
+
+
+def litcab_tokens(text: str) -> list[str]:
+    """The tokens LitCab's ROUGE-L compares (module doc: `rouge_score`'s tokenizer, stemmed)."""
+    tokens = (_stem(t) for t in _NON_ALNUM.sub(" ", text.lower()).split())
+    return [t for t in tokens if _ALNUM_TOKEN.match(t)]
+
+
 def rouge_l_f1(pred: str, gold: str) -> float:
-    """ROUGE-L F1 (LCS of normalized tokens, beta = 1); 0.0 if either side is empty."""
-    p, g = _tokens(pred), _tokens(gold)
+    """ROUGE-L F1 (LCS of LitCab's stemmed tokens, beta = 1); 0.0 if either side has no token."""
+    p, g = litcab_tokens(pred), litcab_tokens(gold)
     if not p or not g:
         return 0.0
     lcs = _lcs_len(p, g)
