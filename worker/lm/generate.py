@@ -25,6 +25,12 @@ hallucination stage.
   or when the ending newline sits inside the last answer token), for the estimators that
   count it, as lm-polygraph's do. Log-probabilities and entropies are always those of the
   model at temperature 1, also for sampled tokens.
+- Layer-contrast decoding (DoLa, worker/lm/dola.py) when `decoding` is given or the model
+  has a DoLa setting (`worker.lm.dola.decoding_of`, installed by a DoLa recipe patch): the
+  token is chosen by the contrast of the final layer with a premature layer among the
+  plausible tokens instead of by the final layer alone; the recorded log-probabilities and
+  entropies are still the final layer's. `GenerationRun.dola_layers` counts the premature
+  layers chosen.
 - Optionally the final hidden state (`hidden_states[-1]`, after the model's final norm
   where it has one) at the last prompt token, for the P(IK) probe.
 - Batches run through `AutoBatch` (worker/lm/batching.py): an out-of-memory halves the
@@ -44,6 +50,7 @@ import numpy as np
 import torch
 
 from worker.lm.batching import AutoBatch
+from worker.lm.dola import Dola, DolaSpec, DolaState, decoding_of
 from worker.lm.model import model_device
 from worker.lm.tokens import encode_texts, pad_id
 from worker.stage import JobContext, JobFailed
@@ -141,6 +148,7 @@ class GenerationRun:
     shared_prefix_tokens: int = 0
     batches: int = 0
     warnings: list[str] = field(default_factory=list)
+    dola_layers: dict[int, int] = field(default_factory=dict)  # DoLa: premature layer -> times chosen
 
 
 def _finish(
@@ -225,6 +233,8 @@ class _Decoder:
     cache_kw: str
     has_keep: bool
     prefix_cache: Any = None
+    dola: Dola | None = None
+    dola_rows: dict[tuple[int, int], dict[int, int]] = field(default_factory=dict)  # (prompt, sample) -> counts
 
     def forward(self, cache: Any, keep_one: bool, **inputs: Any) -> Any:
         kw: dict[str, Any] = {self.cache_kw: cache, "use_cache": True}
@@ -264,7 +274,7 @@ class _Decoder:
 
     def decode(
         self, cache: Any, logits: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-        generator: torch.Generator | None,
+        generator: torch.Generator | None, dola: DolaState | None = None,
     ) -> tuple[list[list[int]], list[list[float]], list[list[float]], list[bool]]:
         """Generate until every row stopped or the budget is spent: (tokens, their log-probs,
         the entropies of their distributions, stopped) per row; a stopped row leaves the batch."""
@@ -276,7 +286,9 @@ class _Decoder:
         done = [False] * bsz
         for step in range(self.max_new_tokens):
             logp = torch.log_softmax(logits, dim=-1)
-            if generator is None:
+            if self.dola is not None and dola is not None:
+                nxt = self.dola.pick(logits, dola, self.temperature, generator)
+            elif generator is None:
                 nxt = torch.argmax(logits, dim=-1)
             else:
                 probs = torch.softmax(logits / self.temperature, dim=-1)
@@ -295,6 +307,8 @@ class _Decoder:
             if not bool(keep.all()):
                 idx = torch.nonzero(keep).squeeze(-1)
                 cache.batch_select_indices(idx)
+                if dola is not None:
+                    dola.keep(idx)
                 nxt, mask, pos, active = nxt[idx], mask[idx], pos[idx], active[idx]
             mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
             pos = pos + 1
@@ -308,8 +322,15 @@ class _Decoder:
         if seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed)
-        cache, logits, mask, pos, hidden = self.prefill([i for i, _ in rows])
-        toks, lps, ents, done = self.decode(cache, logits, mask, pos, generator)
+        if self.dola is None:
+            cache, logits, mask, pos, hidden = self.prefill([i for i, _ in rows])
+            toks, lps, ents, done = self.decode(cache, logits, mask, pos, generator)
+        else:
+            with self.dola.hooks():
+                state = self.dola.start([self.enc[i] for i, _ in rows])
+                cache, logits, mask, pos, hidden = self.prefill([i for i, _ in rows])
+                toks, lps, ents, done = self.decode(cache, logits, mask, pos, generator, state)
+            self.dola_rows.update({row: state.counts[r] for r, row in enumerate(rows)})  # a retry overwrites
         gens = [_finish(self.tokenizer, toks[r], lps[r], ents[r], self.stops, hit_max=not done[r])
                 for r in range(len(rows))]
         return gens, hidden
@@ -349,12 +370,14 @@ def generate(
     add_special_tokens: bool = True,
     max_prompt_tokens: int | None = None,
     share_prefix: bool = True,
+    decoding: DolaSpec | None = None,
     ctx: JobContext | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> GenerationRun:
     """Answer every prompt (module doc). `batch_size` counts rows (prompt x sample). Prompts
     are tokenized with `add_special_tokens`, truncated to `max_prompt_tokens` when given.
     `share_prefix=False` runs the shared prefix in every batch (for the benchmark).
+    `decoding`: DoLa (module doc); None: the model's own setting (`decoding_of(model)`), if any.
     `on_batch(done, total)` is called after each batch; `ctx.check_cancelled()` before each
     batch. Raises `JobFailed("prompt_too_long")` when a prompt plus the answer budget
     exceeds the model's context."""
@@ -368,6 +391,11 @@ def generate(
     p = _common_prefix(enc) if share_prefix else 0
     dec = _Decoder(model, tokenizer, enc, p, _Stops.of(tokenizer, model), max_new_tokens, temperature,
                    capture_last_hidden, model_device(model), *_kwarg_names(model))
+    spec = decoding if decoding is not None else decoding_of(model)
+    if spec is not None:
+        from worker.modelzoo.adapters import adapter_for
+
+        dec.dola = Dola(model, adapter_for(model), spec)
     rows = [(i, j) for i in range(len(enc)) for j in range(num_samples)]
     # Longest suffix first: less padding, and an out-of-memory shows at once.
     rows.sort(key=lambda r: (-len(enc[r[0]]), r[0], r[1]))
@@ -402,4 +430,13 @@ def generate(
     return GenerationRun(
         generations=[g for g in results if g is not None], last_hidden=hidden, prompt_tokens=[len(x) for x in enc],
         shared_prefix_tokens=p, batches=batcher.done, warnings=[warning] if warning else [],
+        dola_layers=_layer_totals(dec.dola_rows.values()),
     )
+
+
+def _layer_totals(rows: Any) -> dict[int, int]:
+    total: dict[int, int] = {}
+    for counts in rows:
+        for layer, n in counts.items():
+            total[layer] = total.get(layer, 0) + n
+    return dict(sorted(total.items()))

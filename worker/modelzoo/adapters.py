@@ -31,6 +31,13 @@ OPT runs its MLP on flattened tokens, so its `mlp_activation` arrives as
 `[batch * pos, d_ff]`: `CaptureSite.flat_tokens` is True there. `CaptureSite.register`
 hooks a site and hands the tensor to a callback; it is the one hook implementation (the
 profiler's `worker.profiler.hooks.capture` registers through it too).
+
+`ArchitectureAdapter.logit_lens` maps a block's output to next-token logits the way the
+model maps its last block's output (for layer-contrast decoding, docs/method.md section
+8): the final norm (a sibling of the block list named `norm`, `final_layer_norm`, `ln_f`,
+`final_layernorm` or `norm_f`; none where the model has none, e.g. OPT-350m), OPT's
+`project_out` when it has one, the output embeddings (`get_output_embeddings()`), and the
+`final_logit_softcapping` of Gemma 2. Causal LMs only.
 """
 
 from __future__ import annotations
@@ -91,6 +98,29 @@ class BlockInfo:
     sites: dict[str, CaptureSite] = field(default_factory=dict)
 
 
+@dataclass
+class LogitLens:
+    """A block output `[..., d_model]` to next-token logits `[..., vocab]` (float32), through
+    the model's own final norm, projection, LM head and soft-capping (module doc)."""
+
+    head: torch.nn.Module
+    norm: torch.nn.Module | None = None
+    projection: torch.nn.Module | None = None
+    softcap: float | None = None
+    norm_path: str | None = None  # where the final norm was found (None: the model has none)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.projection is not None:
+            x = self.projection(x)
+        logits = self.head(x).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
 @dataclass(frozen=True)
 class SiteRule:
     """Where a site lives, relative to a block: `path` "" is the block itself."""
@@ -126,6 +156,41 @@ class ArchitectureAdapter:
     model_types: tuple[str, ...] = ()
     block_list_suffixes: tuple[str, ...] = ()
     site_rules: dict[str, SiteRule] = {"block_output": SiteRule("")}
+    final_norm_names: tuple[str, ...] = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
+    projection_names: tuple[str, ...] = ("project_out",)
+
+    # ---------------------------------------------------------------- logit lens
+
+    def logit_lens(self, model: torch.nn.Module) -> LogitLens:
+        """How the model turns its last block's output into logits (module doc); JobFailed
+        `model_unsupported` for a model without output embeddings."""
+        getter = getattr(model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        if not isinstance(head, torch.nn.Module):
+            raise JobFailed(
+                "model_unsupported",
+                f"{type(model).__name__} has no LM head (output embeddings), so its layers cannot be read as "
+                "next-token distributions",
+            )
+        path = self.block_list_path(model)
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        norm_path, norm = None, None
+        for name in self.final_norm_names:
+            found = _get_submodule(model, f"{parent}.{name}" if parent else name)
+            if found is not None:
+                norm_path, norm = (f"{parent}.{name}" if parent else name), found
+                break
+        projection = None
+        for name in self.projection_names:
+            found = _get_submodule(model, f"{parent}.{name}" if parent else name)
+            if found is not None:
+                projection = found
+                break
+        config = getattr(model, "config", None)
+        config = getattr(config, "text_config", None) or config
+        softcap = getattr(config, "final_logit_softcapping", None)
+        return LogitLens(head=head, norm=norm, projection=projection,
+                         softcap=float(softcap) if softcap else None, norm_path=norm_path)
 
     # ---------------------------------------------------------------- blocks
 
