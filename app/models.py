@@ -22,6 +22,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from app.layervalues import LayerValue
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -123,7 +125,7 @@ class LayerScore(Base):
     scorer: Mapped[str] = mapped_column(String(64), primary_key=True)
     layer: Mapped[int] = mapped_column(Integer, primary_key=True)
     block_name: Mapped[str] = mapped_column(String(255))
-    values: Mapped[dict[str, float | None]] = mapped_column(JSONType)
+    values: Mapped[dict[str, LayerValue]] = mapped_column(JSONType)  # typed by app.layervalues
 
 
 class Metric(Base):

@@ -13,7 +13,9 @@ import unicodedata
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic.json_schema import WithJsonSchema
 
+from app import layervalues
 from app.config import JUDGE_NAME
 
 MAX_EXAMPLES = 100_000
@@ -720,7 +722,7 @@ class LayerRowOut(BaseModel):
     scorer: str
     layer: int
     block_name: str
-    values: dict[str, float | None]
+    values: Annotated[dict[str, layervalues.LayerValue], WithJsonSchema(layervalues.json_schema())]
 
 
 class LayerTable(BaseModel):

@@ -117,9 +117,11 @@ class _Operations:
                               lambda r: Table(MetricTable.model_validate(r.json()).items), params=params))
 
     def table_csv(self, analysis_id: str, table: str, *, stage: str | None = None) -> Any:
-        """The `layers`, `metrics` or `answers` table as CSV text."""
-        params = {"format": "csv", **({"stage": stage} if stage else {})}
-        return self._run(Call("GET", f"/v1/analyses/{analysis_id}/{table}", lambda r: r.text, params=params))
+        """The `layers`, `metrics` or `answers` table as CSV text (`GET .../<table>.csv`)."""
+        if table not in ("layers", "metrics", "answers"):
+            raise ValueError(f"table must be layers, metrics or answers, not {table!r}")
+        params = {"stage": stage} if stage else {}
+        return self._run(Call("GET", f"/v1/analyses/{analysis_id}/{table}.csv", lambda r: r.text, params=params))
 
     def answers_page(self, analysis_id: str, *, page_token: str | None = None, page_size: int = 200,
                      **filters: Any) -> Any:

@@ -36,6 +36,10 @@ def test_prune_stage_ranks_by_avss_and_baselines(tmp_path: Path) -> None:
     scopes = {m.scope for m in prune.metrics}
     assert any("scorer=avss" in s for s in scopes) and any("scorer=block_influence" in s for s in scopes)
     assert {r.scorer for r in prune.layers} >= {"block_influence", "cim"}
+    # Ranks are ints and the prune flag a bool, from every scorer (app/layervalues.py).
+    assert all(type(r.values["rank"]) is int and type(r.values["prune"]) is bool for r in prune.layers)
+    assert all(type(r.values["count"]) is int and type(r.values["massive"]) is bool for r in saved["avss"].layers)
+    assert all(type(t["runs"]) is int for t in prune.summary["timing"].values())
     # Timed once, by the pipeline, for every stored stage.
     assert all(isinstance(r.summary["seconds"], float) for r in saved.values())
 
@@ -53,6 +57,7 @@ def test_hallucination_stage_through_the_pipeline(tmp_path: Path) -> None:
     result = saved["hallucination"]
     assert {m.scope for m in result.metrics} >= {"detector=sequence_likelihood", "detector=length"}
     assert {r.scorer for r in result.layers} == {"eavss"} and len(result.layers) == 4
+    assert all(type(r.values[k]) is int for r in result.layers for k in ("rank", "n_correct", "n_hallucinated"))
     assert {a.name for a in result.artifacts} >= {"answers.jsonl", "answers.csv"}
 
 

@@ -340,7 +340,7 @@ def measure_speedup(
         "original_seconds": t_orig,
         "pruned_seconds": t_pruned,
         "speedup": t_orig / t_pruned if t_pruned > 0 else math.nan,
-        "runs": float(len(original)),
+        "runs": len(original),
     }
 
 
@@ -775,13 +775,13 @@ def _layer_rows(job: _Prune, ranked: _Ranked, selection: _Selection) -> list[Lay
             rows = [
                 LayerRow(
                     layer=i, block_name=job.block_names[i], scorer=name,
-                    values={"rank": float(ranks[i]), **({"score": finite_or_none(given[i])} if given else {})},
+                    values={"rank": int(ranks[i]), **({"score": finite_or_none(given[i])} if given else {})},
                 )
                 for i in range(job.n_layers)
             ]
         cumulative = selection.details.get(name, {}).get("cumulative")
         for r in rows:
-            r.values["prune"] = 1.0 if r.layer in drop else 0.0
+            r.values["prune"] = r.layer in drop
             if cumulative is not None:
                 r.values["cumulative"] = finite_or_none(cumulative[r.layer])
         layers.extend(rows)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 from pydantic import BaseModel
 
+from app.layervalues import LayerValue
+
 if TYPE_CHECKING:
     from app.config import Settings
     from app.schemas import AnalysisSpec, DatasetSpec
@@ -68,12 +70,14 @@ class JobContext:
 
 @dataclass
 class LayerRow:
-    """One layer's numbers from one scorer (stored keyed by stage, scorer, layer)."""
+    """One layer's numbers from one scorer (stored keyed by stage, scorer, layer). Counts and
+    ranks are ints, flags bools (`app.layervalues` lists them; the job store writes every row
+    through it), the rest floats or None."""
 
     layer: int
     block_name: str
     scorer: str
-    values: dict[str, float | None]
+    values: dict[str, LayerValue]
 
 
 @dataclass

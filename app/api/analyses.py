@@ -27,6 +27,7 @@ from app.auth import Principal, require
 from app.config import Settings
 from app.db import rowcount
 from app.deps import get_session, get_settings_dep
+from app.layervalues import typed
 from app.models import Analysis, AnalysisLabel, Artifact, LayerScore, Metric, utcnow
 from app.problems import Problem
 from app.routing import route
@@ -430,25 +431,28 @@ def _csv_response(header: list[str], rows: list[list[Any]]) -> Response:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
-    writer.writerows(["" if v is None else v for v in r] for r in rows)
+    writer.writerows(["" if v is None else int(v) if isinstance(v, bool) else v for v in r] for r in rows)
     return Response(buf.getvalue(), media_type="text/csv")
 
 
-@router.get(
-    "/{analysis_id}/layers",
-    response_model=LayerTable,
-    summary="Per-layer statistics and scores",
-    description="One row per (stage, scorer, layer). `?format=csv` gives one column per value.",
-    responses={200: {"content": {"text/csv": {}}}, **PROBLEM_RESPONSES},
-)
-def get_layers(
-    analysis_id: str,
-    stage: Annotated[str | None, Query(max_length=32)] = None,
-    scorer: Annotated[str | None, Query(max_length=64)] = None,
-    format: Format = "json",
-    principal: Principal = Depends(require("read")),
-    session: Session = Depends(get_session),
-) -> Any:
+def csv_responses(description: str, headers: dict[str, Any] | None = None) -> dict[int | str, dict[str, Any]]:
+    """The responses of a CSV operation: 200 is `text/csv` text (a generated client returns it as a
+    string), errors are problem+json as everywhere."""
+    ok: dict[str, Any] = {"description": description, "content": {"text/csv": {"schema": {"type": "string"}}}}
+    if headers:
+        ok["headers"] = headers
+    return {200: ok, **PROBLEM_RESPONSES}
+
+
+# `?format=csv` on a JSON route still answers CSV (curl, pandas, the dashboard's links) but is not
+# in the OpenAPI document: a client generated from it would parse the CSV as JSON. The `.csv`
+# operations are the documented way.
+FormatQuery = Annotated[Format, Query(include_in_schema=False)]
+
+
+def _layer_items(
+    session: Session, principal: Principal, analysis_id: str, stage: str | None, scorer: str | None
+) -> tuple[Analysis, list[LayerRowOut]]:
     row = _get_owned(session, principal, analysis_id)
     query = select(LayerScore).where(LayerScore.analysis_id == row.id)
     if stage:
@@ -456,44 +460,116 @@ def get_layers(
     if scorer:
         query = query.where(LayerScore.scorer == scorer)
     rows = list(session.scalars(query.order_by(LayerScore.stage, LayerScore.scorer, LayerScore.layer)))
-    items = [
-        LayerRowOut(stage=r.stage, scorer=r.scorer, layer=r.layer, block_name=r.block_name, values=r.values)
+    return row, [
+        LayerRowOut(stage=r.stage, scorer=r.scorer, layer=r.layer, block_name=r.block_name, values=typed(r.values or {}))
         for r in rows
     ]
+
+
+def _layers_csv(items: list[LayerRowOut]) -> Response:
+    keys = sorted({k for r in items for k in r.values})
+    return _csv_response(
+        ["stage", "scorer", "layer", "block_name", *keys],
+        [[r.stage, r.scorer, r.layer, r.block_name, *(r.values.get(k) for k in keys)] for r in items],
+    )
+
+
+StageQuery = Annotated[str | None, Query(max_length=32, description="Only this stage's rows.")]
+ScorerQuery = Annotated[str | None, Query(max_length=64, description="Only this scorer's rows.")]
+
+
+@router.get(
+    "/{analysis_id}/layers",
+    response_model=LayerTable,
+    summary="Per-layer statistics and scores",
+    description="One row per (stage, scorer, layer). The same table as CSV: `GET .../layers.csv`.",
+    responses=PROBLEM_RESPONSES,
+)
+def get_layers(
+    analysis_id: str,
+    stage: StageQuery = None,
+    scorer: ScorerQuery = None,
+    format: FormatQuery = "json",
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> Any:
+    row, items = _layer_items(session, principal, analysis_id, stage, scorer)
     if format == "csv":
-        keys = sorted({k for r in items for k in r.values})
-        return _csv_response(
-            ["stage", "scorer", "layer", "block_name", *keys],
-            [[r.stage, r.scorer, r.layer, r.block_name, *(r.values.get(k) for k in keys)] for r in items],
-        )
+        return _layers_csv(items)
     return LayerTable(analysis_id=row.id, items=items)
+
+
+@router.get(
+    "/{analysis_id}/layers.csv",
+    response_class=Response,
+    summary="Per-layer statistics and scores as CSV",
+    description="The rows of `GET .../layers` as CSV: one column per value, flags as 1/0, empty where null.",
+    responses=csv_responses("The per-layer table as CSV"),
+)
+def get_layers_csv(
+    analysis_id: str,
+    stage: StageQuery = None,
+    scorer: ScorerQuery = None,
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> Response:
+    return _layers_csv(_layer_items(session, principal, analysis_id, stage, scorer)[1])
+
+
+METRIC_COLUMNS = ["stage", "scope", "name", "value", "ci_low", "ci_high", "n"]
+
+
+def _metric_items(
+    session: Session, principal: Principal, analysis_id: str, stage: str | None
+) -> tuple[Analysis, list[MetricOut]]:
+    row = _get_owned(session, principal, analysis_id)
+    query = select(Metric).where(Metric.analysis_id == row.id)
+    if stage:
+        query = query.where(Metric.stage == stage)
+    return row, [
+        MetricOut(stage=m.stage, scope=m.scope, name=m.name, value=m.value, ci_low=m.ci_low, ci_high=m.ci_high, n=m.n)
+        for m in session.scalars(query.order_by(Metric.stage, Metric.scope, Metric.name))
+    ]
+
+
+def _metrics_csv(items: list[MetricOut]) -> Response:
+    return _csv_response(METRIC_COLUMNS, [[getattr(m, c) for c in METRIC_COLUMNS] for m in items])
 
 
 @router.get(
     "/{analysis_id}/metrics",
     response_model=MetricTable,
     summary="Evaluation metrics with confidence intervals",
-    responses={200: {"content": {"text/csv": {}}}, **PROBLEM_RESPONSES},
+    description="The same table as CSV: `GET .../metrics.csv`.",
+    responses=PROBLEM_RESPONSES,
 )
 def get_metrics(
     analysis_id: str,
-    stage: Annotated[str | None, Query(max_length=32)] = None,
-    format: Format = "json",
+    stage: StageQuery = None,
+    format: FormatQuery = "json",
     principal: Principal = Depends(require("read")),
     session: Session = Depends(get_session),
 ) -> Any:
-    row = _get_owned(session, principal, analysis_id)
-    query = select(Metric).where(Metric.analysis_id == row.id)
-    if stage:
-        query = query.where(Metric.stage == stage)
-    items = [
-        MetricOut(stage=m.stage, scope=m.scope, name=m.name, value=m.value, ci_low=m.ci_low, ci_high=m.ci_high, n=m.n)
-        for m in session.scalars(query.order_by(Metric.stage, Metric.scope, Metric.name))
-    ]
+    row, items = _metric_items(session, principal, analysis_id, stage)
     if format == "csv":
-        cols = ["stage", "scope", "name", "value", "ci_low", "ci_high", "n"]
-        return _csv_response(cols, [[getattr(m, c) for c in cols] for m in items])
+        return _metrics_csv(items)
     return MetricTable(analysis_id=row.id, items=items)
+
+
+@router.get(
+    "/{analysis_id}/metrics.csv",
+    response_class=Response,
+    summary="Evaluation metrics as CSV",
+    description=f"The rows of `GET .../metrics` as CSV, columns {', '.join(METRIC_COLUMNS)}.",
+    responses=csv_responses("The metrics table as CSV"),
+)
+def get_metrics_csv(
+    analysis_id: str,
+    stage: StageQuery = None,
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> Response:
+    return _metrics_csv(_metric_items(session, principal, analysis_id, stage)[1])
 
 
 @router.get(

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from app.api.analyses import (
     PROBLEM_RESPONSES,
-    Format,
+    FormatQuery,
     _csv_response,
     _get_owned,
+    csv_responses,
     decode_cursor,
     encode_cursor,
 )
@@ -74,7 +75,7 @@ def _out(a: Answer) -> AnswerOut:
     )
 
 
-def _csv(items: list[AnswerOut], next_token: str | None) -> Any:
+def _csv(items: list[AnswerOut], next_token: str | None) -> Response:
     detectors = sorted({d for a in items for d in a.confidence})
     head = ["stage", "scope", "id", "split", "question", "gold", "answer", "correct", "rule", "n_tokens", "stop"]
     response = _csv_response(
@@ -94,45 +95,11 @@ def _csv(items: list[AnswerOut], next_token: str | None) -> Any:
     return response
 
 
-@router.get(
-    "/{analysis_id}/answers",
-    response_model=AnswerPage,
-    summary="Per-answer table: every question a stage answered",
-    description=(
-        "One row per answered question of the `hallucination` stage (and of `mitigate`, one `scope` per model "
-        "variant): the question, its gold aliases, the model's answer, whether a correctness rule accepted it "
-        "(and which), its length and why generation stopped, each detector's confidence (null where it has "
-        "none), the verbalized-confidence reply and self-consistency samples (test split). Filter by `stage`, "
-        "`scope`, `split` and `correct`; rows come in (stage, scope, id) order, at most `page_size` at a time, "
-        "with `next_page_token` for the next page. `?format=csv` gives the same page as CSV (one "
-        "`confidence_<detector>` column per detector, `correct` as 1/0, `samples` and `meta` as JSON) and the "
-        f"next page's token in the `{NEXT_PAGE_HEADER}` header."
-    ),
-    responses={
-        200: {
-            "content": {"text/csv": {}},
-            "headers": {NEXT_PAGE_HEADER: {"description": "CSV only: the token of the next page, when there is one",
-                                           "schema": {"type": "string"}}},
-        },
-        **PROBLEM_RESPONSES,
-    },
-)
-def list_answers(
-    analysis_id: str,
-    stage: Annotated[
-        str | None, Query(max_length=32, pattern=NO_NUL, description="Only this stage's answers.")
-    ] = None,
-    scope: Annotated[
-        str | None, Query(max_length=255, pattern=NO_NUL, description="Only this scope (e.g. `variant=base`).")
-    ] = None,
-    split: Annotated[Literal["train", "test"] | None, Query(description="Only this split.")] = None,
-    correct: Annotated[bool | None, Query(description="Only correct (true) or only wrong (false) answers.")] = None,
-    page_size: Annotated[int, Query(ge=1, le=1000)] = 100,
-    page_token: Annotated[str | None, Query(max_length=8192)] = None,
-    format: Format = "json",
-    principal: Principal = Depends(require("read")),
-    session: Session = Depends(get_session),
-) -> Any:
+def _page(
+    session: Session, principal: Principal, analysis_id: str, stage: str | None, scope: str | None,
+    split: str | None, correct: bool | None, page_size: int, page_token: str | None,
+) -> tuple[str, list[AnswerOut], str | None]:
+    """(analysis id, one page of answers, the next page's token or None)."""
     row = _get_owned(session, principal, analysis_id)
     query = select(Answer).where(Answer.analysis_id == row.id)
     if stage is not None:
@@ -156,7 +123,75 @@ def list_answers(
     more = len(rows) > page_size
     rows = rows[:page_size]
     next_token = encode_cursor([rows[-1].stage, rows[-1].scope, rows[-1].answer_id]) if more else None
-    items = [_out(a) for a in rows]
+    return row.id, [_out(a) for a in rows], next_token
+
+
+StageFilter = Annotated[str | None, Query(max_length=32, pattern=NO_NUL, description="Only this stage's answers.")]
+ScopeFilter = Annotated[
+    str | None, Query(max_length=255, pattern=NO_NUL, description="Only this scope (e.g. `variant=base`).")
+]
+SplitFilter = Annotated[Literal["train", "test"] | None, Query(description="Only this split.")]
+CorrectFilter = Annotated[bool | None, Query(description="Only correct (true) or only wrong (false) answers.")]
+PageSize = Annotated[int, Query(ge=1, le=1000)]
+PageToken = Annotated[str | None, Query(max_length=8192)]
+
+
+@router.get(
+    "/{analysis_id}/answers",
+    response_model=AnswerPage,
+    summary="Per-answer table: every question a stage answered",
+    description=(
+        "One row per answered question of the `hallucination` stage (and of `mitigate`, one `scope` per model "
+        "variant): the question, its gold aliases, the model's answer, whether a correctness rule accepted it "
+        "(and which), its length and why generation stopped, each detector's confidence (null where it has "
+        "none), the verbalized-confidence reply and self-consistency samples (test split). Filter by `stage`, "
+        "`scope`, `split` and `correct`; rows come in (stage, scope, id) order, at most `page_size` at a time, "
+        "with `next_page_token` for the next page. The same page as CSV: `GET .../answers.csv`."
+    ),
+    responses=PROBLEM_RESPONSES,
+)
+def list_answers(
+    analysis_id: str,
+    stage: StageFilter = None,
+    scope: ScopeFilter = None,
+    split: SplitFilter = None,
+    correct: CorrectFilter = None,
+    page_size: PageSize = 100,
+    page_token: PageToken = None,
+    format: FormatQuery = "json",
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> Any:
+    ident, items, next_token = _page(session, principal, analysis_id, stage, scope, split, correct, page_size,
+                                     page_token)
     if format == "csv":
         return _csv(items, next_token)
-    return AnswerPage(analysis_id=row.id, items=items, next_page_token=next_token)
+    return AnswerPage(analysis_id=ident, items=items, next_page_token=next_token)
+
+
+@router.get(
+    "/{analysis_id}/answers.csv",
+    response_class=Response,
+    summary="Per-answer table as CSV",
+    description=(
+        "The page of `GET .../answers` as CSV (same filters and paging): one `confidence_<detector>` column per "
+        "detector, `correct` as 1/0, `samples` and `meta` as JSON, and the next page's token in the "
+        f"`{NEXT_PAGE_HEADER}` header."
+    ),
+    responses=csv_responses("One page of answers as CSV", headers={
+        NEXT_PAGE_HEADER: {"description": "The token of the next page, when there is one", "schema": {"type": "string"}},
+    }),
+)
+def list_answers_csv(
+    analysis_id: str,
+    stage: StageFilter = None,
+    scope: ScopeFilter = None,
+    split: SplitFilter = None,
+    correct: CorrectFilter = None,
+    page_size: PageSize = 100,
+    page_token: PageToken = None,
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> Response:
+    _, items, next_token = _page(session, principal, analysis_id, stage, scope, split, correct, page_size, page_token)
+    return _csv(items, next_token)

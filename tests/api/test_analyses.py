@@ -205,6 +205,8 @@ def test_result_tables_json_csv_and_artifacts(api: Api) -> None:
     assert metrics["prune_count"]["value"] == 1.0 and metrics["prune_count"]["n"] == 3
     assert metrics["inf"]["value"] is None
     assert "prune_count" in api.get(f"{base}/metrics", params={"format": "csv"}).text
+    assert api.get(f"{base}/metrics.csv").text == api.get(f"{base}/metrics", params={"format": "csv"}).text
+    assert_problem(api.get("/v1/analyses/00000000-0000-0000-0000-000000000000/layers.csv"), 404)
 
     arts = api.get(f"{base}/artifacts").json()["items"]
     assert [a["name"] for a in arts] == ["avss.svg"]
@@ -316,3 +318,46 @@ def test_rate_limit_per_key_is_429_with_retry_after(db_url: str, tmp_path) -> No
     # Another key has its own bucket; health is never limited.
     assert client.get("/v1/analyses", headers={"Authorization": f"Bearer {other}"}).status_code == 200
     assert all(client.get("/healthz").status_code == 200 for _ in range(20))
+
+
+def test_layer_values_come_back_as_ints_bools_and_floats(api: Api) -> None:
+    """Ranks and counts are integers and flags booleans in JSON and CSV, whether a stage handed
+    over 1.0 or 1, and for rows stored as floats before the values were typed."""
+    job = submit(api)
+    token = jobstore.claim(api.sf, job["id"], "test-worker")
+    rows = [LayerRow(layer=i, block_name=f"model.layers.{i}", scorer="avss",
+                     values={"rank": float(2 - i), "prune": 1.0 if i == 1 else 0.0, "count": 64.0,
+                             "avss": 0.5, "variance": 2.0, "rank_alt": math.nan})
+            for i in range(2)]
+    jobstore.save_stage(api.sf, api.settings, job["id"], token, StageResult(stage="avss", layers=rows))
+    with api.sf() as s:  # a row as the worker wrote it before: every value a float
+        from app.models import LayerScore
+        s.add(LayerScore(analysis_id=job["id"], stage="profile", scorer="profile", layer=0, block_name="b",
+                         values={"block_output.count": 8704.0, "block_output.tokens": 136.0,
+                                 "block_output.rms": 1.0}))
+        s.commit()
+    jobstore.finish(api.sf, job["id"], token, JobState.SUCCEEDED)
+    base = f"/v1/analyses/{job['id']}"
+
+    items = api.get(f"{base}/layers", params={"stage": "avss"}).json()["items"]
+    got = [r["values"] for r in items]
+    assert [v["rank"] for v in got] == [2, 1] and all(type(v["rank"]) is int for v in got)
+    assert [v["prune"] for v in got] == [False, True]
+    assert all(type(v["count"]) is int and type(v["avss"]) is float for v in got)
+    assert got[0]["variance"] == 2.0 and type(got[0]["variance"]) is float  # an integral float stays a number
+    assert got[0]["rank_alt"] is None
+    old = api.get(f"{base}/layers", params={"stage": "profile"}).json()["items"][0]["values"]
+    assert old == {"block_output.count": 8704, "block_output.tokens": 136, "block_output.rms": 1.0}
+    assert type(old["block_output.count"]) is int and type(old["block_output.rms"]) is float
+
+    text = api.get(f"{base}/layers", params={"stage": "avss", "format": "csv"}).text
+    as_csv = api.get(f"{base}/layers.csv", params={"stage": "avss"})
+    assert as_csv.headers["content-type"].startswith("text/csv") and as_csv.text == text
+    csv_rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["rank"], r["prune"], r["count"], r["rank_alt"]) for r in csv_rows] == [("2", "0", "64", ""),
+                                                                                   ("1", "1", "64", "")]
+
+    schema = api.client.get("/openapi.json").json()["components"]["schemas"]["LayerRowOut"]["properties"]["values"]
+    assert schema["properties"]["rank"]["anyOf"][0] == {"type": "integer"}
+    assert schema["properties"]["prune"]["anyOf"][0] == {"type": "boolean"}
+    assert schema["additionalProperties"] == {"anyOf": [{"type": "number"}, {"type": "null"}]}

@@ -4,6 +4,7 @@ server: submit, poll to SUCCEEDED, and typed problems (not None) for a 404 and a
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -46,8 +47,8 @@ def test_generated_client_submits_polls_and_gets_typed_problems(
     generated: object, live_server: tuple[str, str]
 ) -> None:
     from layerscope_client import AuthenticatedClient
-    from layerscope_client.api.analyses import get_analysis, submit_analysis
-    from layerscope_client.models import AnalysisOut, AnalysisSpec, Problem
+    from layerscope_client.api.analyses import get_analysis, get_layers, get_layers_csv, submit_analysis
+    from layerscope_client.models import AnalysisOut, AnalysisSpec, LayerTable, Problem
 
     base, key = live_server
     client = AuthenticatedClient(base_url=base, token=key)
@@ -61,6 +62,20 @@ def test_generated_client_submits_polls_and_gets_typed_problems(
         job = get_analysis.sync(job.id, client=client)
         assert isinstance(job, AnalysisOut), job
     assert job.state == "SUCCEEDED", job.error
+
+    table = get_layers.sync(job.id, client=client, stage="avss")
+    assert isinstance(table, LayerTable) and len(table.items) == 4
+    values = [row.values for row in table.items]  # typed attributes for ranks and flags, numbers for the rest
+    assert sorted(v.rank for v in values) == [1, 2, 3, 4] and all(type(v.rank) is int for v in values)
+    assert all(type(v.prune) is bool for v in values) and sum(v.prune for v in values) == 1
+    assert all(type(v["avss"]) is float for v in values)
+
+    # CSV is its own operation answering text; the JSON operation cannot be asked for CSV.
+    assert "format_" not in inspect.signature(get_layers.sync).parameters
+    text = get_layers_csv.sync(job.id, client=client, stage="avss")
+    assert isinstance(text, str) and text.startswith("stage,scorer,layer,block_name,") and len(text.splitlines()) == 5
+    missing_csv = get_layers_csv.sync(str(uuid.uuid4()), client=client)
+    assert isinstance(missing_csv, Problem) and missing_csv.status == 404
 
     missing = get_analysis.sync(str(uuid.uuid4()), client=client)
     assert isinstance(missing, Problem) and missing.status == 404

@@ -33,6 +33,8 @@ def test_client_submits_waits_and_reads_typed_results(live_server: tuple[str, st
         frame = layers.to_frame()
         assert {"layer", "scorer", "avss", "rank"} <= set(frame.columns) and len(frame) == 4
         assert sorted(frame["rank"].tolist()) == [1, 2, 3, 4]
+        assert all(type(r.values["rank"]) is int and type(r.values["prune"]) is bool for r in layers)
+        assert str(frame["rank"].dtype) == "int64" and str(frame["prune"].dtype) == "bool"
         assert ls.metrics(job.id).to_frame().shape[0] == len(ls.metrics(job.id))
         assert ls.list(page_size=5).items[0].id == job.id
 

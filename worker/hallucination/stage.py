@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from app.config import JudgeEndpoint
+from app.layervalues import LayerValue
 from app.schemas import AvssOptions, HallucinationOptions, ProfileOptions
 from worker.evaluation.calibration import MetricEstimate, calibration_report, to_metric_rows
 from worker.evaluation.correctness import tally_rules
@@ -445,13 +446,13 @@ def _layer_probe_rows(
         ctx.check_cancelled()
         conf, probe = probes.probe_confidence(prof.pooled[:n_train, li, :], answers.y_train,
                                               prof.pooled[n_train:, li, :], l2=options.probe_l2, seed=options.seed)
-        values: dict[str, float | None] = {}
+        values: dict[str, LayerValue] = {}
         for metric, est in _report(conf, answers.y_test, options).items():
             values[metric] = finite_or_none(est.value)
             if metric in ("auroc", "ece", "brier", "acc@50"):
                 values[f"{metric}_ci_low"] = finite_or_none(est.ci_low)
                 values[f"{metric}_ci_high"] = finite_or_none(est.ci_high)
-        values.update(n=float(n_test), n_train=float(n_train), l2=float(probe.l2), eavss_rank=float(eav.rank[li]))
+        values.update(n=int(n_test), n_train=int(n_train), l2=float(probe.l2), eavss_rank=int(eav.rank[li]))
         rows.append(LayerRow(layer=prof.layer_ids[li], block_name=prof.block_names[li], scorer=LAYER_PROBE,
                              values=values))
     return rows

@@ -307,7 +307,7 @@ def train_blocks(
             model.eval()
             val = _validation_loss(loaded, layers, val_groups, options)
             history.append({
-                "epoch": float(epoch),
+                "epoch": int(epoch),
                 "train_infonce": float(np.mean([a for a, _ in losses])),
                 "train_lm": float(np.mean([b for _, b in losses])),
                 "val_loss": val,

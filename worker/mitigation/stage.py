@@ -485,9 +485,9 @@ def _layer_rows(
 ) -> list[LayerRow]:
     return [
         LayerRow(layer=b.index, block_name=b.name, scorer=SCORER, values={
-            "eavss_rank": float(rank_of[b.index]) if b.index in rank_of else None,
-            "tuned": 1.0 if b.index in chosen else 0.0,
-            "control": 1.0 if b.index in control_layers else 0.0,
+            "eavss_rank": int(rank_of[b.index]) if b.index in rank_of else None,
+            "tuned": b.index in chosen,
+            "control": b.index in control_layers,
             "weight_change": weight_change.get("eavss", {}).get(b.index, weight_change.get("random", {}).get(b.index)),
         })
         for b in loaded.adapter.blocks(loaded.model)

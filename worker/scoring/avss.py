@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from app.layervalues import LayerValue, typed
 from worker.profiler.profiler import Profile
 from worker.profiler.stats import RunningStats
 from worker.scoring.agreement import Ranking, pruning_order, ranks_from_order, spearman_rho
@@ -408,7 +409,7 @@ def _avss_rows(
     rows: list[LayerRow] = []
     bounds = layer_sparsity_bounds(stats, eps)
     for i, s in enumerate(stats):
-        values: dict[str, float | None] = {
+        values: dict[str, LayerValue] = {
             "variance": scores.variance[i],
             "std": scores.std[i],
             "nvar": scores.nvar[i],
@@ -420,8 +421,8 @@ def _avss_rows(
             "avss": scores.avss[i],
             "navss": scores.navss[i],
             "cumulative": scores.cumulative[i],
-            "rank": float(scores.rank[i]),
-            "prune": 1.0 if i in prune else 0.0,
+            "rank": int(scores.rank[i]),
+            "prune": i in prune,
             "variance_elements": s.variance,
             "variance_pooled": s.pooled_variance,
             "mean": s.mean if s.count else math.nan,
@@ -432,15 +433,15 @@ def _avss_rows(
             "max_abs": s.max_abs,
             "median_abs": s.median_abs,
             "max_median_ratio": ratios[i],
-            "massive": 1.0 if i in massive else 0.0,
-            "count": float(s.count),
-            "tokens": float(s.tokens),
+            "massive": i in massive,
+            "count": int(s.count),
+            "tokens": int(s.tokens),
             "avss_alt": alt.scores.avss[i] if alt.available else math.nan,
-            "rank_alt": float(alt.scores.rank[i]) if alt.available else math.nan,
+            "rank_alt": int(alt.scores.rank[i]) if alt.available else None,
         }
         rows.append(LayerRow(
             layer=profile.layer_indices[i], block_name=profile.block_names[i], scorer="avss",
-            values={key: finite_or_none(v) for key, v in values.items()},
+            values=typed(values),
         ))
     return rows
 
@@ -603,7 +604,7 @@ def run_profile_stage(profile: Profile) -> StageResult:
     rows: list[LayerRow] = []
     bounds: dict[str, list[float]] = {}
     for i in range(profile.n_layers):
-        values: dict[str, float | None] = {}
+        values: dict[str, LayerValue] = {}
         for site in profile.sites:
             s = profile.stats[(i, site)]
             stat = s.summary()
@@ -614,7 +615,7 @@ def run_profile_stage(profile: Profile) -> StageResult:
                 values[f"{site}.{name}"] = finite_or_none(value)
                 values[f"{site}.{name}_bound"] = finite_or_none(bound)
                 bounds.setdefault(name, []).append(bound)
-        rows.append(LayerRow(profile.layer_indices[i], profile.block_names[i], "profile", values))
+        rows.append(LayerRow(profile.layer_indices[i], profile.block_names[i], "profile", typed(values)))
 
     massive: dict[str, list[int]] = {}
     for site in profile.sites:

@@ -40,8 +40,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from app.layervalues import typed
 from worker.scoring.agreement import Ranking
-from worker.stage import LayerRow, finite_or_none
+from worker.stage import LayerRow
 
 __all__ = ["Combine", "EAVSSResult", "ZeroSum", "compute_eavss", "to_layer_rows"]
 
@@ -242,7 +243,7 @@ def to_layer_rows(
                 layer=layer_ids[i],
                 block_name=str(block_names[i]),
                 scorer="eavss",
-                values={k: finite_or_none(v) for k, v in values.items()},
+                values=typed(values),
             )
         )
     return rows

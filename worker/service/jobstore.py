@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.artifact_store import INLINE_BYTES, StoreError, artifact_key, store_for
 from app.config import Settings
 from app.db import rowcount, session_scope, upsert
+from app.layervalues import typed
 from app.models import Analysis, Answer, Artifact, LayerScore, Metric, utcnow
 from app.routing import queue_of
 from app.schemas import JobState
@@ -122,7 +123,7 @@ def save_stage(sf: SessionFactory, settings: Settings, analysis_id: str, token: 
             "scorer": r.scorer,
             "layer": r.layer,
             "block_name": r.block_name,
-            "values": {k: finite_or_none(v) for k, v in r.values.items()},
+            "values": typed(r.values),
         }
         for r in result.layers
     ]

@@ -376,16 +376,19 @@
 
   function valueKeys(rows) {
     const keys = new Set();
-    for (const r of rows) for (const [k, v] of Object.entries(r.values)) if (v === null || typeof v === "number") keys.add(k);
+    for (const r of rows) for (const [k, v] of Object.entries(r.values)) if (v === null || typeof v === "number" || typeof v === "boolean") keys.add(k);
     return [...keys];
   }
+
+  /** A value as a chart reads it: flags (booleans) as 1/0, missing as null. */
+  const plotted = (v) => (v === undefined ? null : typeof v === "boolean" ? Number(v) : v);
 
   function defaultScores(keys) {
     const main = MAIN_SCORES.filter((k) => keys.includes(k));
     return main.length ? main : keys.filter((k) => k !== "prune" && k !== "rank").slice(0, 4);
   }
 
-  const isPruned = (r) => r.values.prune === 1;
+  const isPruned = (r) => r.values.prune === true || r.values.prune === 1;  // a bool (older rows: 1)
 
   let stripes = null;
   function prunedFill() {
@@ -476,7 +479,7 @@
         labels: rows.map((r) => String(r.layer)),
         datasets: [{
           label: score,
-          data: rows.map((r) => (r.values[score] === undefined ? null : r.values[score])),
+          data: rows.map((r) => plotted(r.values[score])),
           backgroundColor: rows.map((r) => (isPruned(r) ? prunedFill() : "rgba(29, 78, 216, 0.75)")),
           borderColor: rows.map((r) => (isPruned(r) ? COLORS.pruned : COLORS.a)),
           borderWidth: 1,
@@ -533,7 +536,7 @@
             label: s.name,
             data: s.rows.map((r, j) => ({
               x: relative ? (n > 1 ? j / (n - 1) : 0) : r.layer,
-              y: r.values[score] === undefined ? null : r.values[score],
+              y: plotted(r.values[score]),
             })),
             borderColor: color,
             backgroundColor: color,
@@ -755,10 +758,10 @@
     };
     for (const el of [groupSelect, scoreSelect, scaleSel, relBox]) el.addEventListener("change", draw);
     const legend = compare
-      ? h("p", { class: "legend muted" }, "Solid line with circles: A. Dashed line with squares: B. Red triangles: layers proposed for pruning (values.prune = 1).")
+      ? h("p", { class: "legend muted" }, "Solid line with circles: A. Dashed line with squares: B. Red triangles: layers proposed for pruning (values.prune true).")
       : h("p", { class: "legend muted" },
         h("span", { class: "swatch swatch-kept", "aria-hidden": "true" }), " kept layer ",
-        h("span", { class: "swatch swatch-pruned", "aria-hidden": "true" }), " proposed for pruning (values.prune = 1: striped bar, shaded column, red tick label)");
+        h("span", { class: "swatch swatch-pruned", "aria-hidden": "true" }), " proposed for pruning (values.prune true: striped bar, shaded column, red tick label)");
     panel.append(controls, legend, grid, extra, tableBox);
     // Draw once the panel is in the document, so the charts get their size.
     queueMicrotask(draw);

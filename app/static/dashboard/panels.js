@@ -272,15 +272,15 @@ window.layerscopePanels = (lib) => {
           h("caption", { class: "sr-only" }, "Rows: scorers. Columns: layers. A filled cell: the scorer removes that layer."),
           h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "scorer \\ layer"), layerIds.map((l) => h("th", { scope: "col" }, String(l))))),
           h("tbody", {}, scorers.map((s) => h("tr", { dataset: { scorer: s } },
-            h("th", { scope: "row" }, s, h("span", { class: "muted" }, ` (${rows.filter((r) => r.scorer === s && r.values.prune === 1).length})`)),
+            h("th", { scope: "row" }, s, h("span", { class: "muted" }, ` (${rows.filter((r) => r.scorer === s && (r.values.prune === true || r.values.prune === 1)).length})`)),
             layerIds.map((l) => {
               const r = at.get(`${s}/${l}`);
-              const removed = r && r.values.prune === 1;
+              const removed = r && (r.values.prune === true || r.values.prune === 1);
               return h("td", { class: removed ? "removed" : "", dataset: { layer: l, removed: removed ? "1" : "0", rank: raw(r && r.values.rank) },
                 title: r ? `${s}, layer ${l}: rank ${fmt(r.values.rank)}, score ${fmt(r.values.score)}${removed ? ", removed" : ""}` : "" },
               removed ? "■" : "");
             })))))),
-        h("p", { class: "legend muted" }, "■ removed by that scorer (values.prune = 1); hover a cell for its rank and score."));
+        h("p", { class: "legend muted" }, "■ removed by that scorer (values.prune true); hover a cell for its rank and score."));
       // Scorer rank agreement: Spearman between each pair of scorers' rankings over the same layers.
       const ranks = new Map(scorers.map((s) => [s, layerIds.map((l) => { const r = at.get(`${s}/${l}`); return r ? num(r.values.rank) : null; })]));
       if (scorers.length > 1) {

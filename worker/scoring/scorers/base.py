@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import numpy as np
 import torch
 
+from app.layervalues import LayerValue
 from worker.lm.model import is_causal_lm, model_device
 from worker.lm.tokens import encode_texts, pad_batch, pad_id
 from worker.modelzoo import adapter_for
@@ -61,7 +62,7 @@ class ScoreTable:
         ranks = self.ranks()
         rows = []
         for i, score in enumerate(self.scores):
-            values: dict[str, float | None] = {"score": finite_or_none(score), "rank": float(ranks[i])}
+            values: dict[str, LayerValue] = {"score": finite_or_none(score), "rank": int(ranks[i])}
             for key, col in self.extra.items():
                 values[key] = finite_or_none(col[i])
             rows.append(LayerRow(layer=i, block_name=self.block_names[i], scorer=self.scorer, values=values))
