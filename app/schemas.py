@@ -262,9 +262,52 @@ class AvssOptions(Strict):
 
 
 ScorerName = Literal["avss", "gbis", "lrp", "cim", "block_influence", "angular_distance"]
-TaskName = Literal["perplexity", "qa", "classification", "multiple_choice"]
+TaskName = Literal["perplexity", "qa", "classification", "multiple_choice", "lm_eval"]
 DEFAULT_TASKS: tuple[TaskName, ...] = ("perplexity", "qa")
 ALL_SCORERS: tuple[ScorerName, ...] = get_args(ScorerName)  # the order of the scorer registry (a test checks)
+
+
+class LmEvalOptions(Strict):
+    """One lm-evaluation-harness task run on the in-memory model (the `lm_eval` task, README "Evaluation tasks")."""
+
+    task: str = Field(
+        ...,
+        min_length=1,
+        max_length=1024,
+        description="An lm-eval task or group name (e.g. `sciq`, `hellaswag`: their data come from the Hugging Face "
+        "hub or its cache), a task shipped with layerscope (`layerscope_sciq_mc`, `layerscope_truthfulqa_mc`: "
+        "multiple choice built from a local LitCab-format file given as data_files), or the path of your own task "
+        "YAML (ending .yaml/.yml) under the data roots.",
+    )
+    data_files: str | None = Field(
+        None,
+        max_length=1024,
+        description="A local file under the data roots that replaces the task's `dataset_kwargs.data_files` for the "
+        "split it evaluates (for YAMLs with `dataset_path: json`, `csv` or `text`); the shipped tasks need it.",
+    )
+    limit: int | None = Field(
+        None, ge=1, le=100_000, description="First documents evaluated (default: eval_examples, else all)."
+    )
+    num_fewshot: int | None = Field(None, ge=0, le=64, description="Few-shot examples (default: the task's).")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Fixed batch size; default automatic: the prune batch_size, halved and retried on out-of-memory "
+        "(the size that fitted is remembered per model).",
+    )
+    metric: str | None = Field(
+        None,
+        max_length=64,
+        description="Primary metric (default `acc` when the task has it, else its first metric).",
+    )
+
+    @field_validator("task")
+    @classmethod
+    def _task_name(cls, value: str) -> str:
+        if not value.strip() or any(ch in value for ch in "\n\r\x00"):
+            raise ValueError("task must be an lm-eval task name or a YAML path on one line")
+        return value.strip()
 
 
 class PruneOptions(Strict):
@@ -314,6 +357,11 @@ class PruneOptions(Strict):
         "warning. `multiple_choice`: acc and acc_norm (lm-eval's definitions) of the choice of highest "
         "log-likelihood, from rows with `question`, `choices` (a list) and the gold `label` (0-based index) or "
         "`answer` (index or choice text).",
+    )
+    lm_eval: LmEvalOptions | None = Field(
+        None,
+        description="The `lm_eval` task: which lm-evaluation-harness task to run, its data file, limit and few-shot "
+        "count. Its metrics carry lm-eval's stderr in the result's details and a bootstrap interval over documents.",
     )
     qa_dataset: DatasetSpec | None = Field(
         None,
@@ -399,6 +447,11 @@ class PruneOptions(Strict):
             raise ValueError("classification_prompt must contain {text}")
         if self.ppl_window is not None and self.ppl_stride is not None and self.ppl_stride > self.ppl_window:
             raise ValueError("ppl_stride must not exceed ppl_window")
+        if ("lm_eval" in self.tasks) != (self.lm_eval is not None):
+            raise ValueError(
+                "the lm_eval task needs lm_eval options (e.g. {\"task\": \"sciq\"}), and lm_eval options need "
+                "\"lm_eval\" in tasks"
+            )
         if self.export and self.export_scorer not in self.scorers:
             raise ValueError("export_scorer must be one of scorers")
         return self

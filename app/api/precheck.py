@@ -8,7 +8,9 @@ what no worker of this server would run, each a 422 naming the field:
   neither a built-in, a path nor a hub id (the message lists the built-ins); a local path outside the model roots
   however it is resolved (`app.modelpaths.certainly_outside`; a path that only a symlink inside a
   root leads out of is the worker's to refuse); `model.revision` on a built-in or a local path;
-- `model.patch.path`, `dataset.path` (and the qa / perplexity datasets'): outside the roots;
+- `model.patch.path`, `dataset.path` (and the qa / perplexity datasets'), `stages.prune.lm_eval.task`
+  (a YAML path) and `.data_files`: outside the roots (an unknown lm-eval task name is the worker's
+  to refuse, `task_not_found`: the API does not import lm-eval, whose task index takes seconds);
 - `dataset.name`: a built-in dataset (the message lists them);
 - inline `dataset.rows`: a text, question or answer that is not text (`5`, `true`) or has no
   visible character (`app.schemas.text_value_problem`).
@@ -104,6 +106,14 @@ def check_submit(spec: AnalysisSpec, settings: Settings) -> None:
             found.append(error)
             if len(found) >= _MAX_REPORTED:
                 break
+    lm_eval = spec.stages.prune.lm_eval if spec.stages.prune is not None else None
+    if lm_eval is not None:
+        paths = [("task", lm_eval.task)] if lm_eval.task.lower().endswith((".yaml", ".yml")) else []
+        paths += [("data_files", lm_eval.data_files)] if lm_eval.data_files is not None else []
+        for key, path in paths:
+            if certainly_outside(path, settings.data_roots):
+                found.append((f"stages.prune.lm_eval.{key}", "path_not_allowed", f"{path!r} " + _outside(
+                    "data", settings.data_roots, "LAYERSCOPE_DATA_ROOTS")))
     hallucination = spec.stages.hallucination
     if hallucination is not None and hallucination.judge is not None:
         name = hallucination.judge.name

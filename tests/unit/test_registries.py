@@ -55,12 +55,22 @@ def models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(TASKS))
-def test_every_task_prepares_or_says_why_and_evaluates_as_declared(models, name) -> None:
+def test_every_task_prepares_or_says_why_and_evaluates_as_declared(models, name, tmp_path) -> None:
     task = TASKS[name]
-    options = PruneOptions(label_words=["bad", "good"], n_boot=10, qa_max_new_tokens=2)
+    (tmp_path / "mc.jsonl").write_text('{"question": "Which is a color?", "choices": ["red", "dog"], "label": 0}')
+    (tmp_path / "mc.yaml").write_text(
+        f"task: contract_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+    )
+    options = PruneOptions(
+        label_words=["bad", "good"], n_boot=10, qa_max_new_tokens=2, tasks=list(TASKS),
+        lm_eval={"task": str(tmp_path / "mc.yaml")},
+    )
     # A bare encoder runs none of them: each says why instead of failing.
     assert isinstance(task.prepare(models["bert"].model, EXAMPLES, None, options), str)
-    assert isinstance(task.prepare(models["llama"].model, [{"text": "x"}][:0], None, options), str)
+    if name != "lm_eval":  # its documents come from its own task, not from the examples
+        assert isinstance(task.prepare(models["llama"].model, [{"text": "x"}][:0], None, options), str)
     loaded = models["llama"]
     data = task.prepare(loaded.model, EXAMPLES, None, options)
     assert not isinstance(data, str)

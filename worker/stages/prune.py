@@ -15,9 +15,11 @@ class PruneStage(Stage[PruneOptions]):
         return spec.stages.prune
 
     def run(self, job: StageInputs, options: PruneOptions) -> StageOutput:
+        from worker.evaluation.tasks.lm_eval_task import resolve_paths
         from worker.pruning import run_prune_stage
         from worker.stages.avss import AVSS_RANKING
 
+        options = resolve_paths(options, job.settings)  # lm_eval's YAML and data file, under the data roots
         given = {}
         avss = job.values.get(AVSS_RANKING)
         if avss is not None:

@@ -24,11 +24,12 @@ from worker.evaluation.tasks.base import (
     mean_of,
 )
 from worker.evaluation.tasks.classification import Classification, evaluate_classification
+from worker.evaluation.tasks.lm_eval_task import LmEval, evaluate_lm_eval
 from worker.evaluation.tasks.multiple_choice import MultipleChoice, evaluate_multiple_choice
 from worker.evaluation.tasks.perplexity import Perplexity, evaluate_perplexity, lm_texts, sliding_windows
 from worker.evaluation.tasks.qa import QA, evaluate_qa, generate_answers, qa_pairs
 
-TASKS: dict[str, Task[Any]] = {t.name: t for t in (Perplexity(), QA(), Classification(), MultipleChoice())}
+TASKS: dict[str, Task[Any]] = {t.name: t for t in (Perplexity(), QA(), Classification(), MultipleChoice(), LmEval())}
 
 __all__ = [
     "TASKS",
@@ -38,6 +39,7 @@ __all__ = [
     "TaskResult",
     "TaskRun",
     "evaluate_classification",
+    "evaluate_lm_eval",
     "evaluate_multiple_choice",
     "evaluate_perplexity",
     "evaluate_qa",
