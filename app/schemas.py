@@ -596,7 +596,7 @@ class HallucinationOptions(Strict):
         return self
 
 
-MitigationMethodName = Literal["contrastive"]  # the registry worker.mitigation.methods.METHODS
+MitigationMethodName = Literal["contrastive", "dola"]  # the registry worker.mitigation.methods.METHODS
 
 
 class MitigateOptions(Strict):
@@ -610,7 +610,8 @@ class MitigateOptions(Strict):
 
     method: MitigationMethodName = Field(
         "contrastive",
-        description="The mitigation method: `contrastive` (tune the chosen blocks with InfoNCE + LM loss).",
+        description="The mitigation method: `contrastive` (tune the chosen blocks with InfoNCE + LM loss) or "
+        "`dola` (layer-contrast decoding with the chosen blocks as premature layers; no weight changes).",
     )
     layers: list[Annotated[int, Field(ge=0, le=4095)]] | None = Field(
         None, min_length=1, max_length=256,
@@ -620,6 +621,16 @@ class MitigateOptions(Strict):
     temperature: float = Field(0.1, gt=0, le=10, description="InfoNCE temperature tau.")
     lm_weight: float = Field(
         1.0, ge=0, le=100, description="Weight beta of the language-modeling loss on the gold answer."
+    )
+    dola_alpha: float = Field(
+        0.1, ge=0, le=1,
+        description="`dola`: the adaptive plausibility constraint: only tokens with at least dola_alpha x the final "
+        "layer's top probability can be chosen (0: every token).",
+    )
+    dola_repetition_penalty: float = Field(
+        1.0, ge=1, le=10,
+        description="`dola`: theta of the repetition penalty on the contrast scores of tokens already in the prompt "
+        "or answer (DoLa uses 1.2 for open-ended text; 1: off).",
     )
     learning_rate: float = Field(5e-5, gt=0, le=1.0)
     epochs: int = Field(3, ge=1, le=100, description="At most this many passes over the tuning questions.")

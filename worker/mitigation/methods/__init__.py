@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from worker.mitigation.methods.base import MethodInput, MitigationMethod, Patch, TuningData, WeightPatch
 from worker.mitigation.methods.contrastive import Contrastive
+from worker.mitigation.methods.dola import Dola
 
-_REGISTERED: tuple[MitigationMethod, ...] = (Contrastive(),)
+_REGISTERED: tuple[MitigationMethod, ...] = (Contrastive(), Dola())
 METHODS: dict[str, MitigationMethod] = {m.name: m for m in _REGISTERED}
 
 __all__ = ["METHODS", "MethodInput", "MitigationMethod", "Patch", "TuningData", "WeightPatch"]
