@@ -183,3 +183,40 @@ def test_lm_eval_paths_outside_the_data_roots_are_a_422_at_submit(tmp_path) -> N
     inside = {"task": "sciq", "data_files": "sciq/validation.txt"}  # relative: under a root
     check_submit(AnalysisSpec.model_validate({**spec.model_dump(), "stages": {"prune": {
         "tasks": ["lm_eval"], "lm_eval": inside}}}), settings)
+
+
+def test_prune_stage_runs_both_tasks_with_paired_retained_intervals(tmp_path) -> None:
+    """Through the pipeline: the stage resolves the YAML and data file under the data roots, and
+    multiple_choice and lm_eval on the same rows give the same original acc and paired intervals."""
+    from worker.pipeline import run_pipeline
+
+    data = tmp_path / "data"
+    data.mkdir()
+    yaml, _ = write_task(data)
+    rows = [{"question": r["question"], "choices": r["choices"], "label": r["label"]} for r in ROWS]
+    spec = {
+        "model": {"name": "tiny-random-llama"},
+        "dataset": {"rows": [{"text": f"sentence number {i} about the layers of a model"} for i in range(6)],
+                    "max_tokens": 32},
+        "stages": {"prune": {
+            "scorers": ["block_influence"], "tasks": ["multiple_choice", "lm_eval"], "random_seeds": 1,
+            "timing_runs": 0, "n_boot": 50, "scoring_examples": 3, "qa_dataset": {"rows": rows, "limit": 5},
+            "lm_eval": {"task": yaml.name, "data_files": "fixture_mc.jsonl"},
+        }},
+    }
+    saved: dict = {}
+    from app.schemas import AnalysisSpec
+
+    run_pipeline(AnalysisSpec.model_validate(spec), JobContext(), Settings(data_dir=tmp_path, data_roots=[data]),
+                 lambda r: saved.__setitem__(r.stage, r))
+    prune = saved["prune"]
+    json.dumps(prune.summary)  # lm-eval's details are stored as JSON
+    by = {(m.scope, m.name): m for m in prune.metrics}
+    mc = by[("task=multiple_choice,scorer=original", "acc")]
+    lm = by[("task=lm_eval,scorer=original", "acc")]
+    assert mc.value == lm.value and mc.n == lm.n == len(ROWS)
+    for task in ("multiple_choice", "lm_eval"):
+        kept = by[(f"task={task},scorer=block_influence", "retained_pct")]
+        assert kept.n == len(ROWS) and (kept.value is None or kept.ci_low is not None)
+    entry = next(t for t in prune.summary["table"] if t["task"] == "lm_eval")
+    assert entry["details"]["lm_eval"]["results"]["fixture_mc"]["acc_stderr,none"] is not None
