@@ -460,6 +460,7 @@ class PruneOptions(Strict):
 Detector = Literal[
     "sequence_likelihood", "max_sequence_probability", "max_sequence_probability_no_end", "perplexity",
     "mean_token_entropy", "p_ik", "verbalized", "self_consistency", "semantic_consistency", "length", "eavss_probe",
+    "best_layer_probe", "all_layers_probe",
 ]
 CorrectnessRule = Literal["exact", "contains", "token_f1", "rouge_l", "judge"]
 DEFAULT_RULES: tuple[CorrectnessRule, ...] = ("exact", "contains", "token_f1")
@@ -468,6 +469,7 @@ DEFAULT_EVAL_DETECTORS: tuple[Detector, ...] = ("sequence_likelihood", "p_ik", "
 ALL_DETECTORS: list[Detector] = [
     "sequence_likelihood", "max_sequence_probability", "max_sequence_probability_no_end", "perplexity",
     "mean_token_entropy", "p_ik", "verbalized", "self_consistency", "semantic_consistency", "length", "eavss_probe",
+    "best_layer_probe", "all_layers_probe",
 ]
 
 
@@ -560,6 +562,11 @@ class HallucinationOptions(Strict):
     zero_sum: Literal["uniform", "zeros"] = "uniform"
     min_group: int = Field(20, ge=1, le=100_000, description="Warn when a group has fewer answers.")
     top_k_layers: int = Field(3, ge=1, le=256, description="Layers (by EAVSS) behind the eavss_probe.")
+    probe_window: int = Field(
+        1, ge=1, le=16,
+        description="best_layer_probe also considers every run of this many consecutive layers (concatenated); "
+        "1: single layers only. Chosen by cross-validation on the training split.",
+    )
     layer_probes: bool = Field(True, description="The per-layer probe table (appendix A).")
     # metrics (docs/method.md section 5)
     p_values: list[float] = Field(default_factory=lambda: [0.5], min_length=1, max_length=10)

@@ -32,6 +32,7 @@ from worker.stage import JobCancelled, JobContext, JobFailed
 DETECTORS = [
     "sequence_likelihood", "max_sequence_probability", "max_sequence_probability_no_end", "perplexity",
     "mean_token_entropy", "p_ik", "verbalized", "self_consistency", "semantic_consistency", "length", "eavss_probe",
+    "best_layer_probe", "all_layers_probe",
 ]
 ANSWER_PHASE = {"sequence_likelihood", "max_sequence_probability", "max_sequence_probability_no_end", "perplexity",
                 "mean_token_entropy"}  # read the greedy answers: every answer scored
@@ -299,3 +300,43 @@ def test_deterministic(tiny, judge_url) -> None:
     c = analyze_hallucination(tiny, train[::-1], test, opts.model_copy(update={"detectors": ["length"]}),
                               judges=_judges(judge_url))
     assert c.shots == a.shots
+
+
+def test_layer_choice_never_sees_test_labels(tiny, judge_url, monkeypatch) -> None:
+    """best_layer_probe, all_layers_probe and eavss_probe choose their layers (and L2 strengths) from the
+    training split: permuting or flipping the test labels leaves every choice unchanged, while the test
+    metrics, which do read them, change."""
+    import worker.hallucination.stage as stage_mod
+
+    real = stage_mod.label_answers
+    scramble: dict[str, str] = {"how": "none"}
+
+    def relabel(qa, run, options, ctx, judge=None, judges=None):
+        a = real(qa, run, options, ctx, judge, judges)
+        y = a.correct[qa.n_train:]
+        if scramble["how"] == "permute":
+            a.correct[qa.n_train:] = np.random.default_rng(7).permutation(y)
+        elif scramble["how"] == "flip":
+            a.correct[qa.n_train:] = 1.0 - y
+        return a
+
+    monkeypatch.setattr(stage_mod, "label_answers", relabel)
+    train, test = split_examples(_examples(36), 0.5, seed=1)
+    opts = _options(judge_url, detectors=["best_layer_probe", "all_layers_probe", "eavss_probe"], n_boot=0,
+                    probe_l2=None, probe_window=2)
+    choices, aurocs = [], []
+    for how in ("none", "permute", "flip"):
+        scramble["how"] = how
+        res = run_hallucination_stage(tiny, train, test, opts, judges=_judges(judge_url))
+        lc = res.summary["layer_choice"]
+        probes = res.summary["probes"]
+        choices.append((lc["eavss_probe"], lc["best_layer_probe"], lc["all_layers_probe"],
+                        [r["train_cv_rank"] for r in lc["eavss_layers"]],
+                        probes["best_layer_probe"]["layer_cv_ranking"],
+                        {n: probes[n]["l2"] for n in probes}))
+        aurocs.append([m.value for m in res.metrics if m.name == "auroc"])
+    assert choices[0] == choices[1] == choices[2]
+    assert aurocs[2] != aurocs[0]  # flipped labels: the metrics did change
+    first = choices[0]
+    assert len(first[1]) in (1, 2) and set(first[1]) <= {0, 1, 2, 3} and first[2] == [0, 1, 2, 3]
+    assert sorted(first[4]) == [0, 1, 2, 3] and all(1 <= r <= 4 for r in first[3])

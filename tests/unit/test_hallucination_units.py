@@ -364,3 +364,24 @@ def test_generation_keeps_the_end_of_answer_token_apart() -> None:
     assert (eos.stop, eos.n_tokens, eos.end_logprob) == ("eos", 1, pytest.approx(np.log(0.6)))
     assert (capped.stop, capped.n_tokens, capped.end_logprob, capped.end_entropy) == ("max_tokens", 3, None, None)
     assert capped.entropies_with_end == pytest.approx([h] * 3)
+
+
+def test_choose_layers_takes_the_informative_layer_from_training_rows_only() -> None:
+    from worker.hallucination.detectors import LayerFeatures, choose_layers, layer_candidates
+
+    rng = np.random.default_rng(0)
+    n_train, n = 60, 90
+    y = (rng.random(n) < 0.5).astype(float)
+    pooled = rng.normal(size=(n, 4, 3))
+    pooled[:, 2, 0] += 3.0 * (2 * y - 1)  # layer 2 tells the classes apart
+    pooled[n_train:] = rng.normal(size=(n - n_train, 4, 3))  # test rows: noise, never read
+    f = LayerFeatures(pooled, top_layers=[0], layer_ids=[10, 11, 12, 13])
+    chosen, probe, ranking = choose_layers(f, y[:n_train], n_train, window=1, l2=1.0, seed=0)
+    assert chosen == (2,) and ranking[0][0] == (2,) and len(ranking) == 4
+    assert set(f.layer_probes) == {0, 1, 2, 3} and f.layer_probes[2] is probe
+    assert all(ranking[i][1] <= ranking[i + 1][1] for i in range(3))
+    assert layer_candidates(4, 3) == [(0,), (1,), (2,), (3,), (0, 1, 2), (1, 2, 3)]
+    assert layer_candidates(2, 3) == [(0,), (1,)]
+    # a window holding layer 2 may win too; the choice reads the training rows only
+    chosen_w, _, ranking_w = choose_layers(f, y[:n_train], n_train, window=2, l2=1.0, seed=0)
+    assert 2 in chosen_w and len(ranking_w) == 4 + 3

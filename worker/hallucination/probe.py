@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_L2_GRID", "LogisticProbe", "fit_probe", "probe_confidence"]
+__all__ = ["DEFAULT_L2_GRID", "LogisticProbe", "cv_fit", "fit_probe", "probe_confidence"]
 
 # Up to 1e5: with a few hundred answers and 576-1,728 features, CV chose the old top (1e3) with its
 # loss still falling. A choice at either end of the grid is flagged (`at_grid_edge`).
@@ -186,3 +186,33 @@ def probe_confidence(
     """Fit a probe on the training split only and return its confidences on the test split."""
     probe = fit_probe(x_train, y_train, l2=l2, l2_grid=l2_grid, folds=folds, seed=seed)
     return np.clip(probe.predict_proba(x_test), 0.0, 1.0), probe
+
+
+def cv_fit(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    l2: float | None = None,
+    l2_grid: Sequence[float] = DEFAULT_L2_GRID,
+    folds: int = 3,
+    seed: int = 0,
+) -> tuple[float | None, LogisticProbe]:
+    """(cross-validated mean log-loss on (x, y), the probe fitted on all of (x, y)), for choosing
+    features on the training split only. `l2=None`: the loss at the strength CV chose (the same
+    folds as `fit_probe`); a fixed `l2`: the loss of k-fold fits at that strength. None when a
+    class has fewer than 2 examples (no fold split is possible)."""
+    xa, ya = _as_xy(x, y)
+    assert ya is not None
+    probe = fit_probe(xa, ya, l2=l2, l2_grid=l2_grid, folds=folds, seed=seed)
+    if probe.cv_losses is not None:
+        return probe.cv_losses[probe.l2], probe
+    k = min(int(folds), int(min(ya.sum(), len(ya) - ya.sum())))
+    if k < 2:
+        return None, probe
+    parts = _stratified_folds(ya, k, seed)
+    total = 0.0
+    for val in parts:
+        train = np.setdiff1d(np.arange(len(ya)), val, assume_unique=True)
+        fold = LogisticProbe.fit(xa[train], ya[train], l2=probe.l2)
+        total += _log_loss(fold.predict_proba(xa[val]), ya[val]) * len(val)
+    return total / len(ya), probe

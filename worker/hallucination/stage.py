@@ -30,8 +30,12 @@ Data flow (`analyze_hallucination`; `run_hallucination_stage` returns its StageR
    EAVSS (`compute_eavss`), with group sizes and small-group warnings.
 6. Probes (trained on the training answers, scored on the test answers): P(IK) on the
    last prompt token's final hidden state, the length baseline, the eavss_probe on the
-   concatenated pooled vectors of the top-k EAVSS layers, and one probe per layer (the
-   appendix-A table).
+   concatenated pooled vectors of the top-k EAVSS layers, the best_layer_probe on the layer
+   (or window of layers) with the lowest cross-validated log-loss on the training answers,
+   the all_layers_probe on every layer at once, and one probe per layer (the appendix-A
+   table; the best_layer_probe's single-layer fits). `summary["layer_choice"]`: the layers
+   each chose and the rank of EAVSS's layers among all layers (by that training CV, and, for
+   reporting only, by the table's test AUROC).
 7. Metrics per detector on the test split (`calibration_report`: acc@q, cov@p, ECE,
    ece_litcab, Brier, AUROC, accuracy, each with a bootstrap 95% interval and N) as
    MetricRows with scope `detector=<name>`, the per-layer table as LayerRows
@@ -218,7 +222,7 @@ def analyze_hallucination(
         features = LayerFeatures(prof.pooled, layers.top_layers, prof.layer_ids)
         for d in (d for d in detectors if d.phase == "probe"):
             run_detector(d, features)
-        probe_rows = _layer_probe_rows(answers, prof, layers.eavss, options, ctx) if options.layer_probes else []
+        probe_rows = _layer_probe_rows(answers, prof, layers.eavss, options, ctx, features) if options.layer_probes else []
         progress.phase(1)(1, 1)
     with timed("metrics"):
         metrics, table = _detector_metrics(answers, scored, options, dataset_name, warnings)
@@ -437,15 +441,22 @@ def _layer_scores(
 
 
 def _layer_probe_rows(
-    answers: Answers, prof: AnswerProfiles, eav: EAVSSResult, options: HallucinationOptions, ctx: JobContext
+    answers: Answers, prof: AnswerProfiles, eav: EAVSSResult, options: HallucinationOptions, ctx: JobContext,
+    features: LayerFeatures,
 ) -> list[LayerRow]:
-    """The appendix-A table: one probe per layer on its pooled vectors (scorer `layer_probe`)."""
+    """The appendix-A table: one probe per layer on its pooled vectors (scorer `layer_probe`;
+    the probes `best_layer_probe` already fitted are reused)."""
     n_train, n_test = answers.qa.n_train, answers.qa.n_test
     rows: list[LayerRow] = []
     for li in range(prof.n_layers):
         ctx.check_cancelled()
-        conf, probe = probes.probe_confidence(prof.pooled[:n_train, li, :], answers.y_train,
-                                              prof.pooled[n_train:, li, :], l2=options.probe_l2, seed=options.seed)
+        probe = features.layer_probes.get(li)
+        if probe is None:
+            conf, probe = probes.probe_confidence(prof.pooled[:n_train, li, :], answers.y_train,
+                                                  prof.pooled[n_train:, li, :], l2=options.probe_l2,
+                                                  seed=options.seed)
+        else:
+            conf = np.clip(probe.predict_proba(prof.pooled[n_train:, li, :]), 0.0, 1.0)
         values: dict[str, LayerValue] = {}
         for metric, est in _report(conf, answers.y_test, options).items():
             values[metric] = finite_or_none(est.value)
@@ -603,6 +614,33 @@ def _layer_scores_summary(
     }
 
 
+def _layer_choice(
+    scored: Mapping[str, Scored], prof: AnswerProfiles, layers: LayerScores, probe_rows: Sequence[LayerRow]
+) -> dict[str, Any]:
+    """Which layers each layer-choosing probe used, and how EAVSS's choice ranks among all layers:
+    by the training split's cross-validated log-loss (`best_layer_probe`'s criterion) and, for
+    reporting only (no probe is chosen by it), by the per-layer table's test AUROC."""
+    out: dict[str, Any] = {
+        "eavss_probe": [prof.layer_ids[i] for i in layers.top_layers],
+        "eavss_ranking": [prof.layer_ids[i] for i in layers.eavss.ranking],
+    }
+    for name in ("best_layer_probe", "all_layers_probe"):
+        if name in scored and scored[name].probe is not None:
+            out[name] = list((scored[name].probe or {}).get("layers") or [])
+    cv_order = (scored["best_layer_probe"].probe or {}).get("layer_cv_ranking") if "best_layer_probe" in scored else None
+    by_auroc = [r.layer for r in sorted((r for r in probe_rows if r.values.get("auroc") is not None),
+                                        key=lambda r: (-(r.values["auroc"] or 0.0), r.layer))]
+    out["n_layers"] = prof.n_layers
+    out["eavss_layers"] = [
+        {"layer": layer,
+         "train_cv_rank": cv_order.index(layer) + 1 if cv_order and layer in cv_order else None,
+         "test_auroc_rank": by_auroc.index(layer) + 1 if layer in by_auroc else None}
+        for layer in out["eavss_probe"]
+    ]
+    out["layer_test_auroc_ranking"] = by_auroc
+    return out
+
+
 def _summary(
     loaded: LoadedModel, options: HallucinationOptions, avss: AvssOptions, answers: Answers,
     scored: dict[str, Scored], prof: AnswerProfiles, layers: LayerScores, probe_rows: Sequence[LayerRow],
@@ -626,6 +664,7 @@ def _summary(
         },
         "layer_scores": _layer_scores_summary(options, avss, prof, layers),
         "probes": {name: s.probe for name, s in scored.items() if s.probe is not None},
+        "layer_choice": _layer_choice(scored, prof, layers, probe_rows),
         "table": table,
         "layer_probe_top": [{"layer": r.layer, "block_name": r.block_name, "auroc": r.values.get("auroc")}
                             for r in best],

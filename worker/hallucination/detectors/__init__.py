@@ -11,7 +11,9 @@ its name in `app.schemas.Detector` / `ALL_DETECTORS` (and its options, if any, i
 
 from __future__ import annotations
 
+from worker.hallucination.detectors.all_layers_probe import AllLayersProbe
 from worker.hallucination.detectors.base import PHASES, Detector, DetectorInput, LayerFeatures, Phase, Scored
+from worker.hallucination.detectors.best_layer_probe import BestLayerProbe, choose_layers, layer_candidates
 from worker.hallucination.detectors.eavss_probe import EavssProbe
 from worker.hallucination.detectors.length import Length, length_features
 from worker.hallucination.detectors.max_sequence_probability import (
@@ -39,6 +41,7 @@ from worker.hallucination.probe import probe_confidence
 _REGISTERED: tuple[Detector, ...] = (
     SequenceLikelihood(), MaxSequenceProbability(), MaxSequenceProbabilityNoEnd(), Perplexity(), MeanTokenEntropy(),
     PIK(), Verbalized(), SelfConsistency(), SemanticConsistency(), Length(), EavssProbe(),
+    BestLayerProbe(), AllLayersProbe(),
 )
 DETECTORS: dict[str, Detector] = {d.name: d for d in _REGISTERED}
 
@@ -51,8 +54,10 @@ __all__ = [
     "Phase",
     "Scored",
     "answers_match",
+    "choose_layers",
     "entropy_confidence",
     "inverse_perplexity",
+    "layer_candidates",
     "length_features",
     "max_sequence_probability",
     "mean_token_entropy",

@@ -40,6 +40,8 @@ class LayerFeatures:
     pooled: np.ndarray  # [answers, layers, width]
     top_layers: list[int]  # positions in `pooled`, by EAVSS, most hallucination-prone first
     layer_ids: list[int]  # block index of each position
+    # position -> the probe trained on that layer alone (training split), shared with the per-layer table
+    layer_probes: dict[int, probes.LogisticProbe] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,13 +85,19 @@ class Detector:
         raise NotImplementedError
 
 
-def probe_scored(name: str, x: np.ndarray, inp: DetectorInput, **extra: Any) -> Scored:
-    """Train a probe on the training rows of `x` ([answers, ...]), score the test rows,
-    and describe the probe (with `extra`, which may be computed from it: a callable gets it)."""
+def probe_scored(
+    name: str, x: np.ndarray, inp: DetectorInput, probe: probes.LogisticProbe | None = None, **extra: Any
+) -> Scored:
+    """Train a probe on the training rows of `x` ([answers, ...]) (or take `probe`, fitted on
+    them), score the test rows, and describe the probe (with `extra`, which may be computed
+    from it: a callable gets it)."""
     n_train = inp.answers.qa.n_train
-    conf, probe = probes.probe_confidence(
-        x[:n_train], inp.answers.y_train, x[n_train:], l2=inp.options.probe_l2, seed=inp.options.seed
-    )
+    if probe is None:
+        conf, probe = probes.probe_confidence(
+            x[:n_train], inp.answers.y_train, x[n_train:], l2=inp.options.probe_l2, seed=inp.options.seed
+        )
+    else:
+        conf = np.clip(probe.predict_proba(x[n_train:]), 0.0, 1.0)
     info = {
         "l2": probe.l2, "degenerate": probe.degenerate, "converged": probe.converged,
         "at_grid_edge": probe.at_grid_edge,
