@@ -15,7 +15,7 @@ from worker.hallucination.detectors.base import Detector, DetectorInput, LayerFe
 
 def layer_candidates(n_layers: int, window: int) -> list[tuple[int, ...]]:
     """Every single layer, then (window > 1) every run of `window` consecutive layers (positions)."""
-    singles = [(li,) for li in range(n_layers)]
+    singles: list[tuple[int, ...]] = [(li,) for li in range(n_layers)]
     if window <= 1 or window > n_layers:
         return singles
     return singles + [tuple(range(s, s + window)) for s in range(n_layers - window + 1)]
