@@ -135,12 +135,16 @@ def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 def check_url(
     url: str, allowed_hosts: Sequence[str], allow_private: bool, resolve: bool = True
-) -> None:
+) -> str | None:
     """Raise UrlRefused when the service must not POST to `url`.
 
     An allow-list, when set, is the whole policy. Without one, a host that is (or,
     with `resolve`, resolves to) a loopback, private, link-local or reserved address
     is refused unless `allow_private`. Redirects are never followed at delivery.
+
+    Returns the address that was checked when a host name was resolved here, else None:
+    delivery connects to that address (`pinned_request`), so a DNS answer that changes
+    between this check and the connection (DNS rebinding) cannot reach a private address.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -151,25 +155,48 @@ def check_url(
     if allowed_hosts:
         if not _host_allowed(host, allowed_hosts):
             raise UrlRefused(f"host {host!r} is not on this server's webhook allow-list (LAYERSCOPE_WEBHOOK_ALLOWED_HOSTS)")
-        return
+        return None
     if allow_private:
-        return
+        return None
     try:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:
         if host.lower().rstrip(".") in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
             addresses = [ipaddress.ip_address("127.0.0.1")]
         elif not resolve:
-            return
+            return None
         else:
             try:
                 infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
             except OSError as exc:
                 raise UrlRefused(f"cannot resolve {host!r}: {exc}") from None
             addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+            _refuse_non_public(host, addresses)
+            return str(addresses[0])
+    _refuse_non_public(host, addresses)
+    return None
+
+
+def _refuse_non_public(host: str, addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
     bad = [str(a) for a in addresses if not _is_public(a)]
     if bad:
         raise UrlRefused(
             f"host {host!r} is a non-public address ({', '.join(sorted(set(bad)))}); allow it with "
             "LAYERSCOPE_WEBHOOK_ALLOWED_HOSTS or LAYERSCOPE_WEBHOOK_ALLOW_PRIVATE_NETWORKS=true"
         )
+
+
+def pinned_request(url: str, address: str | None) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """(url, extra headers, httpx request extensions) that POST `url` to `address`, the one
+    `check_url` checked: the URL's host becomes the address, `Host` keeps the name, and TLS
+    sends the name (SNI) and verifies the certificate against it. `address` None: unchanged."""
+    if address is None:
+        return url, {}, {}
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{address}]" if ":" in address else address
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    host_header = host if parts.port is None else f"{host}:{parts.port}"
+    extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
+    return parts._replace(netloc=netloc).geturl(), {"Host": host_header}, extensions

@@ -37,7 +37,7 @@ from app.models import (
 )
 from app.schemas import JobState
 from app.verdicts import evaluate_and_store, find_policy, split_policy_ref
-from app.webhooks import TERMINAL_EVENT, UrlRefused, backoff, check_url, encode_body, headers
+from app.webhooks import TERMINAL_EVENT, UrlRefused, backoff, check_url, encode_body, headers, pinned_request
 from worker.service.jobstore import SessionFactory
 
 log = logging.getLogger("layerscope.webhooks")
@@ -133,12 +133,14 @@ def _claim(sf: SessionFactory, settings: Settings, limit: int, due_by: dt.dateti
 
 def _send(client: httpx.Client, settings: Settings, url: str, secret: str, event: WebhookEvent) -> tuple[int | None, str | None]:
     try:
-        check_url(url, settings.webhook_allowed_hosts, settings.webhook_allow_private_networks)
+        address = check_url(url, settings.webhook_allowed_hosts, settings.webhook_allow_private_networks)
     except UrlRefused as exc:
         return None, f"refused: {exc}"
     body = encode_body(event.id, event.type, event.payload, event.created_at.isoformat())
+    target, host_header, extensions = pinned_request(url, address)  # connect to the address just checked
     try:
-        resp = client.post(url, content=body, headers=headers(secret, event.id, body))
+        resp = client.post(target, content=body, headers={**headers(secret, event.id, body), **host_header},
+                           extensions=extensions)
     except httpx.TimeoutException:
         return None, f"timeout after {settings.webhook_timeout:g} s"
     except httpx.HTTPError as exc:
