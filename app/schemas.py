@@ -310,6 +310,51 @@ class LmEvalOptions(Strict):
         return value.strip()
 
 
+class HealOptions(Strict):
+    """LoRA healing of every pruned model after pruning (docs/method.md section 3.5): a fixed budget
+    of `steps` optimizer steps on a general text corpus disjoint from the evaluated texts, then every
+    task is evaluated again."""
+
+    steps: int = Field(100, ge=1, le=100_000, description="Optimizer steps (the fixed budget).")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="AdamW learning rate of the adapters (constant).")
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
+    alpha: int | None = Field(
+        None, ge=1, le=100_000, description="LoRA alpha (the update is scaled by alpha / rank); default 2 x rank."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    targets: Literal["all", "attention", "mlp"] = Field(
+        "all",
+        description="Which linear layers of every kept block get adapters: the attention projections, the MLP's, "
+        "or both (per architecture, `worker.modelzoo.adapters`; a generic model only has `all`).",
+    )
+    batch_size: int = Field(4, ge=1, le=256, description="Sequences per step.")
+    max_tokens: int = Field(
+        128, ge=8, le=MAX_TOKENS, description="Sequence length: the corpus is tokenized, joined and cut into "
+        "sequences of this many tokens."
+    )
+    dataset: DatasetSpec | None = Field(
+        None,
+        description="The healing corpus; default the built-in `chatterbot-conversations` (every line). Any text "
+        "that is also an evaluated text (or contains one, or is contained in one) is left out.",
+    )
+    random_seeds: int | None = Field(
+        None, ge=0, le=100, description="How many of the random baseline's seeds are healed (the first ones); "
+        "default all."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="Seed of the adapters' initialization and the batch order; default "
+        "the prune stage's seed."
+    )
+    export: bool = Field(
+        False, description="Attach the healed model of `export_scorer`, LoRA merged into the weights "
+        "(save_pretrained, .tar.gz), as an artifact."
+    )
+    export_dtype: Literal["float32", "model"] = Field(
+        "float32", description="dtype of the merged export: `float32` (exact; a bfloat16 model's merged weights "
+        "rounded back to bfloat16 lose small updates) or the model's own dtype."
+    )
+
+
 class PruneOptions(Strict):
     """Layer pruning with retained performance against baseline scorers (docs/method.md section 3)."""
 

@@ -23,6 +23,11 @@ Per family (paths relative to one block):
 | distilbert | `transformer.layer` | `ffn.lin2` | `attention` |
 | generic fallback | the largest `nn.ModuleList` of same-class children | - | - |
 
+`lora_modules` names, per family, the linear layers of a block that LoRA healing adapts
+(`worker.healing`), in two groups: `attention` (the q/k/v/output projections, or GPT-2's
+`c_attn`/`c_proj`, GPT-NeoX's `query_key_value`/`dense`) and `mlp` (up/gate/down, `c_fc`/`c_proj`,
+`fc1`/`fc2`, ...); the generic fallback adapts every `nn.Linear`/`Conv1D` of its blocks.
+
 The generic fallback only provides `block_output`. A site whose module is missing in a
 block (e.g. a mixture-of-experts MLP without a single `down_proj`) is left out of that
 block's `sites`; callers must check the sites they need are there.
@@ -158,6 +163,9 @@ class ArchitectureAdapter:
     site_rules: dict[str, SiteRule] = {"block_output": SiteRule("")}
     final_norm_names: tuple[str, ...] = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
     projection_names: tuple[str, ...] = ("project_out",)
+    # The linear layers of one block that LoRA healing adapts (`worker.healing`), per group,
+    # relative to the block; empty: every nn.Linear / Conv1D in the block, as one group "all".
+    lora_modules: dict[str, tuple[str, ...]] = {}
 
     # ---------------------------------------------------------------- logit lens
 
@@ -267,6 +275,10 @@ class LlamaAdapter(ArchitectureAdapter):
         "mlp_activation": SiteRule("mlp.down_proj", use_input=True),
         "attention_output": SiteRule("self_attn"),
     }
+    lora_modules = {
+        "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    }
 
 
 class GemmaAdapter(ArchitectureAdapter):
@@ -274,6 +286,7 @@ class GemmaAdapter(ArchitectureAdapter):
     model_types = ("gemma", "gemma2", "gemma3", "gemma3_text")
     block_list_suffixes = ("language_model.layers", "model.layers", "layers")
     site_rules = LlamaAdapter.site_rules
+    lora_modules = LlamaAdapter.lora_modules
 
     def rules_for(self, block: torch.nn.Module) -> dict[str, SiteRule]:
         rules = dict(self.site_rules)
@@ -293,6 +306,7 @@ class GPT2Adapter(ArchitectureAdapter):
         "mlp_activation": SiteRule("mlp.c_proj", use_input=True),
         "attention_output": SiteRule("attn"),
     }
+    lora_modules = {"attention": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
 
 
 class GPTNeoXAdapter(ArchitectureAdapter):
@@ -303,6 +317,10 @@ class GPTNeoXAdapter(ArchitectureAdapter):
         "block_output": SiteRule(""),
         "mlp_activation": SiteRule("mlp.dense_4h_to_h", use_input=True),
         "attention_output": SiteRule("attention"),
+    }
+    lora_modules = {
+        "attention": ("attention.query_key_value", "attention.dense"),
+        "mlp": ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     }
 
 
@@ -315,6 +333,10 @@ class OPTAdapter(ArchitectureAdapter):
         "mlp_activation": SiteRule("fc2", use_input=True, flat_tokens=True),
         "attention_output": SiteRule("self_attn"),
     }
+    lora_modules = {
+        "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+        "mlp": ("fc1", "fc2"),
+    }
 
 
 class BertAdapter(ArchitectureAdapter):
@@ -326,6 +348,12 @@ class BertAdapter(ArchitectureAdapter):
         "mlp_activation": SiteRule("output.dense", use_input=True),
         "attention_output": SiteRule("attention.output.dense"),
     }
+    lora_modules = {
+        "attention": (
+            "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        ),
+        "mlp": ("intermediate.dense", "output.dense"),
+    }
 
 
 class DistilBertAdapter(ArchitectureAdapter):
@@ -336,6 +364,10 @@ class DistilBertAdapter(ArchitectureAdapter):
         "block_output": SiteRule(""),
         "mlp_activation": SiteRule("ffn.lin2", use_input=True),
         "attention_output": SiteRule("attention"),
+    }
+    lora_modules = {
+        "attention": ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"),
+        "mlp": ("ffn.lin1", "ffn.lin2"),
     }
 
 

@@ -1,0 +1,197 @@
+"""LoRA healing of a pruned model (worker.healing): only adapters train, the shared model is
+restored, the merged export reproduces the healed logits, the loss goes down, bad options fail."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+import transformers as tf
+from pydantic import ValidationError
+
+from app.config import Settings
+from app.schemas import HealOptions, ModelSpec
+from worker.healing import disjoint_texts, export_healed_model, healed, lora_targets, pack_tokens
+from worker.modelzoo import adapter_for, load_model
+from worker.modelzoo.surgery import pruned_view
+from worker.stage import JobCancelled, JobContext, JobFailed
+
+TEXTS = [f"the cat number {i} sat on the mat and looked at the birds outside the window" for i in range(24)] + [
+    "rivers flow down from the mountains to the sea every spring",
+    "a short line",
+]
+OPTS = HealOptions(steps=8, learning_rate=1e-2, max_tokens=16, batch_size=4, rank=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_model(ModelSpec(name="tiny-random-llama"), Settings(data_dir=tmp_path_factory.mktemp("heal")))
+
+
+def _ids(tok) -> torch.Tensor:
+    return torch.tensor([tok("the cat sat on the mat and the rivers flow")["input_ids"]])
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _check_attached(params: dict[str, torch.nn.Parameter], before: dict[str, torch.Tensor]) -> None:
+    lora = {n for n in params if ".lora_" in n}
+    assert lora and all(params[n].requires_grad and params[n].dtype == torch.float32 for n in lora)
+    base = {n.replace(".base_layer.", "."): p for n, p in params.items() if n not in lora}
+    assert base.keys() == before.keys()
+    assert not any(p.requires_grad for p in base.values())
+    # Every base weight is bit-identical while the trained adapters are attached.
+    for name, p in base.items():
+        assert torch.equal(p, before[name]), name
+    assert any(float(params[n].detach().abs().max()) > 0 for n in lora if "lora_B" in n)  # B starts at 0: it trained
+
+
+def test_only_adapters_train_and_the_model_is_restored(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    before = _snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pruned_view(model, [1]):
+        in_view = _snapshot(model)  # names as the pruned model has them (blocks renumbered)
+        with healed(model, tok, TEXTS, OPTS) as h:
+            params = dict(model.named_parameters())
+            _check_attached(params, in_view)
+            assert h.report.target_modules == 3 * 7  # 3 kept blocks x q, k, v, o, gate, up, down
+    after = _snapshot(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert "peft_config" not in vars(model)
+
+
+def test_merged_export_reproduces_the_healed_logits(tiny, tmp_path):
+    model, tok = tiny.model, tiny.tokenizer
+    ids = _ids(tok)
+    with torch.no_grad():
+        pruned_logits = None
+        with pruned_view(model, [2]):
+            pruned_logits = model(ids).logits
+            with healed(model, tok, TEXTS, OPTS) as h:
+                healed_logits = model(ids).logits
+                blob = export_healed_model(h, tok)
+    assert (healed_logits - pruned_logits).abs().max() > 1e-3  # healing changed what the model computes
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "healed-model").eval()
+    assert loaded.config.num_hidden_layers == 3
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, healed_logits, atol=1e-5, rtol=1e-5)
+    assert tf.AutoTokenizer.from_pretrained(tmp_path / "healed-model")("hi")["input_ids"]
+
+
+def test_healing_lowers_the_training_loss_and_is_deterministic(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    reports, weights = [], []
+    for seed in (3, 3, 4):
+        with healed(model, tok, TEXTS, OPTS.model_copy(update={"seed": seed})) as h:
+            reports.append(h.report)
+            weights.append({n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n})
+    first = reports[0]
+    assert first.loss_before is not None and first.loss_after is not None
+    assert first.loss_after < first.loss_before
+    assert first.history and first.history[-1]["step"] == OPTS.steps
+    assert reports[1].loss_after == first.loss_after
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    assert reports[2].loss_after != first.loss_after
+
+
+def test_bfloat16_model_trains_float32_adapters_and_exports_float32(tiny, tmp_path):
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    tok = tiny.tokenizer
+    before = _snapshot(model)
+    with healed(model, tok, TEXTS, OPTS) as h:
+        assert h.report.adapter_dtype == "float32"
+        assert h.report.loss_after < h.report.loss_before
+        blob = export_healed_model(h, tok)
+        with torch.no_grad():
+            ref = model(_ids(tok)).logits.float()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    assert json.loads((tmp_path / "healed-model" / "config.json").read_text())["dtype"] == "float32"
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "healed-model").eval()
+    assert loaded.dtype == torch.float32
+    with torch.no_grad():
+        got = loaded(_ids(tok)).logits
+    # The float32 merged model against the bfloat16 forward with float32 adapters: bf16 noise only.
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_cancel_stops_healing_and_restores_the_model(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    before = _snapshot(model)
+    calls = {"n": 0}
+
+    def cancelled() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    seen: list[tuple[str, int, int]] = []
+    ctx = JobContext(progress=lambda s, d, t: seen.append((s, d, t)), is_cancelled=cancelled)
+    with pytest.raises(JobCancelled), healed(model, tok, TEXTS, OPTS, ctx=ctx, progress_stage="prune:heal:x"):
+        pass
+    assert seen[0] == ("prune:heal:x", 0, OPTS.steps) and seen[-1][1] == 3
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any(".lora_" in n for n, _ in model.named_parameters())
+
+
+def test_targets_per_architecture():
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32))
+    assert lora_targets(gpt2, adapter_for(gpt2), "mlp") == [
+        "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc",
+        "transformer.h.1.mlp.c_proj",
+    ]
+    assert len(lora_targets(gpt2, adapter_for(gpt2), "all")) == 8
+    llama = tf.LlamaForCausalLM(tf.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64,
+    ))
+    assert lora_targets(llama, adapter_for(llama), "attention")[:2] == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+    ]
+
+
+def test_corpus_left_out_overlap_and_packing(tiny):
+    kept, dropped = disjoint_texts(
+        ["Hello  there", "What is the capital of France? Paris.", "unrelated healing text here", "x"],
+        ["hello there", "what is the capital of france?", "x"],
+    )
+    assert kept == ["unrelated healing text here"] and dropped == 3
+    seqs = pack_tokens(tiny.tokenizer, ["one two three", "four five"], 4)
+    assert all(2 <= len(s) <= 4 for s in seqs) and sum(map(len, seqs)) >= 5
+
+
+def test_no_text_left_and_encoders_fail_with_stable_types(tiny):
+    with pytest.raises(JobFailed) as err:
+        with healed(tiny.model, tiny.tokenizer, [], OPTS):
+            pass
+    assert err.value.error_type == "heal_no_data"
+    bert = tf.BertForMaskedLM(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, vocab_size=64))
+    with pytest.raises(JobFailed) as err:
+        with healed(bert, tiny.tokenizer, TEXTS, OPTS):
+            pass
+    assert err.value.error_type == "heal_unsupported"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"steps": 0}, {"learning_rate": 0}, {"rank": 0}, {"dropout": 1.0}, {"targets": "embeddings"},
+     {"max_tokens": 4}, {"export_dtype": "int8"}, {"bogus": 1}, {"learning_rate": float("nan")}],
+)
+def test_bad_heal_options_are_refused(bad):
+    with pytest.raises(ValidationError):
+        HealOptions(**bad)
+
