@@ -21,7 +21,7 @@ Aliases for the common gates:
 
 | alias | means |
 |---|---|
-| `retained_performance.<task>[.<scorer>]` | `metrics.prune."task=<task>,scorer=<scorer>".retained_pct / 100` (scorer default `avss`), a fraction |
+| `retained_performance.<task>[.<scorer>][.healed][.<field>]` | `metrics.prune."task=<task>,scorer=<scorer>".retained_pct / 100` (scorer default `avss`), a fraction, with its paired-bootstrap 95% interval (also / 100) and N; `.healed`: after LoRA healing (scope `...,variant=healed`); `.<field>`: `value`, `ci_low`, `ci_high`, `n` (e.g. `retained_performance.perplexity.avss.ci_low >= 0.9`) |
 | `hallucination.<detector>.<metric>[.<field>]` | `metrics.hallucination."detector=<detector>".<metric>` |
 | `pruning.<scorer>.<name>` | `metrics.prune."scorer=<scorer>".<name>` (e.g. `speedup`, `parameter_reduction_pct`) |
 | `mitigation.<a>-<b>.<name>[.<field>]` | `metrics.mitigate."delta=<a>-<b>".<name>`, a paired difference (e.g. `mitigation.eavss-base.accuracy.ci_low > 0`) |
@@ -182,7 +182,7 @@ def _check_shape(path: tuple[str, ...]) -> None:
         "layers": "layers.<stage>.<scorer>.<value>.<max|min|mean|sum|count|layer index> or layers.<stage>.warnings",
         "warnings": "warnings or warnings.<stage>",
         "summary": "summary.<stage>.<key>[.<key>...]",
-        "retained_performance": "retained_performance.<task>[.<scorer>]",
+        "retained_performance": "retained_performance.<task>[.<scorer>][.healed][.value|.ci_low|.ci_high|.n]",
         "hallucination": "hallucination.<detector>.<metric>[.value|.ci_low|.ci_high|.n]",
         "pruning": "pruning.<scorer>.<name>",
         "mitigation": "mitigation.<variant or a-b>.<name>[.value|.ci_low|.ci_high|.n]",
@@ -195,7 +195,7 @@ def _check_shape(path: tuple[str, ...]) -> None:
         or (n == 4 and (rest[3] in AGGREGATES or rest[3].isdigit())),
         "warnings": n in (0, 1),
         "summary": n >= 2,
-        "retained_performance": n in (1, 2),
+        "retained_performance": 1 <= n <= 4 and _retained_parts(rest) is not None,
         "hallucination": n == 2 or (n == 3 and rest[2] in METRIC_FIELDS),
         "pruning": n == 2,
         "mitigation": n == 2 or (n == 3 and rest[2] in METRIC_FIELDS),
@@ -204,6 +204,28 @@ def _check_shape(path: tuple[str, ...]) -> None:
         raise RuleError(f"path {format_path(path)!r} does not fit {usage[root]}")
     if any(p == "" for p in path):
         raise RuleError("a path segment is empty")
+
+
+VARIANTS = ("healed",)  # retained-performance variants after a post-pruning step (LoRA healing)
+
+
+def retained_scope(task: str, scorer: str = "avss", variant: str | None = None) -> str:
+    """The prune stage's metric scope of a retained performance (`variant`: e.g. `healed`)."""
+    return f"task={task},scorer={scorer}" + (f",variant={variant}" if variant else "")
+
+
+def _retained_parts(rest: Sequence[str]) -> tuple[str, str, str | None, str] | None:
+    """(task, scorer, variant, field) of `retained_performance.<task>[.<scorer>][.healed][.<field>]`,
+    or None when the segments do not fit."""
+    parts = list(rest)
+    if not parts:
+        return None
+    fld = parts.pop() if len(parts) > 1 and parts[-1] in METRIC_FIELDS else "value"
+    variant = parts.pop() if len(parts) > 1 and parts[-1] in VARIANTS else None
+    if len(parts) not in (1, 2):
+        return None
+    scorer = parts[1] if len(parts) == 2 else "avss"
+    return parts[0], scorer, variant, fld
 
 
 def parse_rule(text: str) -> Rule:
@@ -383,11 +405,17 @@ def observe(path: Sequence[str], snap: Snapshot) -> Observation:
         scope = f"delta={rest[0]}" if "-" in rest[0] else f"variant={rest[0]}"
         return observe(("metrics", "mitigate", scope, *rest[1:]), snap)
     if root == "retained_performance":
-        scorer = rest[1] if len(rest) == 2 else "avss"
-        obs = observe(("metrics", "prune", f"task={rest[0]},scorer={scorer}", "retained_pct"), snap)
-        obs.source += " / 100"
-        if isinstance(obs.value, float):
-            obs.value = obs.value / 100.0
+        parts = _retained_parts(rest)
+        assert parts is not None  # parse_rule checked the shape
+        task, scorer, variant, fld = parts
+        scope = retained_scope(task, scorer, variant)
+        obs = observe(("metrics", "prune", scope, "retained_pct", *([fld] if fld != "value" else [])), snap)
+        if fld != "n":
+            obs.source += " / 100"
+            if isinstance(obs.value, float):
+                obs.value = obs.value / 100.0
+        obs.ci_low = obs.ci_low / 100.0 if obs.ci_low is not None else None
+        obs.ci_high = obs.ci_high / 100.0 if obs.ci_high is not None else None
         return obs
     raise RuleError(f"unknown path root {root!r}")  # parse_rule refuses these first
 

@@ -415,7 +415,9 @@ class PruneOptions(Strict):
         "question and answer fields (multiple_choice: question and choices).",
     )
     random_seeds: int = Field(
-        5, ge=0, le=100, description="Seeds of the random-layer baseline (mean reported)."
+        5, ge=0, le=100,
+        description="Seeds of the random-layer baseline: its metric is the median over seeds, with the per-seed "
+        "range, and each scorer's `beats_random_share` is the share of seeds it beats.",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="First random seed; also the bootstrap seed.")
     scoring_examples: int = Field(
@@ -462,13 +464,17 @@ class PruneOptions(Strict):
     )
     lrp_epsilon: float = Field(1e-2, gt=0, le=10, description="Stabilizer of the LRP epsilon rule.")
     timing_runs: int = Field(
-        5,
+        15,
         ge=0,
         le=100,
-        description="Timed forward passes per model for the speed-up (median; 0 = do not measure).",
+        description="Timed forward passes per model for the speed-up: the median ratio with a 95% bootstrap "
+        "interval over the runs (3 or more), flagged when it includes 1.0; 0 = do not measure.",
     )
     timing_batch_size: int = Field(4, ge=1, le=256)
-    n_boot: int = Field(1000, ge=0, le=100_000, description="Bootstrap resamples of each 95% interval.")
+    n_boot: int = Field(
+        1000, ge=0, le=100_000,
+        description="Bootstrap resamples of each 95% interval (retained performance: paired over the examples).",
+    )
     export: bool = Field(
         False, description="Attach the pruned model (save_pretrained, .tar.gz) as an artifact."
     )

@@ -24,9 +24,17 @@ important first, i.e. in pruning order; rank 1 = first pruning candidate)
 Measuring
 - parameter reduction (%) = removed parameters / original parameters (each tensor
   counted once, so tied embeddings are not double-counted);
+- parameter reduction is exact (a count: its interval is the value itself, N the
+  original's parameters);
 - speed-up = median time of the original model's forward pass / median time of the
   pruned model's, on the same batch, `runs` timed runs after one warm-up each, in
-  the same process: a measured number, noisy on a shared CPU, reported as measured;
+  the same process: a measured number, noisy on a shared CPU, reported as measured,
+  with a 95% bootstrap interval over the runs (`speedup_interval`, N = runs) and
+  `speedup_includes_one` (plus a warning) when that interval includes 1.0;
+- the random baseline (`random_seeds` seeds, as many random layers as AVSS removed)
+  is the MEDIAN over seeds (`median_retained`), with the per-seed range, and each
+  scorer's `beats_random_share` is the share of seeds whose retained performance
+  it exceeds (Wilson 95% interval, N = seeds);
 - retained performance (%) = pruned / original x 100 for higher-is-better metrics,
   original / pruned x 100 for perplexity; its 95% interval is a paired bootstrap
   over the examples (`retained_metric`): the original's and the pruned model's
@@ -42,6 +50,7 @@ import statistics
 import tarfile
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +63,7 @@ if TYPE_CHECKING:
     import transformers
 
 from app.schemas import PruneOptions
-from worker.evaluation.bootstrap import paired_bootstrap_ci
+from worker.evaluation.bootstrap import bootstrap_ci, paired_bootstrap_ci
 from worker.evaluation.tasks import TASKS, MetricValue, TaskResult, TaskRun, lm_texts, qa_pairs
 from worker.lm.model import is_causal_lm, model_device
 from worker.lm.tokens import encode_texts, pad_batch, pad_id
@@ -136,6 +145,61 @@ def retained_metric(
     ci = paired_bootstrap_ci(ratio, a, b, n_boot=n_boot, seed=seed)
     out.ci_low, out.ci_high = finite_or_none(ci.low), finite_or_none(ci.high)
     return out, None
+
+
+def median_retained(
+    original: TaskResult, seeds: Sequence[TaskResult], metric: str | None = None, *, n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[MetricValue, list[float | None]]:
+    """The random baseline's retained performance: the median over seeds of each seed's
+    retained_pct (a median, so one bad seed does not dominate), with a 95% interval from
+    resampling the examples, with the same indices for the original and every seed, and
+    taking the median over seeds on each resample (the interval is over the examples,
+    given these seeds; the per-seed spread is reported beside it). Also each seed's value."""
+    name = metric or original.primary
+    per_seed = [retained_metric(original, r, name, n_boot=0)[0].value for r in seeds]
+    defined = [v for v in per_seed if v is not None]
+    out = MetricValue(
+        "retained_pct", median(defined) if defined else None, None, None, original.metrics[name].n, True
+    )
+    stat = original.statistics.get(name)
+    arrays = [original.example_values(name), *(r.example_values(name) for r in seeds)]
+    if (
+        stat is None or n_boot == 0 or not seeds or out.value is None
+        or any(a is None or a[0].shape != arrays[0][0].shape for a in arrays)  # type: ignore[index]
+        or any(r.statistics.get(name) != stat for r in seeds)
+    ):
+        return out, per_seed
+    width = len(stat.keys())
+    hib = original.metrics[name].higher_is_better
+
+    def fn(*blocks: np.ndarray) -> np.ndarray:
+        base = stat(*blocks[:width])
+        kept = []
+        for i in range(len(seeds)):
+            v = stat(*blocks[width * (i + 1): width * (i + 2)])
+            num, den = (v, base) if hib else (base, v)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                kept.append(np.where((den != 0) & np.isfinite(num) & np.isfinite(den), 100.0 * num / den, np.nan))
+        with warnings.catch_warnings():  # a resample where no seed is defined is NaN (left out)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(np.stack(kept, axis=1), axis=1)
+
+    flat = [x for a in arrays for x in a]  # type: ignore[union-attr]
+    ci = bootstrap_ci(fn, *flat, n_boot=n_boot, seed=seed, batched=True)
+    out.ci_low, out.ci_high = finite_or_none(ci.low), finite_or_none(ci.high)
+    return out, per_seed
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float | None, float | None]:
+    """Wilson score 95% interval of a share `successes / n` (None, None when n = 0)."""
+    if n <= 0:
+        return None, None
+    p = successes / n
+    den = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def median(values: Sequence[float]) -> float:
@@ -314,6 +378,24 @@ def _time_once(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) ->
     return time.perf_counter() - start
 
 
+def speedup_interval(
+    original: Sequence[float], pruned: Sequence[float], *, n_boot: int = 1000, seed: int = 0
+) -> tuple[float | None, float | None]:
+    """95% bootstrap interval of median(original) / median(pruned) over the timed runs,
+    run i of both resampled together (they were timed back to back); (None, None) under
+    3 runs, where a median of a resample says nothing."""
+    a, b = np.asarray(original, dtype=np.float64), np.asarray(pruned, dtype=np.float64)
+    if a.size < 3 or a.size != b.size or n_boot == 0:
+        return None, None
+
+    def ratio(x: list[np.ndarray], y: list[np.ndarray]) -> np.ndarray:
+        den = np.median(y[0], axis=1)
+        return np.where(den > 0, np.median(x[0], axis=1) / np.where(den > 0, den, 1.0), np.nan)
+
+    ci = paired_bootstrap_ci(ratio, [a], [b], n_boot=n_boot, seed=seed)
+    return ci.low, ci.high
+
+
 def measure_speedup(
     model: torch.nn.Module,
     dropped: Sequence[int],
@@ -322,9 +404,13 @@ def measure_speedup(
     *,
     runs: int = 5,
     adapter: ArchitectureAdapter | None = None,
-) -> dict[str, float]:
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Median forward time of `model` and of it without `dropped` (via `pruned_view`: blocks
-    removed in place and restored), timed alternately (one warm-up each) so drift hits both."""
+    removed in place and restored), timed alternately (one warm-up each) so drift hits both;
+    the speed-up's 95% interval over the runs (`speedup_interval`), and `includes_one` = True
+    when that interval (or, without one, fewer than 3 runs) cannot tell it from no change."""
     original: list[float] = []
     pruned: list[float] = []
     with torch.inference_mode():
@@ -336,11 +422,15 @@ def measure_speedup(
             with pruned_view(model, dropped, adapter=adapter):
                 pruned.append(_time_once(model, ids, mask))
     t_orig, t_pruned = median(original), median(pruned)
+    low, high = speedup_interval(original, pruned, n_boot=n_boot, seed=seed)
     return {
         "original_seconds": t_orig,
         "pruned_seconds": t_pruned,
         "speedup": t_orig / t_pruned if t_pruned > 0 else math.nan,
+        "ci_low": low,
+        "ci_high": high,
         "runs": len(original),
+        "includes_one": low is None or high is None or low <= 1.0 <= high,
     }
 
 
@@ -406,7 +496,7 @@ class _Measured:
     n_params: int
     evaluated: dict[tuple[int, ...], dict[str, TaskResult]]
     params_after: dict[tuple[int, ...], int]
-    timing: dict[tuple[int, ...], dict[str, float]]
+    timing: dict[tuple[int, ...], dict[str, Any]]
 
     def reduction(self, key: tuple[int, ...]) -> float:
         return 100.0 * (self.n_params - self.params_after[key]) / self.n_params if self.n_params else 0.0
@@ -415,6 +505,18 @@ class _Measured:
         if not key:
             return 1.0
         return finite_or_none(self.timing[key]["speedup"]) if key in self.timing else None
+
+    def speed(self, key: tuple[int, ...]) -> dict[str, Any]:
+        """The speed-up with its interval over the timed runs, their number, and whether the
+        interval includes 1.0 (no measurable change)."""
+        t = self.timing.get(key, {})
+        low, high = finite_or_none(t.get("ci_low")), finite_or_none(t.get("ci_high"))
+        return {
+            "speedup": self.speedup(key),
+            "speedup_ci": [low, high],
+            "timing_runs": int(runs) if (runs := t.get("runs")) else None,
+            "speedup_includes_one": None if not t else bool(t.get("includes_one")),
+        }
 
 
 def run_prune_stage(
@@ -463,7 +565,8 @@ def run_prune_stage(
             "seeds": [s for s, _ in selection.random_sets],
             "layers_removed_count": selection.k_random,
             "layers_removed": {str(s): d for s, d in selection.random_sets},
-            "note": "each seed removes as many random layers as AVSS did (floor(fraction x L) without AVSS)",
+            "note": "each seed removes as many random layers as AVSS did (floor(fraction x L) without AVSS); "
+            "reported as the median over seeds",
         },
         "agreement": pairwise_agreement({name: ranked.importance[name] for name in ranked.orders}),
         "scoring_seconds": {name: t.seconds for name, t in ranked.tables.items()},
@@ -485,7 +588,11 @@ def _choices(options: PruneOptions) -> dict[str, Any]:
         "angular_distance_positions": options.angular_positions,
         **{name: s.description for name, s in SCORERS.items()},
         "retained_pct": "pruned / original x 100; original / pruned x 100 for perplexity",
-        "speedup": "median original / median pruned forward time on one batch, timed alternately; measured",
+        "speedup": "median original / median pruned forward time on one batch, timed alternately; measured, "
+        "95% bootstrap interval over the runs",
+        "retained_pct_interval": "paired bootstrap over the examples (original and pruned resampled together)",
+        "parameter_reduction_pct": "exact (a parameter count)",
+        "random_baseline": "median over seeds; interval over the examples given these seeds; per-seed range beside it",
         "scoring_data": "the baselines score on the first scoring_examples texts of the evaluated set",
     }
 
@@ -623,7 +730,8 @@ def _measure(job: _Prune, tasks: Mapping[str, Any], selection: _Selection, timin
             measured.evaluated[key] = {task: job.evaluate(task, data) for task, data in tasks.items()}
         if batch is not None and key:
             measured.timing[key] = measure_speedup(
-                job.model, key, *batch, runs=job.options.timing_runs, adapter=job.adapter
+                job.model, key, *batch, runs=job.options.timing_runs, adapter=job.adapter,
+                n_boot=job.options.n_boot, seed=job.options.seed,
             )
     job.ctx.progress("prune:pruned_models", len(distinct), len(distinct))
     return measured
@@ -644,7 +752,7 @@ def _metric_rows(scope: str, res: TaskResult) -> list[MetricRow]:
 
 def _scorer_row(
     job: _Prune, task: str, name: str, dropped: list[int], orig: TaskResult, measured: _Measured,
-    metrics: list[MetricRow],
+    metrics: list[MetricRow], random_kept: Sequence[float | None],
 ) -> dict[str, Any]:
     key = tuple(dropped)
     res = measured.evaluated[key][task]
@@ -661,43 +769,70 @@ def _scorer_row(
         row[f"{mname}_ci"] = [mv.ci_low, mv.ci_high]
         row[f"retained_pct{suffix}"] = kept.value
         row[f"retained_pct{suffix}_ci"] = [kept.ci_low, kept.ci_high]
+    beaten = [v for v in random_kept if v is not None]
+    if beaten and row.get("retained_pct") is not None:
+        wins = sum(1 for v in beaten if row["retained_pct"] > v)
+        low, high = wilson_interval(wins, len(beaten))
+        metrics.append(MetricRow(scope, "beats_random_share", wins / len(beaten), low, high, len(beaten)))
+        row["beats_random_share"] = wins / len(beaten)
+        row["beats_random_share_ci"] = [low, high]
     row["parameter_reduction_pct"] = measured.reduction(key)
-    row["speedup"] = measured.speedup(key)
+    row.update(measured.speed(key))
     return row
 
 
 def _random_row(
-    task: str, orig: TaskResult, selection: _Selection, measured: _Measured, metrics: list[MetricRow]
-) -> dict[str, Any]:
-    per_seed: dict[str, list[float]] = {}
-    for seed, dropped in selection.random_sets:
-        res = measured.evaluated[tuple(dropped)][task]
-        metrics.extend(_metric_rows(f"task={task},scorer=random,seed={seed}", res))
-        for mname, mv in res.metrics.items():
-            if mv.value is not None:
-                per_seed.setdefault(mname, []).append(mv.value)
+    job: _Prune, task: str, orig: TaskResult, selection: _Selection, measured: _Measured,
+    metrics: list[MetricRow],
+) -> tuple[dict[str, Any], list[float | None]]:
+    """The random baseline: per seed its metrics and retained_pct; over seeds the median
+    (with the per-seed spread) and the median retained_pct with its interval. Returns the
+    row and each seed's primary retained_pct (what `beats_random_share` counts)."""
+    results = [(seed, measured.evaluated[tuple(dropped)][task]) for seed, dropped in selection.random_sets]
+    options = job.options
     row: dict[str, Any] = {
         "scorer": "random", "seeds": [s for s, _ in selection.random_sets],
         "layers_removed_count": selection.k_random,
     }
     scope = f"task={task},scorer=random"
-    for mname, values in per_seed.items():
-        mean = float(np.mean(values)) if values else None
-        std = float(np.std(values)) if values else None
-        kept = retained_pct(orig.metrics[mname].value, mean, orig.metrics[mname].higher_is_better)
+    primary_kept: list[float | None] = []
+    for mname in orig.metrics:
         suffix = "" if mname == orig.primary else f"_{mname}"
-        metrics.append(MetricRow(scope, mname, finite_or_none(mean), n=len(values)))
-        metrics.append(MetricRow(scope, f"{mname}_std", finite_or_none(std), n=len(values)))
-        metrics.append(MetricRow(scope, f"retained_pct{suffix}", finite_or_none(kept)))
-        row[mname] = finite_or_none(mean)
-        row[f"{mname}_std"] = finite_or_none(std)
+        for seed, res in results:
+            seed_scope = f"{scope},seed={seed}"
+            mv = res.metrics[mname]
+            metrics.append(MetricRow(seed_scope, mname, mv.value, mv.ci_low, mv.ci_high, mv.n))
+            kept_s, _ = retained_metric(orig, res, mname, n_boot=options.n_boot, seed=options.seed)
+            metrics.append(
+                MetricRow(seed_scope, f"retained_pct{suffix}", kept_s.value, kept_s.ci_low, kept_s.ci_high, kept_s.n)
+            )
+        values = [v for v in (res.metrics[mname].value for _, res in results) if v is not None]
+        kept, per_seed = median_retained(orig, [r for _, r in results], mname, n_boot=options.n_boot, seed=options.seed)
+        if mname == orig.primary:
+            primary_kept = per_seed
+        mid = median(values) if values else None
+        lo, hi = (min(values), max(values)) if values else (None, None)
+        metrics.append(MetricRow(scope, mname, finite_or_none(mid), n=len(values)))
+        metrics.append(MetricRow(scope, f"{mname}_seed_min", finite_or_none(lo), n=len(values)))
+        metrics.append(MetricRow(scope, f"{mname}_seed_max", finite_or_none(hi), n=len(values)))
+        metrics.append(MetricRow(scope, f"retained_pct{suffix}", kept.value, kept.ci_low, kept.ci_high, kept.n))
+        kept_defined = [v for v in per_seed if v is not None]
+        if kept_defined:
+            metrics.append(MetricRow(scope, f"retained_pct{suffix}_seed_min", min(kept_defined), n=len(kept_defined)))
+            metrics.append(MetricRow(scope, f"retained_pct{suffix}_seed_max", max(kept_defined), n=len(kept_defined)))
+        row[mname] = finite_or_none(mid)
+        row[f"{mname}_seed_range"] = [finite_or_none(lo), finite_or_none(hi)]
         row[f"{mname}_per_seed"] = values
-        row[f"retained_pct{suffix}"] = finite_or_none(kept)
+        row[f"retained_pct{suffix}"] = kept.value
+        row[f"retained_pct{suffix}_ci"] = [kept.ci_low, kept.ci_high]
+        row[f"retained_pct{suffix}_per_seed"] = per_seed
     keys = [tuple(d) for _, d in selection.random_sets]
-    row["parameter_reduction_pct"] = float(np.mean([measured.reduction(k) for k in keys]))
+    row["parameter_reduction_pct"] = median([measured.reduction(k) for k in keys])
     sp = [v for v in (measured.speedup(k) for k in keys) if v is not None]
-    row["speedup"] = float(np.mean(sp)) if sp else None
-    return row
+    row["speedup"] = median(sp) if sp else None
+    row["speedup_seed_range"] = [min(sp), max(sp)] if sp else [None, None]
+    row["speedup_per_seed"] = sp
+    return row, primary_kept
 
 
 def _task_tables(
@@ -708,12 +843,15 @@ def _task_tables(
     table: list[dict[str, Any]] = []
     for task, orig in original.items():
         metrics.extend(_metric_rows(f"task={task},scorer=original", orig))
+        random_row, random_kept = (
+            _random_row(job, task, orig, selection, measured, metrics) if selection.random_sets else (None, [])
+        )
         rows = [
-            _scorer_row(job, task, name, dropped, orig, measured, metrics)
+            _scorer_row(job, task, name, dropped, orig, measured, metrics, random_kept)
             for name, dropped in selection.dropped_by.items()
         ]
-        if selection.random_sets:
-            rows.append(_random_row(task, orig, selection, measured, metrics))
+        if random_row is not None:
+            rows.append(random_row)
         primary = orig.metrics[orig.primary]
         entry = {
             "task": task,
@@ -751,14 +889,33 @@ def _compare_avss(job: _Prune, task: str, orig: TaskResult, rows: list[dict[str,
 
 
 def _scorer_metrics(job: _Prune, ranked: _Ranked, selection: _Selection, measured: _Measured) -> list[MetricRow]:
+    """Per scorer (and the random baseline): layers removed, parameter reduction (exact: a
+    count, its interval is the value itself, n = the original's parameters), the speed-up
+    with its interval over the timed runs (n = runs) and whether that interval includes 1.0."""
     metrics: list[MetricRow] = []
+
+    def speed_rows(scope: str, key: tuple[int, ...]) -> None:
+        reduction = finite_or_none(measured.reduction(key))
+        metrics.append(MetricRow(scope, "parameter_reduction_pct", reduction, reduction, reduction, measured.n_params))
+        sp = measured.speed(key)
+        low, high = sp["speedup_ci"]
+        metrics.append(MetricRow(scope, "speedup", sp["speedup"], low, high, sp["timing_runs"]))
+        if sp["speedup_includes_one"] is not None:
+            metrics.append(MetricRow(scope, "speedup_includes_one", float(sp["speedup_includes_one"])))
+
     for name, dropped in selection.dropped_by.items():
         scope, key = f"scorer={name}", tuple(dropped)
         metrics.append(MetricRow(scope, "layers_removed", float(len(dropped))))
-        metrics.append(MetricRow(scope, "parameter_reduction_pct", finite_or_none(measured.reduction(key))))
-        metrics.append(MetricRow(scope, "speedup", measured.speedup(key), n=job.options.timing_runs or None))
+        speed_rows(scope, key)
+        if measured.speed(key)["speedup_includes_one"]:
+            job.warnings.append(
+                f"speed-up of {name} ({_fmt(measured.speedup(key))}) is not distinguishable from 1.0: its 95% "
+                f"interval over {measured.speed(key)['timing_runs']} timed runs includes 1.0"
+            )
         if name in ranked.tables:
             metrics.append(MetricRow(scope, "scoring_seconds", finite_or_none(ranked.tables[name].seconds)))
+    for seed, dropped in selection.random_sets:
+        speed_rows(f"scorer=random,seed={seed}", tuple(dropped))
     return metrics
 
 

@@ -20,7 +20,8 @@ from app.gates import (
 def snapshot() -> Snapshot:
     return Snapshot(
         metrics=[
-            MetricRecord("prune", "task=perplexity,scorer=avss", "retained_pct", 93.0),
+            MetricRecord("prune", "task=perplexity,scorer=avss", "retained_pct", 93.0, 88.5, 96.0, 64),
+            MetricRecord("prune", "task=perplexity,scorer=gbis,variant=healed", "retained_pct", 97.0, 95.0, 99.0, 64),
             MetricRecord("prune", "task=perplexity,scorer=avss", "perplexity", 21.5, 20.0, 23.0, 64),
             MetricRecord("prune", "task=perplexity,scorer=random", "retained_pct", 80.0),
             MetricRecord("prune", "scorer=avss", "speedup", 1.3),
@@ -55,6 +56,11 @@ def check(rule: str, snap: Snapshot | None = None) -> dict:
     [
         ("retained_performance.perplexity >= 0.9", 0.93, True),
         ("retained_performance.perplexity.random >= 0.9", 0.8, False),
+        ("retained_performance.perplexity.avss.ci_low >= 0.9", 0.885, False),
+        ("retained_performance.perplexity.ci_high >= 0.95", 0.96, True),
+        ("retained_performance.perplexity.avss.n >= 64", 64.0, True),
+        ("retained_performance.perplexity.gbis.healed.ci_low >= 0.9", 0.95, True),
+        ("retained_performance.perplexity.gbis.healed > 0.96", 0.97, True),
         ("hallucination.eavss_probe.ece <= 0.1", 0.08, True),
         ("hallucination.eavss_probe.ece.ci_high <= 0.1", 0.12, False),
         ('hallucination.eavss_probe."acc@12.5" > 0.5', 0.7, True),
@@ -96,7 +102,12 @@ def test_metric_rules_report_the_interval_and_n() -> None:
     assert (result["ci_low"], result["ci_high"], result["n"]) == (0.05, 0.12, 200)
     assert result["source"] == "metrics.hallucination.detector=eavss_probe.ece"
     assert result["threshold"] == 0.1 and result["op"] == "<="
-    assert check("retained_performance.perplexity >= 0.9")["source"].endswith("retained_pct / 100")
+    retained = check("retained_performance.perplexity >= 0.9")
+    assert retained["source"].endswith("retained_pct / 100")
+    # the interval is a fraction too (the verdict shows it, not `-`), with its N
+    assert (retained["ci_low"], retained["ci_high"], retained["n"]) == (pytest.approx(0.885), pytest.approx(0.96), 64)
+    healed = check("retained_performance.perplexity.avss.healed >= 0.9")
+    assert healed["passed"] is False and "variant=healed" in healed["reason"]
 
 
 @pytest.mark.parametrize(
@@ -160,6 +171,8 @@ def test_string_and_number_do_not_compare() -> None:
         ("hallucination.eavss_probe > 1", "does not fit"),
         ("summary.avss > 1", "does not fit"),
         ("warnings.a.b == 0", "does not fit"),
+        ("retained_performance.perplexity.avss.healed.x.n > 1", "does not fit"),
+        ("retained_performance.perplexity.avss.x > 1", "does not fit"),
         ('summary.avss.strategy > "a"', "only works with == or !="),
         ("metrics.a.b.c > 1e999", "finite"),
         ("x" * 600 + " > 1", "over 500"),

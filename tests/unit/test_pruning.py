@@ -6,18 +6,22 @@ import io
 import math
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
 
 from app.config import Settings
 from app.schemas import ModelSpec
+from worker.evaluation.tasks import ExampleStatistic, MetricValue, TaskResult
 from worker.modelzoo import load_model
 from worker.pruning import (
     PruneOptions,
     block_count,
     count_parameters,
     export_pruned_model,
+    measure_speedup,
+    median_retained,
     pruned_view,
     remove_blocks,
     retained_pct,
@@ -25,6 +29,8 @@ from worker.pruning import (
     select_cumulative,
     select_fraction,
     select_iterative,
+    speedup_interval,
+    wilson_interval,
 )
 from worker.scoring.agreement import Ranking
 from worker.stage import JobContext, JobFailed
@@ -381,9 +387,10 @@ def test_run_prune_stage_table(tiny_llama):
     assert ppl["higher_is_better"] is False and ppl["original"] > 1
     rows = {r["scorer"]: r for r in ppl["rows"]}
     assert set(rows) == set(removed) | {"random"}
-    for row in rows.values():
+    for name, row in rows.items():
         assert math.isfinite(row["perplexity"])
-        assert row["retained_pct"] == pytest.approx(100 * ppl["original"] / row["perplexity"])
+        if name != "random":  # random: the median of the seeds' retained (below)
+            assert row["retained_pct"] == pytest.approx(100 * ppl["original"] / row["perplexity"])
         assert 0 < row["parameter_reduction_pct"] < 100
     assert rows["random"]["seeds"] == [0, 1] and len(rows["random"]["perplexity_per_seed"]) == 2
     assert "f1" in {r["scorer"]: r for r in table["qa"]["rows"]}["avss"]
@@ -400,6 +407,23 @@ def test_run_prune_stage_table(tiny_llama):
         m for m in result.metrics if m.scope == "task=perplexity,scorer=avss" and m.name == "perplexity"
     )
     assert ppl_row.ci_low <= ppl_row.value <= ppl_row.ci_high and ppl_row.n == 3
+    by = {(m.scope, m.name): m for m in result.metrics}
+    # Every ratio carries an interval and its N: retained (paired bootstrap), parameter
+    # reduction (exact), the random median (over seeds, interval over examples).
+    for scope in ("task=perplexity,scorer=avss", "task=perplexity,scorer=random", "task=perplexity,scorer=cim"):
+        kept = by[(scope, "retained_pct")]
+        assert kept.ci_low is not None and kept.ci_low <= kept.value <= kept.ci_high and kept.n >= 2
+    red = by[("scorer=avss", "parameter_reduction_pct")]
+    assert red.ci_low == red.value == red.ci_high and red.n == sum(p.numel() for p in tiny_llama.model.parameters())
+    seeds = [by[(f"task=perplexity,scorer=random,seed={s}", "retained_pct")].value for s in (0, 1)]
+    assert by[("task=perplexity,scorer=random", "retained_pct")].value == pytest.approx(float(np.median(seeds)))
+    assert rows["random"]["retained_pct_per_seed"] == pytest.approx(seeds)
+    share = by[("task=perplexity,scorer=avss", "beats_random_share")]
+    assert share.n == 2 and share.value == sum(rows["avss"]["retained_pct"] > v for v in seeds) / 2
+    assert share.ci_low <= share.value <= share.ci_high
+    # One timed run: no interval, so the speed-up cannot be told from 1.0 (flagged).
+    assert by[("scorer=gbis", "speedup_includes_one")].value == 1.0
+    assert any("not distinguishable from 1.0" in w for w in result.warnings)
 
     by_scorer: dict[str, list] = {}
     for row in result.layers:
@@ -440,3 +464,53 @@ def test_run_prune_stage_iterative_and_missing_inputs(tiny_llama):
     result = run_prune_stage(tiny_llama, TEXTS, options, JobContext(), {})
     assert any("avss skipped" in w for w in result.warnings)
     assert list(result.summary["layers_removed"]) == ["block_influence"]
+
+
+def test_speedup_interval_by_construction():
+    # The pruned model takes exactly half the time on every run: 2.0 on every resample.
+    orig = [0.10, 0.12, 0.09, 0.11, 0.30]
+    ci = speedup_interval(orig, [t / 2 for t in orig], n_boot=200)
+    assert ci == (pytest.approx(2.0), pytest.approx(2.0))
+    # Same distribution of times: the interval includes 1.0.
+    rng = np.random.default_rng(0)
+    low, high = speedup_interval(rng.uniform(1, 2, 15), rng.uniform(1, 2, 15), n_boot=500)
+    assert low is not None and high is not None and low < 1.0 < high
+    assert speedup_interval([1.0, 1.0], [0.5, 0.5]) == (None, None)  # under 3 runs
+
+
+def test_measure_speedup_reports_interval_and_flag(tiny_llama):
+    ids = torch.randint(0, 100, (2, 16))
+    out = measure_speedup(tiny_llama.model, [1, 2], ids, torch.ones_like(ids), runs=5, n_boot=100)
+    assert out["runs"] == 5 and out["ci_low"] is not None and out["ci_low"] <= out["ci_high"]
+    assert out["includes_one"] == (out["ci_low"] <= 1.0 <= out["ci_high"])
+    assert block_count(tiny_llama.model) == 4
+
+
+def test_wilson_interval_known_values():
+    # Wilson 95% for 0/5 is [0, 0.4345]; for 5/5 [0.5655, 1]; for 1/2 [0.0945, 0.9055].
+    assert wilson_interval(0, 5) == (0.0, pytest.approx(0.4345, abs=1e-4))
+    assert wilson_interval(5, 5) == (pytest.approx(0.5655, abs=1e-4), 1.0)
+    low, high = wilson_interval(1, 2)
+    assert low == pytest.approx(0.0945, abs=1e-4) and high == pytest.approx(0.9055, abs=1e-4)
+    assert wilson_interval(0, 0) == (None, None)
+
+
+def _ppl(nll: list[float], tokens: list[float]) -> TaskResult:
+    return TaskResult(
+        task="perplexity", primary="perplexity",
+        metrics={"perplexity": MetricValue("perplexity", math.exp(sum(nll) / sum(tokens)), None, None, len(nll), False)},
+        per_example={"nll_sum": nll, "tokens": tokens},
+        statistics={"perplexity": ExampleStatistic("nll_sum", "tokens", "exp")},
+    )
+
+
+def test_random_baseline_is_the_median_over_seeds():
+    # Seeds that multiply the perplexity by 1.25, 1.6 and 1000 on every example: retained
+    # 80%, 62.5% and 0.1%; the median is 62.5% on every resample (a mean would be 47.5%).
+    nll, tokens = [3.0, 1.0, 2.5], [2.0, 1.0, 3.0]
+    orig = _ppl(nll, tokens)
+    seeds = [_ppl([v + math.log(f) * t for v, t in zip(nll, tokens, strict=True)], tokens) for f in (1.25, 1.6, 1000.0)]
+    kept, per_seed = median_retained(orig, seeds, n_boot=200)
+    assert per_seed == pytest.approx([80.0, 62.5, 0.1])
+    assert kept.value == pytest.approx(62.5) and kept.n == 3
+    assert kept.ci_low == pytest.approx(62.5) and kept.ci_high == pytest.approx(62.5)

@@ -188,7 +188,7 @@ window.layerscopePanels = (lib) => {
     const byTask = new Map();
     for (const m of pm) {
       const s = parseScope(m.scope);
-      if (!s.task || !s.scorer) continue;
+      if (!s.task || !s.scorer || s.removed !== undefined || s.variant !== undefined) continue;  // curve / healed rows: own panels
       if (!byTask.has(s.task)) byTask.set(s.task, []);
       byTask.get(s.task).push({ ...m, scorer: s.scorer, seed: s.seed });
     }
@@ -215,10 +215,12 @@ window.layerscopePanels = (lib) => {
         const m = get(s, name);
         if (!m) continue;
         const retained = get(s, "retained_pct");
+        const keptCi = retained && num(retained.ci_low) !== null ? ` [${fmt(retained.ci_low)}, ${fmt(retained.ci_high)}]` : "";
         tableRows.push(h("tr", { dataset: { task, scorer: s, metric: name } },
-          h("td", {}, task), h("td", {}, s === "random" ? `random (mean of ${seeds.length || m.n} seeds)` : s),
+          h("td", {}, task), h("td", {}, s === "random" ? `random (median of ${seeds.length || m.n} seeds)` : s),
           h("td", {}, name), ...metricCells(m),
-          h("td", { class: "num", dataset: { retained: raw(retained && retained.value) } }, retained ? `${fmt(retained.value)} %` : "—")));
+          h("td", { class: "num", dataset: { retained: raw(retained && retained.value), low: raw(retained && retained.ci_low), high: raw(retained && retained.ci_high) } },
+            retained ? `${fmt(retained.value)} %${keptCi}` : "—")));
       }
       if (original) {
         tableRows.push(h("tr", { dataset: { task, scorer: "original", metric: name } },
@@ -232,7 +234,7 @@ window.layerscopePanels = (lib) => {
         const canvas = p.canvas || (() => {
           const c = card(`prune-chart-${p.task}`, `${p.task}: ${p.name} after removing layers, per scorer`,
             `Bars: ${p.name} of the pruned model per scorer, whiskers its 95% interval. ` +
-            (p.band ? `Shaded band: the random control's range over ${p.seeds.length} seeds (dashed line its mean). ` : "") +
+            (p.band ? `Shaded band: the random control's range over ${p.seeds.length} seeds (dashed line their median). ` : "") +
             (p.original ? "Solid line: the original model." : ""));
           chartsBox.append(c.el); p.canvas = c.canvas; return c.canvas;
         })();
@@ -259,7 +261,7 @@ window.layerscopePanels = (lib) => {
       body.push(h("h4", {}, "Retained performance per scorer against the random control"),
         h("div", { class: "toolbar" }, ...mode), chartsBox,
         h("div", { class: "table-wrap" }, h("table", { class: "data", id: "prune-table" },
-          h("thead", {}, h("tr", {}, ["Task", "Scorer", "Metric", "Value", "95% CI", "n", "Retained"].map((t) => h("th", { scope: "col" }, t)))),
+          h("thead", {}, h("tr", {}, ["Task", "Scorer", "Metric", "Value", "95% CI", "n", "Retained [paired 95% CI]"].map((t) => h("th", { scope: "col" }, t)))),
           h("tbody", {}, tableRows))));
     }
     // Layers removed: a layers-by-scorers grid, every layer labelled.
