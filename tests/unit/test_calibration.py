@@ -313,3 +313,20 @@ def test_never_nan_in_report():
     for est in rep.values():
         for v in est[:3]:
             assert v is None or math.isfinite(v)
+
+
+def test_auroc_difference_is_paired() -> None:
+    from worker.evaluation.calibration import auroc_difference
+
+    y = np.array([0, 0, 1, 1, 0, 1, 1, 0] * 5, dtype=float)
+    a = y * 0.5 + 0.25  # separates perfectly: AUROC 1
+    b = np.full_like(y, 0.5)  # AUROC 0.5
+    d = auroc_difference(a, b, y, n_boot=200, seed=1)
+    assert d.value == pytest.approx(0.5) and d.n == len(y)
+    assert d.ci_low == pytest.approx(0.5) and d.ci_high == pytest.approx(0.5)  # every resample: 1 - 0.5
+    same = auroc_difference(a, a, y, n_boot=50)
+    assert (same.value, same.ci_low, same.ci_high) == (0.0, 0.0, 0.0)
+    assert auroc_difference(a, b, y, n_boot=0).ci_low is None
+    assert auroc_difference(a, b, np.ones_like(y), n_boot=10).value is None  # one class: undefined
+    with pytest.raises(ValueError):
+        auroc_difference(a, b[:3], y)

@@ -192,6 +192,38 @@ def test_metrics_layers_and_table(run) -> None:
     json.dumps(res.summary)  # JSON-ready
 
 
+def test_leaderboard(run) -> None:
+    out, _, test, _ = run
+    board = out.result.summary["leaderboard"]
+    rows = board["rows"]
+    assert [r["detector"] for r in rows] and sorted(r["detector"] for r in rows) == sorted(DETECTORS)
+    aucs = [r["metrics"]["auroc"]["value"] for r in rows]
+    defined = [a for a in aucs if a is not None]
+    assert defined == sorted(defined, reverse=True) and aucs[: len(defined)] == defined  # undefined last
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert board["length_baseline"] == "length" and board["n"] == len(test)
+    assert set(board["toolkit_estimators"]) == {"max_sequence_probability", "perplexity", "mean_token_entropy"}
+    best = board["best_toolkit"]
+    assert best in board["toolkit_estimators"]
+    toolkit_aucs = [r["metrics"]["auroc"]["value"] or -1 for r in rows if r["detector"] in board["toolkit_estimators"]]
+    assert (next(r for r in rows if r["detector"] == best)["metrics"]["auroc"]["value"] or -1) == max(toolkit_aucs)
+    for r in rows:
+        assert set(r["metrics"]) == {"auroc", "ece", "brier", "acc@50", "cov@50"}
+        assert r["metrics"]["brier"]["n"] == len(test) and r["metrics"]["brier"]["ci_low"] is not None
+        for key, ref in (("vs_length", "length"), ("vs_toolkit", best)):
+            if r["detector"] == ref:
+                assert r[key] is None and key.removeprefix("vs_") in r["reference"]
+                continue
+            cmp = r[key]
+            assert cmp["reference"] == ref and cmp["verdict"] in ("better", "worse", "not_distinguishable", "undefined")
+            d = cmp["auroc_difference"]
+            if d["value"] is not None:
+                mine = r["metrics"]["auroc"]["value"]
+                theirs = next(x for x in rows if x["detector"] == ref)["metrics"]["auroc"]["value"]
+                assert d["value"] == pytest.approx(mine - theirs) and d["ci_low"] <= d["ci_high"]
+                assert (cmp["verdict"] == "better") == (d["ci_low"] > 0)
+
+
 def test_artifacts(run) -> None:
     out, *_ = run
     arts = {a.name: a for a in out.result.artifacts}

@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from worker.evaluation.bootstrap import bootstrap_cis
+from worker.evaluation.bootstrap import bootstrap_cis, paired_bootstrap_ci
 from worker.stage import MetricRow, finite_or_none
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "accuracy",
     "acc_at",
     "auroc",
+    "auroc_difference",
     "brier",
     "calibration_report",
     "cov_at",
@@ -358,6 +359,24 @@ def calibration_report(
         name: MetricEstimate(finite_or_none(v), ci.low, ci.high, n)
         for name, v, ci in zip(names, point, cis, strict=True)
     }
+
+
+def auroc_difference(
+    confidence_a: Any, confidence_b: Any, correct: Any, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> MetricEstimate:
+    """AUROC(a) - AUROC(b) of two detectors on the same answers, with a paired bootstrap
+    (1 - alpha) interval (both resampled with the same indices, `paired_bootstrap_ci`)."""
+    a, y = validate_inputs(confidence_a, correct)
+    b, _ = validate_inputs(confidence_b, correct)
+    if a.shape != b.shape:
+        raise ValueError(f"{a.shape[0]} and {b.shape[0]} confidences for one set of answers")
+    pa, pb = auroc(a, y), auroc(b, y)
+    point = None if pa is None or pb is None else pa - pb
+    if n_boot <= 0 or point is None:
+        return MetricEstimate(point, None, None, int(a.shape[0]))
+    ci = paired_bootstrap_ci(lambda xa, xb: _b_auroc(xa[0], xa[1]) - _b_auroc(xb[0], xb[1]), [a, y], [b, y],
+                             n_boot=n_boot, seed=seed, alpha=alpha)
+    return MetricEstimate(point, ci.low, ci.high, int(a.shape[0]))
 
 
 def to_metric_rows(report: Mapping[str, Any], scope: str) -> list[MetricRow]:

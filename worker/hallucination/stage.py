@@ -61,7 +61,13 @@ import numpy as np
 from app.config import JudgeEndpoint
 from app.layervalues import LayerValue
 from app.schemas import AvssOptions, HallucinationOptions, ProfileOptions
-from worker.evaluation.calibration import MetricEstimate, calibration_report, to_metric_rows
+from worker.evaluation.calibration import (
+    MetricEstimate,
+    auroc_difference,
+    calibration_report,
+    metric_name,
+    to_metric_rows,
+)
 from worker.evaluation.correctness import tally_rules
 from worker.hallucination import probe as probes
 from worker.hallucination.answers import (
@@ -485,6 +491,72 @@ def _detector_metrics(
     return metrics, _metric_table(reports, dataset_name, options.detectors)
 
 
+LEADERBOARD_METRICS = ("auroc", "ece", "brier")  # then acc@q and cov@p of the first q and p
+
+
+def _cell(est: MetricEstimate | None) -> dict[str, Any] | None:
+    if est is None:
+        return None
+    return {"value": finite_or_none(est.value), "ci_low": finite_or_none(est.ci_low),
+            "ci_high": finite_or_none(est.ci_high), "n": est.n}
+
+
+def _verdict(diff: MetricEstimate) -> str:
+    """How a detector's AUROC compares with a reference's, from the paired interval of the difference."""
+    if diff.value is None:
+        return "undefined"
+    if diff.ci_low is None or diff.ci_high is None:
+        return "no_interval"
+    if diff.ci_low > 0:
+        return "better"
+    if diff.ci_high < 0:
+        return "worse"
+    return "not_distinguishable"
+
+
+def _leaderboard(
+    answers: Answers, scored: Mapping[str, Scored], options: HallucinationOptions, table: dict[str, Any]
+) -> dict[str, Any]:
+    """Every detector by test AUROC (undefined last), with AUROC, ECE, Brier, acc@q, cov@p and their
+    intervals, and against two reference rows: the `length` baseline and the best toolkit estimator
+    (the `toolkit` detector with the highest test AUROC: the strongest off-the-shelf rival, so a
+    "better" against it is conservative). Each comparison is AUROC(detector) - AUROC(reference) with
+    a paired bootstrap interval; `better` / `worse` when the interval excludes 0."""
+    n_train, y = answers.qa.n_train, answers.y_test
+    metrics = [*LEADERBOARD_METRICS, metric_name("acc", options.q_values[0]), metric_name("cov", options.p_values[0])]
+    values = table["values"]
+    dets = [d for d in options.detectors if d in scored]
+
+    def auc(d: str) -> float:
+        v = (values.get("auroc") or {}).get(d, {}).get("value")
+        return -1.0 if v is None else float(v)
+
+    toolkit = [d for d in dets if DETECTORS[d].toolkit]
+    best_toolkit = max(toolkit, key=lambda d: (auc(d), -toolkit.index(d))) if toolkit else None
+    refs = {"length": "length" if "length" in dets else None, "toolkit": best_toolkit}
+    rows = []
+    for rank, d in enumerate(sorted(dets, key=lambda d: (-auc(d), dets.index(d))), start=1):
+        row: dict[str, Any] = {
+            "rank": rank, "detector": d, "toolkit": DETECTORS[d].toolkit,
+            "reference": [k for k, v in refs.items() if v == d],
+            "metrics": {m: (values.get(m) or {}).get(d) for m in metrics},
+        }
+        for key, ref in refs.items():
+            if ref is None or ref == d:
+                row[f"vs_{key}"] = None
+                continue
+            diff = auroc_difference(scored[d].confidence[n_train:], scored[ref].confidence[n_train:], y,
+                                    n_boot=options.n_boot, seed=options.seed)
+            row[f"vs_{key}"] = {"reference": ref, "auroc_difference": _cell(diff), "verdict": _verdict(diff)}
+        rows.append(row)
+    return {
+        "split": "test", "n": int(answers.qa.n_test), "sorted_by": "auroc", "metrics": metrics,
+        "length_baseline": refs["length"], "best_toolkit": best_toolkit, "toolkit_estimators": toolkit,
+        "comparison": "AUROC difference, paired bootstrap 95% interval; better/worse when it excludes 0",
+        "rows": rows,
+    }
+
+
 def _metric_table(reports: Mapping[str, Report], dataset: str | None, detectors: Sequence[str]) -> dict[str, Any]:
     rows: list[str] = []
     for report in reports.values():
@@ -665,6 +737,7 @@ def _summary(
         "layer_scores": _layer_scores_summary(options, avss, prof, layers),
         "probes": {name: s.probe for name, s in scored.items() if s.probe is not None},
         "layer_choice": _layer_choice(scored, prof, layers, probe_rows),
+        "leaderboard": _leaderboard(answers, scored, options, table),
         "table": table,
         "layer_probe_top": [{"layer": r.layer, "block_name": r.block_name, "auroc": r.values.get("auroc")}
                             for r in best],

@@ -76,6 +76,7 @@ class Detector:
     options: ClassVar[tuple[str, ...]] = ()  # the HallucinationOptions fields it reads
     needs_last_hidden: ClassVar[bool] = False
     timing: ClassVar[str | None] = None  # its key in summary["timings_s"] (probes share "probes")
+    toolkit: ClassVar[bool] = False  # a standard white-box estimator (lm-polygraph's), a leaderboard reference
 
     def units(self, n_test: int, options: HallucinationOptions) -> int:
         """Progress units of this detector for `n_test` test answers."""

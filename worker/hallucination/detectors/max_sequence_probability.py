@@ -33,6 +33,7 @@ def max_sequence_probability(generations: Sequence[Generation], *, with_end: boo
 class MaxSequenceProbability(Detector):
     name = "max_sequence_probability"
     phase = "answers"
+    toolkit = True
     compute = "none: the greedy answers' token log-probabilities"
 
     def units(self, n_test: int, options: HallucinationOptions) -> int:

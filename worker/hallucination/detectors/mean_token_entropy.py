@@ -35,6 +35,7 @@ def entropy_confidence(generations: Sequence[Generation]) -> np.ndarray:
 class MeanTokenEntropy(Detector):
     name = "mean_token_entropy"
     phase = "answers"
+    toolkit = True
     compute = "none: the greedy answers' token entropies"
 
     def units(self, n_test: int, options: HallucinationOptions) -> int:

@@ -27,6 +27,7 @@ def inverse_perplexity(generations: Sequence[Generation]) -> np.ndarray:
 class Perplexity(Detector):
     name = "perplexity"
     phase = "answers"
+    toolkit = True
     compute = "none: the greedy answers' token log-probabilities"
 
     def units(self, n_test: int, options: HallucinationOptions) -> int:
