@@ -525,7 +525,7 @@ def _leaderboard(
     n_train, y = answers.qa.n_train, answers.y_test
     metrics = [*LEADERBOARD_METRICS, metric_name("acc", options.q_values[0]), metric_name("cov", options.p_values[0])]
     values = table["values"]
-    dets = [d for d in options.detectors if d in scored]
+    dets: list[str] = [d for d in options.detectors if d in scored]
 
     def auc(d: str) -> float:
         v = (values.get("auroc") or {}).get(d, {}).get("value")
@@ -533,7 +533,7 @@ def _leaderboard(
 
     toolkit = [d for d in dets if DETECTORS[d].toolkit]
     best_toolkit = max(toolkit, key=lambda d: (auc(d), -toolkit.index(d))) if toolkit else None
-    refs = {"length": "length" if "length" in dets else None, "toolkit": best_toolkit}
+    refs: dict[str, str | None] = {"length": "length" if "length" in dets else None, "toolkit": best_toolkit}
     rows = []
     for rank, d in enumerate(sorted(dets, key=lambda d: (-auc(d), dets.index(d))), start=1):
         row: dict[str, Any] = {
