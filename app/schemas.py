@@ -654,7 +654,7 @@ class HallucinationOptions(Strict):
         return self
 
 
-MitigationMethodName = Literal["contrastive", "dola"]  # the registry worker.mitigation.methods.METHODS
+MitigationMethodName = Literal["contrastive", "dola", "steering"]  # the registry worker.mitigation.methods.METHODS
 
 
 class MitigateOptions(Strict):
@@ -668,8 +668,10 @@ class MitigateOptions(Strict):
 
     method: MitigationMethodName = Field(
         "contrastive",
-        description="The mitigation method: `contrastive` (tune the chosen blocks with InfoNCE + LM loss) or "
-        "`dola` (layer-contrast decoding with the chosen blocks as premature layers; no weight changes).",
+        description="The mitigation method: `contrastive` (tune the chosen blocks with InfoNCE + LM loss), "
+        "`dola` (layer-contrast decoding with the chosen blocks as premature layers; no weight changes) or "
+        "`steering` (add a direction to the chosen blocks' outputs; no weight changes, strength chosen on the "
+        "validation questions).",
     )
     layers: list[Annotated[int, Field(ge=0, le=4095)]] | None = Field(
         None, min_length=1, max_length=256,
@@ -677,6 +679,13 @@ class MitigateOptions(Strict):
     )
     top_k: int = Field(2, ge=1, le=256, description="Layers to tune when `layers` is null.")
     temperature: float = Field(0.1, gt=0, le=10, description="InfoNCE temperature tau.")
+    pooling: Literal["unflagged_mean", "last_token", "mean"] = Field(
+        "unflagged_mean",
+        description="How a span of hidden states becomes one vector (the contrastive anchor and candidates, the "
+        "steering direction): `unflagged_mean` averages the positions that are not massive activations (largest "
+        "|h| over 100 x the batch's median |h|, the profiler's rule); `last_token` takes the span's last token; "
+        "`mean` averages every position (before the repair: SmolLM2's first-token activation swamps it).",
+    )
     lm_weight: float = Field(
         1.0, ge=0, le=100, description="Weight beta of the language-modeling loss on the gold answer."
     )
@@ -689,6 +698,12 @@ class MitigateOptions(Strict):
         1.0, ge=1, le=10,
         description="`dola`: theta of the repetition penalty on the contrast scores of tokens already in the prompt "
         "or answer (DoLa uses 1.2 for open-ended text; 1: off).",
+    )
+    steering_strengths: list[Annotated[float, Field(ge=0, le=1000)]] = Field(
+        default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0], min_length=1, max_length=32,
+        description="`steering`: strengths alpha tried, in standard deviations of the tuning answers' projections "
+        "on the direction; the one with the best validation multiple-choice accuracy is kept (ties: the "
+        "smaller; 0, the base model, is always tried).",
     )
     learning_rate: float = Field(5e-5, gt=0, le=1.0)
     epochs: int = Field(3, ge=1, le=100, description="At most this many passes over the tuning questions.")

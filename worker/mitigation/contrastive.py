@@ -4,11 +4,22 @@ Every training question gives one candidate group: the positive `Question: q\\nA
 and negatives `Question: q\\nAnswer: wrong` (the model's own hallucinated answer, when it
 gave one, and answers sampled from other questions). At each tuned block's output:
 
-- anchor a = mean hidden state over the question tokens of the positive sequence;
-- candidate c_j = mean hidden state over the answer tokens of candidate j;
+- anchor a = the question tokens of the positive sequence, pooled;
+- candidate c_j = the answer tokens of candidate j, pooled;
 - InfoNCE = -log softmax_j(cos(a, c_j) / tau)[positive], averaged over questions and
   tuned blocks **(choice: docs/method.md does not name the anchor; the question is what the
   model holds when it commits to an answer)**;
+
+Pooling (`MitigateOptions.pooling`): `unflagged_mean` (default) averages the positions whose
+hidden state is not a massive activation: a position is flagged at a block when its largest
+|h| exceeds `MASSIVE_RATIO` (100, the profiler's and the avss stage's rule,
+`worker.scoring.avss.massive_activation_layers`) times the median |h| of the batch's real
+tokens at that block. In SmolLM2 the first token carries such an activation at blocks
+11-27; averaged in, it makes every pooled vector point the same way, the cosines all
+near 1 and InfoNCE stays at chance (measured: 1.607 -> 1.590 with 5 candidates, chance
+ln 5 = 1.609). `last_token` takes the last question token (the anchor: the `:` of
+`Answer:`) and the last answer token; `mean` is the plain mean (before the repair). A
+span whose every position is flagged falls back to its last position.
 - plus `lm_weight` x the mean token cross-entropy of the gold answer given the question,
   so the model keeps generating.
 
@@ -48,7 +59,10 @@ if TYPE_CHECKING:
     from app.schemas import MitigateOptions
     from worker.modelzoo import LoadedModel
 
-__all__ = ["CandidateGroup", "TrainReport", "candidate_prefix", "group_losses", "train_blocks"]
+__all__ = [
+    "CandidateGroup", "TrainReport", "candidate_prefix", "encode_groups", "group_losses", "infonce_diagnostic", "massive_positions",
+    "pool", "train_blocks",
+]
 
 
 @dataclass
@@ -69,9 +83,11 @@ class TrainReport:
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: train/val losses
     stopped_early: bool = False
     seconds: float = 0.0
+    diagnostic: dict[str, Any] = field(default_factory=dict)  # `infonce_diagnostic`
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "diagnostic": self.diagnostic,
             "layers": self.layers,
             "epochs_run": self.epochs_run,
             "steps": self.steps,
@@ -101,7 +117,8 @@ class _Encoded:
     groups: list[list[int]]  # rows of each group, positive first
 
 
-def _encode(tokenizer: Any, groups: Sequence[CandidateGroup], max_tokens: int) -> _Encoded:
+def encode_groups(tokenizer: Any, groups: Sequence[CandidateGroup], max_tokens: int) -> _Encoded:
+    """Every candidate of `groups` as `Question: q\\nAnswer: a`, padded; positives first in each group."""
     rows: list[tuple[list[int], int]] = []
     members: list[list[int]] = []
     for g in groups:
@@ -140,13 +157,49 @@ def _masked_mean(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 
+def massive_positions(h: torch.Tensor, mask: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """[S, T] bool: real positions of `h` ([S, T, D]) whose largest |h| exceeds `limit` (default
+    `MASSIVE_RATIO`) times the median |h| over every real position's elements (module doc)."""
+    from worker.scoring.avss import MASSIVE_RATIO
+
+    with torch.no_grad():
+        a = h.detach().abs().float()
+        real = mask.bool()
+        if not bool(real.any()):
+            return torch.zeros_like(real)
+        median = a[real].median()
+        peak = a.amax(dim=-1)
+        return real & (peak > (MASSIVE_RATIO if limit is None else limit) * median)
+
+
+def _last(m: torch.Tensor) -> torch.Tensor:
+    """[S, T] bool: the last True position of each row of `m` (none for an empty row)."""
+    pos = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(m, pos, torch.full_like(pos, -1)).amax(dim=1, keepdim=True)
+    return m & (pos == last)
+
+
+def pool(h: torch.Tensor, span: torch.Tensor, flagged: torch.Tensor | None, how: str) -> torch.Tensor:
+    """[S, D]: `h` ([S, T, D]) pooled over each row's `span` positions ([S, T] bool) the way
+    `how` says (`MitigateOptions.pooling`, module doc); `flagged`: `massive_positions`."""
+    if how == "last_token":
+        return _masked_mean(h, _last(span))
+    if how == "mean" or flagged is None:
+        return _masked_mean(h, span)
+    keep = span & ~flagged
+    keep = torch.where(keep.any(dim=1, keepdim=True), keep, _last(span))  # all flagged: the last one
+    return _masked_mean(h, keep)
+
+
 def group_losses(
-    loaded: LoadedModel, layers: Sequence[int], groups: Sequence[CandidateGroup], *, temperature: float, max_tokens: int
+    loaded: LoadedModel, layers: Sequence[int], groups: Sequence[CandidateGroup], *, temperature: float, max_tokens: int,
+    pooling: str = "unflagged_mean", stats: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(InfoNCE, LM loss) of `groups` at blocks `layers`, differentiable in the tuned weights."""
+    """(InfoNCE, LM loss) of `groups` at blocks `layers`, differentiable in the tuned weights.
+    `stats`, when given, gets the counts of pooled and of flagged (excluded) positions added."""
     model = loaded.model
     device = model_device(model)
-    enc = _encode(loaded.tokenizer, groups, max_tokens)
+    enc = encode_groups(loaded.tokenizer, groups, max_tokens)
     ids, mask = enc.ids.to(device), enc.mask.to(device)
     blocks = loaded.adapter.blocks(model)
     captured: dict[int, list[torch.Tensor]] = {li: [] for li in layers}
@@ -170,11 +223,17 @@ def group_losses(
     where = {row: k for k, row in enumerate(order)}
     q_mask = enc.question.to(device)[order]
     a_mask = enc.answer.to(device)[order]
+    real = mask[order].bool()
     nce_terms = []
     for li in layers:
         h = torch.cat(captured[li], dim=0)  # rows in `order`
-        anchor = F.normalize(_masked_mean(h, q_mask), dim=-1)
-        cand = F.normalize(_masked_mean(h, a_mask), dim=-1)
+        flagged = massive_positions(h, real) if pooling == "unflagged_mean" else None
+        if stats is not None and flagged is not None:
+            spans = q_mask | a_mask
+            stats["positions"] = stats.get("positions", 0.0) + float(spans.sum())
+            stats["flagged"] = stats.get("flagged", 0.0) + float((spans & flagged).sum())
+        anchor = F.normalize(pool(h, q_mask, flagged, pooling), dim=-1)
+        cand = F.normalize(pool(h, a_mask, flagged, pooling), dim=-1)
         for g in enc.groups:
             idx = torch.tensor([where[r] for r in g], device=device)
             sims = (cand[idx] @ anchor[where[g[0]]]) / temperature
@@ -196,11 +255,48 @@ def _validation_loss(loaded: LoadedModel, layers: Sequence[int], groups: Sequenc
         for chunk in _chunks(range(len(groups)), options.batch_size):
             nce, lm = group_losses(
                 loaded, layers, [groups[i] for i in chunk],
-                temperature=options.temperature, max_tokens=options.max_tokens,
+                temperature=options.temperature, max_tokens=options.max_tokens, pooling=options.pooling,
             )
             total += float(nce + options.lm_weight * lm) * len(chunk)
             weight += len(chunk)
     return total / max(weight, 1)
+
+
+def _mean_infonce(
+    loaded: LoadedModel, layers: Sequence[int], groups: Sequence[CandidateGroup], options: MitigateOptions,
+    stats: dict[str, float] | None = None,
+) -> float:
+    """The InfoNCE term alone over `groups` (no gradients), weighted by group."""
+    total, weight = 0.0, 0
+    with torch.no_grad():
+        for chunk in _chunks(range(len(groups)), options.batch_size):
+            nce, _ = group_losses(
+                loaded, layers, [groups[i] for i in chunk], temperature=options.temperature,
+                max_tokens=options.max_tokens, pooling=options.pooling, stats=stats,
+            )
+            total += float(nce) * len(chunk)
+            weight += len(chunk)
+    return total / max(weight, 1)
+
+
+AT_CHANCE = 0.02  # InfoNCE within 2% of ln(candidates) after tuning: the contrastive term learned nothing
+
+
+def infonce_diagnostic(
+    before: float, after: float, groups: Sequence[CandidateGroup], stats: dict[str, float], pooling: str,
+) -> dict[str, Any]:
+    """Did the InfoNCE term fall on the tuning data? Its value there before and after tuning
+    (same data, eval mode), chance level (the mean ln of the group sizes: uniform scores),
+    and whether it stayed at chance (within `AT_CHANCE` of it) or did not fall at all."""
+    chance = float(np.mean([math.log(1 + len(g.negatives)) for g in groups])) if groups else math.nan
+    at_chance = math.isfinite(after) and after >= (1 - AT_CHANCE) * chance
+    return {
+        "tuning_infonce_before": _round(before), "tuning_infonce_after": _round(after),
+        "chance": _round(chance), "fell": _round(before - after),
+        "at_chance": bool(at_chance), "did_not_fall": bool(not after < before),
+        "pooling": pooling,
+        "flagged_share": _round(stats["flagged"] / stats["positions"]) if stats.get("positions") else None,
+    }
 
 
 def _master_weights(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor] | None:
@@ -233,7 +329,8 @@ def _train_step(
     with torch.enable_grad():
         with _autocast(params):
             nce, lm = group_losses(
-                loaded, layers, groups, temperature=options.temperature, max_tokens=options.max_tokens
+                loaded, layers, groups, temperature=options.temperature, max_tokens=options.max_tokens,
+                pooling=options.pooling,
             )
         loss = nce + options.lm_weight * lm
         if not torch.isfinite(loss):
@@ -290,6 +387,8 @@ def train_blocks(
         trained = list(master.values()) if master is not None else list(params.values())
         optimizer = torch.optim.AdamW(trained, lr=options.learning_rate, weight_decay=0.0)
         model.eval()
+        flag_stats: dict[str, float] = {}
+        fit_nce_before = _mean_infonce(loaded, layers, train_groups, options, flag_stats)
         best = initial = _validation_loss(loaded, layers, val_groups, options)
         if not math.isfinite(initial):
             raise JobFailed("training_diverged", "the validation loss of the untouched model is not finite")
@@ -321,6 +420,8 @@ def train_blocks(
                     stopped = epoch < options.epochs
                     break
         restore(params, best_state)
+        model.eval()
+        fit_nce_after = _mean_infonce(loaded, layers, train_groups, options)
     finally:
         optimizer = master = None  # type: ignore[assignment]  # free them before the write-back
         for name, p in model.named_parameters():
@@ -333,4 +434,5 @@ def train_blocks(
         layers=list(layers), epochs_run=len(history), steps=step, best_epoch=best_epoch,
         initial_val_loss=initial, best_val_loss=best, history=history, stopped_early=stopped,
         seconds=time.monotonic() - started,
+        diagnostic=infonce_diagnostic(fit_nce_before, fit_nce_after, train_groups, flag_stats, options.pooling),
     )

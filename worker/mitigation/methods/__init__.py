@@ -15,8 +15,9 @@ from __future__ import annotations
 from worker.mitigation.methods.base import MethodInput, MitigationMethod, Patch, TuningData, WeightPatch
 from worker.mitigation.methods.contrastive import Contrastive
 from worker.mitigation.methods.dola import Dola
+from worker.mitigation.methods.steering import Steering, SteeringPatch
 
-_REGISTERED: tuple[MitigationMethod, ...] = (Contrastive(), Dola())
+_REGISTERED: tuple[MitigationMethod, ...] = (Contrastive(), Dola(), Steering())
 METHODS: dict[str, MitigationMethod] = {m.name: m for m in _REGISTERED}
 
-__all__ = ["METHODS", "MethodInput", "MitigationMethod", "Patch", "TuningData", "WeightPatch"]
+__all__ = ["METHODS", "MethodInput", "MitigationMethod", "Patch", "SteeringPatch", "TuningData", "WeightPatch"]

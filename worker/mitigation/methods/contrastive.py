@@ -22,7 +22,7 @@ class Contrastive(MitigationMethod):
         "lm_weight x the gold answer's LM loss; only the chosen blocks are tuned, early stopping on validation"
     )
     options: ClassVar[tuple[str, ...]] = (
-        "temperature", "lm_weight", "learning_rate", "epochs", "patience", "batch_size", "max_tokens", "seed",
+        "temperature", "lm_weight", "pooling", "learning_rate", "epochs", "patience", "batch_size", "max_tokens", "seed",
     )
     changes_weights: ClassVar[bool] = True
 
@@ -38,7 +38,21 @@ class Contrastive(MitigationMethod):
         warnings = []
         if report.best_epoch == 0:
             warnings.append("no epoch lowered the validation loss; the tuned weights equal the base")
+        warnings.extend(diagnostic_warnings(report.diagnostic))
         return WeightPatch(self.name, list(inp.layers), base, tuned, report.to_dict(), warnings)
 
     def load(self, loaded: LoadedModel, tensors: dict[str, torch.Tensor], recipe: dict[str, Any]) -> WeightPatch:
         return load_weight_patch(self.name, loaded, tensors, recipe)
+
+
+def diagnostic_warnings(d: dict[str, Any]) -> list[str]:
+    """What the InfoNCE diagnostic (`contrastive.infonce_diagnostic`) has to say, if anything."""
+    if not d or d.get("tuning_infonce_after") is None:
+        return []
+    values = f"{d['tuning_infonce_before']:.3f} -> {d['tuning_infonce_after']:.3f} on the tuning data"
+    if d["at_chance"]:
+        return [f"the contrastive (InfoNCE) loss stayed at chance ({values}; chance {d['chance']:.3f}, "
+                f"pooling {d['pooling']}): it learned nothing, whatever changed came from the LM term"]
+    if d["did_not_fall"]:
+        return [f"the contrastive (InfoNCE) loss did not fall ({values}; pooling {d['pooling']})"]
+    return []
