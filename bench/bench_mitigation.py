@@ -1,5 +1,6 @@
-"""Mitigation benchmark: contrastive tuning of SmolLM2-135M's most hallucination-prone
-layers on a LitCab QA set from ../shared/data/qa, driven through the API.
+"""Mitigation benchmark: a mitigation method (`--method`: contrastive tuning, steering, ...)
+at SmolLM2-135M's most hallucination-prone layers on a LitCab QA set from ../shared/data/qa,
+driven through the API.
 
     python bench/bench_mitigation.py --api http://127.0.0.1:8000 --api-key ls_... --dataset sciq:600
 
@@ -47,6 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--negatives", type=int, default=3)
     ap.add_argument("--no-control", action="store_true", help="skip the random-layer control")
+    ap.add_argument("--method", default="contrastive", help="mitigate.method (contrastive, steering, ...)")
+    ap.add_argument("--pooling", default=None, help="mitigate.pooling (unflagged_mean, last_token, mean)")
+    ap.add_argument("--steering-strengths", type=float, nargs="+", default=None)
+    ap.add_argument("--eval-detectors", nargs="+", default=None, help="mitigate.eval_detectors")
+    ap.add_argument("--tune-fraction", type=float, default=None)
+    ap.add_argument("--validation-fraction", type=float, default=None)
+    ap.add_argument("--perplexity-limit", type=int, default=None, help="general texts for perplexity (default 64)")
+    ap.add_argument("--extra", default=None, help="JSON object merged into the mitigate options")
     ap.add_argument("--with-hallucination-stage", action="store_true",
                     help="also run the hallucination stage; EAVSS layers then come from its training split")
     ap.add_argument("--n-boot", type=int, default=1000)
@@ -64,6 +73,14 @@ def mitigate_options(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.layers:
         opts["layers"] = args.layers
+    opts["method"] = args.method
+    for key in ("pooling", "steering_strengths", "eval_detectors", "tune_fraction", "validation_fraction"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    if args.perplexity_limit is not None:
+        opts["perplexity_dataset"] = {"name": "chatterbot-conversations", "limit": args.perplexity_limit}
+    if args.extra:
+        opts.update(json.loads(args.extra))
     return opts
 
 
@@ -102,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": {"name": args.model},
         "dataset": {"rows": rows, "limit": len(rows), "seed": args.seed, "max_tokens": 1024},
         "stages": stages,
-        "labels": {"bench": "mitigation", "dataset": name},
+        "labels": {"bench": "mitigation", "dataset": name, "method": args.method},
     }
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     started = time.monotonic()
