@@ -471,6 +471,15 @@ class PruneOptions(Strict):
         "interval over the runs (3 or more), flagged when it includes 1.0; 0 = do not measure.",
     )
     timing_batch_size: int = Field(4, ge=1, le=256)
+    curve_blocks: list[Annotated[int, Field(ge=1, le=10_000)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Pruning trade-off curve: retained performance after removing each of these numbers of "
+        "blocks (e.g. [1, 2, 4, 8]), per scorer (the first k of its ranking: one ranking reused) and for the "
+        "random control (the first k of each seed's random order, median over seeds), on every task, with "
+        "paired intervals; plotted as prune_tradeoff.png/.svg. Counts not below the layer count are skipped "
+        "with a warning; [] = no curve.",
+    )
     n_boot: int = Field(
         1000, ge=0, le=100_000,
         description="Bootstrap resamples of each 95% interval (retained performance: paired over the examples).",
@@ -489,6 +498,11 @@ class PruneOptions(Strict):
         if len(set(value)) != len(value):
             raise ValueError("must not repeat")
         return value
+
+    @field_validator("curve_blocks")
+    @classmethod
+    def _curve_counts(cls, value: list[int]) -> list[int]:
+        return sorted(set(value))
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneOptions:

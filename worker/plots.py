@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -148,3 +148,55 @@ def avss_figure(
         Panel("AVSS", avss, kind="bar"),
     ]
     return render_layer_panels(panels, layers=layers, title=title, basename=basename, highlight=prune)
+
+
+def tradeoff_figure(
+    curve: Mapping[str, Any],
+    *,
+    title: str = "Pruning trade-off",
+    basename: str = "prune_tradeoff",
+    formats: Sequence[str] = ("png", "svg"),
+    dpi: int = 110,
+) -> list[ArtifactFile]:
+    """Retained performance (%) against blocks removed, one subplot per task, a line per
+    scorer with its 95% interval as a band; the random control dashed (median over seeds,
+    its interval shaded grey). `curve` is the prune stage's `summary["curve"]`."""
+    tasks: Mapping[str, Any] = curve.get("tasks", {})
+    if not tasks:
+        raise ValueError("no curve to plot")
+    cols = max(1, min(3, len(tasks)))
+    rows = math.ceil(len(tasks) / cols)
+    height = 3.4 * rows + 0.8
+    fig = Figure(figsize=(5.0 * cols, height))
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(
+        left=0.08, right=0.98, bottom=0.55 / height + 0.03, top=1 - 0.75 / height, wspace=0.28, hspace=0.6
+    )
+    axes = fig.subplots(rows, cols, squeeze=False)
+    palette = ["tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
+    for i, (task, entry) in enumerate(tasks.items()):
+        ax = axes[i // cols][i % cols]
+        scorers: Mapping[str, Sequence[Mapping[str, Any]]] = entry.get("scorers", {})
+        colors = iter(palette * 4)
+        for name, points in scorers.items():
+            xs = [float(p["removed"]) for p in points]
+            ys = _clean([p.get("retained_pct") for p in points])
+            lo = _clean([(p.get("ci") or [None, None])[0] for p in points])
+            hi = _clean([(p.get("ci") or [None, None])[1] for p in points])
+            random = name == "random"
+            color = "0.35" if random else next(colors)
+            ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.4, color=color,
+                    linestyle="--" if random else "-", label="random (median of seeds)" if random else name)
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.12 if not random else 0.18, linewidth=0)
+        ax.axhline(100.0, color="black", linewidth=0.8, alpha=0.6)
+        ax.set_title(f"{task} ({entry.get('metric', '')})", fontsize=10)
+        ax.set_xlabel("blocks removed", fontsize=9)
+        ax.set_ylabel("retained %", fontsize=9)
+        ax.set_xticks([float(k) for k in curve.get("blocks", [])])
+        ax.tick_params(labelsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    for k in range(len(tasks), rows * cols):
+        axes[k // cols][k % cols].set_visible(False)
+    fig.suptitle(f"{title}: retained performance with paired 95% intervals", fontsize=11)
+    return [ArtifactFile(f"{basename}.{fmt}", FORMATS[fmt], figure_bytes(fig, fmt, dpi=dpi)) for fmt in formats]

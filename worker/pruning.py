@@ -576,9 +576,14 @@ def run_prune_stage(
     }
     if measured.timing:
         summary["timing"] = {",".join(map(str, k)): v for k, v in measured.timing.items()}
+    artifacts = _export(job, selection, measured)
+    if options.curve_blocks:
+        curve_metrics, summary["curve"] = _tradeoff_curve(job, tasks, ranked, selection, original, measured)
+        metrics.extend(curve_metrics)
+        artifacts.extend(_curve_figure(job, summary["curve"]))
     return StageResult(
         stage="prune", layers=_layer_rows(job, ranked, selection), metrics=metrics,
-        artifacts=_export(job, selection, measured), summary=summary, warnings=job.warnings,
+        artifacts=artifacts, summary=summary, warnings=job.warnings,
     )
 
 
@@ -964,3 +969,74 @@ def _export(job: _Prune, selection: _Selection, measured: _Measured) -> list[Art
     with pruned_view(job.model, key, adapter=job.adapter):
         blob = export_pruned_model(job.model, job.tokenizer)
     return [ArtifactFile(f"pruned-model-{name}.tar.gz", "application/gzip", blob)]
+
+
+# ------------------------------------------------------------- trade-off curve
+
+
+def _tradeoff_curve(
+    job: _Prune, tasks: Mapping[str, Any], ranked: _Ranked, selection: _Selection,
+    original: Mapping[str, TaskResult], measured: _Measured,
+) -> tuple[list[MetricRow], dict[str, Any]]:
+    """Retained performance after removing k blocks, for each k of `curve_blocks`: per scorer
+    the first k of its ranking (the ranking computed once, reused), for the random control
+    the first k of each seed's random order (median over seeds). Pruned models already
+    evaluated are reused; every task, paired intervals. Scope `task=<t>,scorer=<s>,removed=<k>`."""
+    options = job.options
+    counts = [k for k in options.curve_blocks if k < job.n_layers]
+    if len(counts) < len(options.curve_blocks):
+        job.warnings.append(
+            f"curve: block counts {[k for k in options.curve_blocks if k >= job.n_layers]} skipped: "
+            f"the model has {job.n_layers} layers"
+        )
+    seeds = [s for s, _ in selection.random_sets]
+    random_orders = {s: random_scores(job.n_layers, s).order() for s in seeds}
+    plans: dict[int, dict[str, tuple[int, ...]]] = {
+        k: {name: tuple(sorted(order[:k])) for name, order in ranked.orders.items()} for k in counts
+    }
+    random_keys = {k: [tuple(sorted(random_orders[s][:k])) for s in seeds] for k in counts}
+    wanted = {key for k in counts for key in (*plans[k].values(), *random_keys[k])} - set(measured.evaluated)
+    for i, key in enumerate(sorted(wanted)):
+        job.ctx.check_cancelled()
+        job.ctx.progress("prune:curve", i, len(wanted))
+        with pruned_view(job.model, key, adapter=job.adapter):
+            measured.params_after[key] = count_parameters(job.model)
+            measured.evaluated[key] = {
+                task: job.evaluate(task, data, stage="prune:curve") for task, data in tasks.items()
+            }
+    job.ctx.progress("prune:curve", len(wanted), len(wanted))
+    metrics: list[MetricRow] = []
+    curve: dict[str, Any] = {"blocks": counts, "n_layers": job.n_layers, "tasks": {}}
+    for task, orig in original.items():
+        per_scorer: dict[str, list[dict[str, Any]]] = {}
+        for k in counts:
+            for name, key in plans[k].items():
+                kept, _ = retained_metric(orig, measured.evaluated[key][task], n_boot=options.n_boot, seed=options.seed)
+                scope = f"task={task},scorer={name},removed={k}"
+                metrics.append(MetricRow(scope, "retained_pct", kept.value, kept.ci_low, kept.ci_high, kept.n))
+                per_scorer.setdefault(name, []).append({
+                    "removed": k, "layers_removed": list(key), "retained_pct": kept.value,
+                    "ci": [kept.ci_low, kept.ci_high], "n": kept.n,
+                    "parameter_reduction_pct": measured.reduction(key),
+                })
+            if seeds:
+                results = [measured.evaluated[key][task] for key in random_keys[k]]
+                kept, per_seed = median_retained(orig, results, n_boot=options.n_boot, seed=options.seed)
+                scope = f"task={task},scorer=random,removed={k}"
+                metrics.append(MetricRow(scope, "retained_pct", kept.value, kept.ci_low, kept.ci_high, kept.n))
+                defined = [v for v in per_seed if v is not None]
+                per_scorer.setdefault("random", []).append({
+                    "removed": k, "retained_pct": kept.value, "ci": [kept.ci_low, kept.ci_high], "n": kept.n,
+                    "per_seed": per_seed, "seed_range": [min(defined), max(defined)] if defined else [None, None],
+                    "parameter_reduction_pct": median([measured.reduction(key) for key in random_keys[k]]),
+                })
+        curve["tasks"][task] = {"metric": orig.primary, "original": orig.value, "scorers": per_scorer}
+    return metrics, curve
+
+
+def _curve_figure(job: _Prune, curve: Mapping[str, Any]) -> list[ArtifactFile]:
+    from worker.plots import tradeoff_figure
+
+    if not curve.get("blocks"):
+        return []
+    return tradeoff_figure(curve, title=f"Pruning trade-off ({job.n_layers} layers)")

@@ -71,3 +71,25 @@ def test_avss_figure_and_errors() -> None:
         render_layer_panels([Panel("v", [1.0])], layers=[0, 1], title="t", basename="x")
     with pytest.raises(ValueError):
         render_layer_panels([], layers=[0], title="t", basename="x")
+
+
+def test_tradeoff_figure_lines_bands_and_gaps() -> None:
+    from worker.plots import tradeoff_figure
+
+    point = lambda k, v, lo, hi: {"removed": k, "retained_pct": v, "ci": [lo, hi]}  # noqa: E731
+    curve = {
+        "blocks": [1, 2, 4],
+        "tasks": {
+            "perplexity": {"metric": "perplexity", "scorers": {
+                "avss": [point(1, 95.0, 93.0, 97.0), point(2, 80.0, 75.0, 85.0), point(4, None, None, None)],
+                "random": [point(1, 90.0, 85.0, 94.0), point(2, 60.0, 50.0, 70.0), point(4, 20.0, 10.0, 30.0)],
+            }},
+            "multiple_choice": {"metric": "acc", "scorers": {"avss": [point(1, 101.0, 99.0, 103.0)]}},
+        },
+    }
+    files = tradeoff_figure(curve, basename="curve")
+    assert [f.name for f in files] == ["curve.png", "curve.svg"]
+    check_png_svg(files)
+    assert b"random (median of seeds)" in files[1].data and b"blocks removed" in files[1].data
+    with pytest.raises(ValueError):
+        tradeoff_figure({"blocks": [1], "tasks": {}})

@@ -324,6 +324,9 @@ def test_retained_pct_directions():
 
 def test_prune_options_validation():
     PruneOptions()
+    assert PruneOptions(curve_blocks=[4, 1, 1, 2]).curve_blocks == [1, 2, 4]
+    with pytest.raises(ValueError, match="curve_blocks"):
+        PruneOptions(curve_blocks=[0, 2])
     with pytest.raises(ValueError):
         PruneOptions(qa_prompt="no placeholder")
     with pytest.raises(ValueError):
@@ -360,7 +363,8 @@ def test_run_prune_stage_table(tiny_llama):
     seen = []
     ctx = JobContext(progress=lambda stage, done, total: seen.append(stage))
     options = PruneOptions(
-        fraction=0.5, random_seeds=2, n_boot=50, timing_runs=1, qa_max_new_tokens=3, export=True
+        fraction=0.5, random_seeds=2, n_boot=50, timing_runs=1, qa_max_new_tokens=3, export=True,
+        curve_blocks=[8, 1, 2, 3],
     )
     result = run_prune_stage(
         tiny_llama,
@@ -440,6 +444,30 @@ def test_run_prune_stage_table(tiny_llama):
     assert len(pairs) == 15 and "avss|gbis" in pairs
     assert set(pairs["avss|gbis"]) == {"spearman", "kendall"}
     assert result.artifacts and result.artifacts[0].name == "pruned-model-avss.tar.gz"
+
+    # The trade-off curve: one ranking reused for k = 1, 2, 3 blocks (8 >= 4 layers: skipped).
+    curve = result.summary["curve"]
+    assert curve["blocks"] == [1, 2, 3] and any("curve: block counts [8] skipped" in w for w in result.warnings)
+    avss_curve = curve["tasks"]["perplexity"]["scorers"]["avss"]
+    assert [p["layers_removed"] for p in avss_curve] == [[1], [1, 2], [1, 2, 3]]
+    # k = 2 is the table's pruning (fraction 0.5 of 4): the same retained value and interval
+    at2 = by[("task=perplexity,scorer=avss,removed=2", "retained_pct")]
+    assert (at2.value, at2.ci_low, at2.ci_high) == (
+        by[("task=perplexity,scorer=avss", "retained_pct")].value,
+        by[("task=perplexity,scorer=avss", "retained_pct")].ci_low,
+        by[("task=perplexity,scorer=avss", "retained_pct")].ci_high,
+    )
+    for k in (1, 2, 3):
+        for scorer in (*removed, "random"):
+            row = by[(f"task=perplexity,scorer={scorer},removed={k}", "retained_pct")]
+            assert row.ci_low is not None and row.ci_low <= row.value <= row.ci_high
+    assert by[("task=perplexity,scorer=random,removed=2", "retained_pct")].value == pytest.approx(
+        by[("task=perplexity,scorer=random", "retained_pct")].value
+    )
+    names = [a.name for a in result.artifacts]
+    assert "prune_tradeoff.png" in names and "prune_tradeoff.svg" in names
+    png = next(a for a in result.artifacts if a.name == "prune_tradeoff.png")
+    assert png.data[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(s.startswith("prune:score:") for s in seen)
 
 
