@@ -62,6 +62,30 @@ def test_run_job_succeeds_and_persists(env) -> None:  # noqa: ANN001
     assert run_job(job, sf, settings, "w2", saving_pipeline) is None
 
 
+def test_stored_progress_never_goes_back(env) -> None:  # noqa: ANN001
+    """The runner's guard (worker/progress.py): a stage that restarts a count holds its bar."""
+    settings, sf = env
+    job = new_job(sf)
+
+    def restarting(spec, ctx, settings, save) -> None:  # noqa: ANN001
+        ctx.progress("demo", 3, 4)
+        ctx.progress("demo:second_pass", 0, 4)  # goes back: not written
+        ctx.progress("other", 0, 1)  # another stage starts its own bar
+
+    assert run_job(job, sf, settings, "w1", restarting) == JobState.SUCCEEDED
+    r = row(sf, job)
+    assert (r.progress_stage, r.progress_done, r.progress_total) == ("other", 0, 1)
+    job = new_job(sf)
+
+    def backing_off(spec, ctx, settings, save) -> None:  # noqa: ANN001
+        ctx.progress("demo", 3, 4)
+        ctx.progress("demo", 3, 8)  # batches added by a back-off: 3/8 < 3/4, not written
+
+    assert run_job(job, sf, settings, "w1", backing_off) == JobState.SUCCEEDED
+    r = row(sf, job)
+    assert (r.progress_stage, r.progress_done, r.progress_total) == ("demo", 3, 4)
+
+
 def test_claim_is_exclusive(env) -> None:  # noqa: ANN001
     _, sf = env
     job = new_job(sf)

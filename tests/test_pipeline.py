@@ -7,6 +7,7 @@ from pathlib import Path
 from app.config import Settings
 from app.schemas import AnalysisSpec
 from worker.pipeline import run_pipeline
+from worker.progress import stage_of
 from worker.stage import JobContext, StageResult
 
 ROWS = [{"text": f"sentence number {i} about the layers of a small model"} for i in range(8)]
@@ -15,12 +16,26 @@ QA = [{"question": f"What is {i} plus one?", "answer": str(i + 1)} for i in rang
 
 def run(spec: dict, tmp_path: Path) -> dict[str, StageResult]:
     saved: dict[str, StageResult] = {}
-    progress: list[str] = []
-    ctx = JobContext(progress=lambda stage, done, total: progress.append(stage))
+    progress: list[tuple[str, int, int]] = []
+    ctx = JobContext(progress=lambda stage, done, total: progress.append((stage, done, total)))
     run_pipeline(AnalysisSpec.model_validate(spec), ctx, Settings(data_dir=tmp_path),
                  lambda r: saved.__setitem__(r.stage, r))
-    assert progress[0] == "load_model"
+    assert progress[0][0] == "load_model"
+    assert_monotonic(progress)
     return saved
+
+
+def assert_monotonic(progress: list[tuple[str, int, int]]) -> None:
+    """What every stage reports (before the job service's guard): per stage (the name before
+    `:`), one total and a done that never goes back, ending full; each stage reported once."""
+    stages = [stage_of(name) for name, _, _ in progress]
+    order = list(dict.fromkeys(stages))
+    assert [s for i, s in enumerate(stages) if i == 0 or s != stages[i - 1]] == order, order  # no stage re-entered
+    for stage in order:
+        seen = [(d, t) for name, d, t in progress if stage_of(name) == stage]
+        assert len({t for _, t in seen}) == 1, (stage, seen)
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen), (stage, seen)
+        assert seen[-1][0] == seen[-1][1], (stage, seen)
 
 
 def test_prune_stage_ranks_by_avss_and_baselines(tmp_path: Path) -> None:
@@ -68,11 +83,7 @@ def test_exact_sparsity_counts_relative_thresholds_in_a_second_pass(tmp_path: Pa
         "stages": {"profile": {"sites": ["block_output", "mlp_activation"]},
                    "avss": {"exact_sparsity": True, "plots": False}},
     }
-    progress: list[str] = []
-    saved: dict[str, StageResult] = {}
-    ctx = JobContext(progress=lambda stage, done, total: progress.append(stage))
-    run_pipeline(AnalysisSpec.model_validate(spec), ctx, Settings(data_dir=tmp_path),
-                 lambda r: saved.__setitem__(r.stage, r))
+    saved = run(spec, tmp_path)  # the second pass continues the profile bar (checked in run)
     threshold = saved["avss"].summary["threshold"]
     assert threshold["exact"] is True and threshold["method"] == "exact" and threshold["max_bound"] == 0.0
     assert saved["avss"].summary["leading_positions"]["sparsity"]["exact"] is True
@@ -80,3 +91,22 @@ def test_exact_sparsity_counts_relative_thresholds_in_a_second_pass(tmp_path: Pa
     for row in saved["profile"].layers:  # the profile stage's 0.01 x RMS is counted too
         assert row.values["block_output.sparsity_rel_bound"] == 0.0
         assert row.values["mlp_activation.sparsity_rel_bound"] == 0.0
+
+
+def test_prune_progress_is_one_bar_labelled_by_phase(tmp_path: Path) -> None:
+    """Scoring, the original model and every pruned model fill one `prune` bar: each phase reports
+    under its own name, the numbers never go back (before: 0/2 -> 2/2 -> 0/2 per pruned model)."""
+    progress: list[tuple[str, int, int]] = []
+    spec = {
+        "model": {"name": "tiny-random-llama"},
+        "dataset": {"rows": ROWS, "limit": 8, "max_tokens": 24},
+        "stages": {"prune": {"scorers": ["avss", "block_influence"], "tasks": ["perplexity"], "random_seeds": 2,
+                             "timing_runs": 0, "n_boot": 20, "scoring_examples": 4}},
+    }
+    ctx = JobContext(progress=lambda stage, done, total: progress.append((stage, done, total)))
+    run_pipeline(AnalysisSpec.model_validate(spec), ctx, Settings(data_dir=tmp_path), lambda r: None)
+    assert_monotonic(progress)
+    prune = [(n, d, t) for n, d, t in progress if n.startswith("prune")]
+    names = list(dict.fromkeys(n for n, _, _ in prune))
+    assert names[:3] == ["prune", "prune:score:block_influence", "prune:original:perplexity"]
+    assert any(n.startswith("prune:pruned 1/") for n in names) and prune[-1][0] == "prune"

@@ -51,7 +51,8 @@ import tarfile
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -70,6 +71,7 @@ from worker.lm.tokens import encode_texts, pad_batch, pad_id
 from worker.modelzoo import LoadedModel, adapter_for
 from worker.modelzoo.adapters import ArchitectureAdapter
 from worker.modelzoo.surgery import block_count, pruned_view, remove_blocks
+from worker.progress import PhasedProgress
 from worker.scoring.agreement import (
     Ranking,
     importance_from_order,
@@ -453,10 +455,23 @@ class _Prune:
     max_tokens: int
     block_names: list[str]
     warnings: list[str] = field(default_factory=list)
+    bar: PhasedProgress | None = None  # the stage's one progress bar, once the phases are known
 
     @property
     def n_layers(self) -> int:
         return len(self.block_names)
+
+    @contextmanager
+    def phase(self) -> Iterator[None]:
+        """One phase of the stage's bar: what runs inside reports under its own name
+        (`prune:score:cim`) with the stage's units, so the bar never goes backwards."""
+        outer = self.ctx
+        if self.bar is not None:
+            self.ctx = self.bar.sub_context(PHASE_UNITS, labelled=True)
+        try:
+            yield
+        finally:
+            self.ctx = outer
 
     def evaluate(
         self, task: str, data: Any, *, stage: str = "prune:evaluate", limit: int | None = None,
@@ -544,13 +559,18 @@ def run_prune_stage(
     adapter = adapter_for(model)
     job = _Prune(model, loaded.tokenizer, adapter, options, ctx, max_tokens, [b.name for b in adapter.blocks(model)])
     tasks = _runnable_tasks(job, examples, qa_examples)
+    job.bar = PhasedProgress(ctx, "prune", PHASE_UNITS * _phases(options, len(tasks)))
     texts = lm_texts(examples, options)
     scoring = texts[: options.scoring_examples]
     ranked = _rankings(job, rankings, scoring)
-    original = {task: job.evaluate(task, data, stage="prune:original") for task, data in tasks.items()}
+    original = {}
+    for task, data in tasks.items():
+        with job.phase():
+            original[task] = job.evaluate(task, data, stage="prune:original")
     selection = _select(job, ranked, tasks, original)
     timing_texts = texts or [options.qa_prompt.format(question=q) for q in qa_pairs(examples, qa_examples, options).questions]
     measured = _measure(job, tasks, selection, timing_texts)
+    job.bar.finish()
     metrics, table = _task_tables(job, original, selection, measured)
     metrics.extend(_scorer_metrics(job, ranked, selection, measured))
     summary: dict[str, Any] = {
@@ -632,11 +652,12 @@ def _rankings(job: _Prune, given: Mapping[str, Ranking], texts: Sequence[str]) -
             if not texts:
                 job.warnings.append(f"scorer {name} skipped: no text to score layers on")
                 continue
-            table = scorer.score(
-                job.model, job.tokenizer, texts, adapter=job.adapter, max_tokens=job.max_tokens, ctx=job.ctx,
-                progress_stage=f"prune:score:{name}", batch_size=scorer.batch_size(job.options.batch_size),
-                **scorer.options(job.options),
-            )
+            with job.phase():
+                table = scorer.score(
+                    job.model, job.tokenizer, texts, adapter=job.adapter, max_tokens=job.max_tokens, ctx=job.ctx,
+                    progress_stage=f"prune:score:{name}", batch_size=scorer.batch_size(job.options.batch_size),
+                    **scorer.options(job.options),
+                )
             job.warnings.extend(table.warnings)
             ranked.tables[name] = table
             ranked.orders[name] = table.order()
@@ -682,11 +703,12 @@ def _select(
             details[name] = {"cumulative": cumulative}
         else:
             task = next(iter(tasks))
-            res = select_iterative(
-                order, metric, higher_is_better=original[task].higher_is_better, delta=options.delta,
-                lam=options.lam, budget=options.budget if options.budget is not None else max(1, default_budget),
-                epsilon=options.epsilon, check=job.ctx.check_cancelled,
-            )
+            with job.phase():
+                res = select_iterative(
+                    order, metric, higher_is_better=original[task].higher_is_better, delta=options.delta,
+                    lam=options.lam, budget=options.budget if options.budget is not None else max(1, default_budget),
+                    epsilon=options.epsilon, check=job.ctx.check_cancelled,
+                )
             dropped_by[name] = res.dropped
             details[name] = {
                 "metric": f"{task} on the first {options.scoring_examples} examples",
@@ -722,6 +744,19 @@ def _selection_metric(job: _Prune, task: str, data: Any) -> Callable[[list[int]]
     return metric
 
 
+PHASE_UNITS = 20  # progress units per phase of the prune stage
+
+
+def _phases(options: PruneOptions, n_tasks: int) -> int:
+    """The prune stage's phases, in order: each scorer computed here, each task on the original
+    model, each scorer's iterative selection, each task on every distinct pruned model (at most
+    one per scorer and random seed; fewer when prunings coincide, and the bar then jumps)."""
+    computed = sum(1 for name in options.scorers if SCORERS[name].from_stage is None)
+    iterative = len(options.scorers) if options.strategy == "iterative" else 0
+    models = len(options.scorers) + options.random_seeds
+    return computed + n_tasks + iterative + models * n_tasks
+
+
 def _measure(job: _Prune, tasks: Mapping[str, Any], selection: _Selection, timing_texts: Sequence[str]) -> _Measured:
     """Evaluate every distinct pruned model once (blocks removed in place, restored after)."""
     distinct = {tuple(d) for d in selection.dropped_by.values()} | {tuple(d) for _, d in selection.random_sets}
@@ -729,16 +764,17 @@ def _measure(job: _Prune, tasks: Mapping[str, Any], selection: _Selection, timin
     batch = _timing_batch(job, timing_texts) if job.options.timing_runs else None
     for i, key in enumerate(sorted(distinct)):
         job.ctx.check_cancelled()
-        job.ctx.progress("prune:pruned_models", i, len(distinct))
         with pruned_view(job.model, key, adapter=job.adapter):
             measured.params_after[key] = count_parameters(job.model)
-            measured.evaluated[key] = {task: job.evaluate(task, data) for task, data in tasks.items()}
+            measured.evaluated[key] = {}
+            for task, data in tasks.items():
+                with job.phase():
+                    measured.evaluated[key][task] = job.evaluate(task, data, stage=f"prune:pruned {i + 1}/{len(distinct)}")
         if batch is not None and key:
             measured.timing[key] = measure_speedup(
                 job.model, key, *batch, runs=job.options.timing_runs, adapter=job.adapter,
                 n_boot=job.options.n_boot, seed=job.options.seed,
             )
-    job.ctx.progress("prune:pruned_models", len(distinct), len(distinct))
     return measured
 
 

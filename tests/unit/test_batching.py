@@ -34,7 +34,13 @@ def test_oom_halves_retries_and_remembers():
     model = torch.nn.Linear(2, 2)
     calls: list[int] = []
     batcher = AutoBatch("unit", model, requested=8)
-    got = list(batcher.run(range(11), _oom_above(3, calls)))
+    got, seen = [], []
+    for item in batcher.run(range(11), _oom_above(3, calls)):
+        got.append(item)
+        seen.append((batcher.progress, (batcher.done, batcher.total)))
+    # Progress is in rows and never goes back (in batches the total grows from 2 to 6 with the back-offs).
+    assert [p for p, _ in seen] == [(2, 11), (4, 11), (6, 11), (8, 11), (10, 11), (11, 11)]
+    assert [b for _, b in seen][0] == (1, 6)
     # 8 fails, 4 fails, then 2 at a time; the failed rows are run again, in order
     assert calls == [8, 4, 2, 2, 2, 2, 2, 1]
     assert [rows for rows, _ in got] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]]
@@ -173,7 +179,9 @@ def test_profile_backs_off_and_matches_an_unfailed_run(loaded):  # noqa: F811
     assert batching.remembered("profile", loaded.model) == 2
     assert any("batch size 4 lowered to 2" in w for w in failed.warnings)
     assert failed.n_batches == clean2.n_batches
-    assert seen[-1][0] == seen[-1][1] == clean2.n_batches  # progress ends at done == total
+    # progress counts rows: the back-off adds batches but the bar never goes back, and ends full
+    assert seen[0] == (0, len(TEXTS)) and seen[-1] == (len(TEXTS), len(TEXTS))
+    assert all(t == len(TEXTS) for _, t in seen) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     # no partial batch was merged: identical to a run at the backed-off size ...
     assert _stats(failed) == _stats(clean2)
     # ... and to the requested size up to float rounding of a differently padded forward

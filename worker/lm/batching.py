@@ -4,7 +4,7 @@ and remember the size that worked per model and workload.
     batcher = AutoBatch("gbis", model, requested=options.batch_size)
     for rows, out in batcher.run(order, compute):   # compute(rows) -> out, no side effects
         commit(rows, out)                            # only ever sees completed batches
-        ctx.progress(stage, batcher.done, batcher.total)
+        ctx.progress(stage, *batcher.progress)       # rows done, rows in all: never backwards
 
 `compute` must not change anything outside itself before it returns (accumulate into locals
 and return them): a batch that runs out of memory half-way is thrown away and its rows are
@@ -100,7 +100,15 @@ class AutoBatch:
         self.size = min(self.requested, known) if known is not None else self.requested
         self.backoffs: list[tuple[int, int]] = []  # (rows that ran out of memory, new batch size)
         self.done = 0  # batches completed in the current run()
-        self.total = 0  # done + batches left at the current size
+        self.total = 0  # done + batches left at the current size (grows when the size is lowered)
+        self.rows_done = 0  # rows of completed batches in the current run()
+        self.rows_total = 0  # rows of the current run()
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(rows done, rows in all) of the current run: what to report as progress. Unlike
+        batches, it never goes backwards when an out-of-memory back-off adds batches."""
+        return self.rows_done, self.rows_total
 
     def total_for(self, items: Sequence[Any]) -> int:
         """Batches `items` takes at the current size (for a progress total before run())."""
@@ -113,6 +121,7 @@ class AutoBatch:
         pos = 0
         self.done = 0
         self.total = math.ceil(len(items) / self.size) if items else 0
+        self.rows_done, self.rows_total = 0, len(items)
         while pos < len(items):
             rows = items[pos : pos + self.size]
             reason = ""
@@ -130,6 +139,7 @@ class AutoBatch:
                 continue
             pos += len(rows)
             self.done += 1
+            self.rows_done = pos
             yield rows, out
 
     def _shrink(self, failed_rows: int, reason: str) -> None:

@@ -378,7 +378,7 @@ def generate(
     are tokenized with `add_special_tokens`, truncated to `max_prompt_tokens` when given.
     `share_prefix=False` runs the shared prefix in every batch (for the benchmark).
     `decoding`: DoLa (module doc); None: the model's own setting (`decoding_of(model)`), if any.
-    `on_batch(done, total)` is called after each batch; `ctx.check_cancelled()` before each
+    `on_batch(rows done, rows in all)` is called after each batch; `ctx.check_cancelled()` before each
     batch. Raises `JobFailed("prompt_too_long")` when a prompt plus the answer budget
     exceeds the model's context."""
     if temperature < 0 or not math.isfinite(temperature):
@@ -422,7 +422,7 @@ def generate(
         dec.run_prefix()
         for _ in batcher.run(rows, run_batch):
             if on_batch is not None:
-                on_batch(batcher.done, batcher.total)
+                on_batch(*batcher.progress)  # rows (prompt x sample) done, rows in all
     finally:
         if was_training:
             model.train()

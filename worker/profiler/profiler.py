@@ -277,7 +277,7 @@ def profile(
       its sparsity is read within a small stated bound (`RunningStats.sparsity_bounded`).
     hook_thresholds: per (block position, site), thresholds counted exactly for that hook
       only (the second pass of `exact_sparsity`); every hook must give as many.
-    Progress: ctx.progress("profile", done_batches, total_batches); ctx.check_cancelled()
+    Progress: ctx.progress("profile", rows done, rows in all); ctx.check_cancelled()
     runs before every batch.
     """
     model = loaded.model
@@ -298,7 +298,6 @@ def profile(
     lengths = _lengths(tokenizer, examples, max_tokens)
     batcher = AutoBatch(STAGE, model, int(options.batch_size))  # OOM back-off, see worker/lm/batching.py
     batches = length_batches(lengths, batcher.size)
-    total = len(batches)
     if collect_pooled:
         result.pooled_tokens = np.zeros(n_examples, dtype=np.int64)
 
@@ -306,8 +305,8 @@ def profile(
     # MPS has no float64: reduce there on the CPU (one copy per hook), exact but slower.
     stats_device = torch.device("cpu") if device.type == "mps" else device
     collector = _Collector({k: thresholds + v for k, v in per_hook.items()})
-    ctx.progress(STAGE, 0, total)
     order = [i for batch in batches for i in batch]
+    ctx.progress(STAGE, 0, len(order))  # rows, as AutoBatch.progress counts them
     one = _BatchRun(
         tokenizer=tokenizer, examples=examples, token_start=token_start, max_tokens=max_tokens,
         pad=pad_id(tokenizer), forward=forward_callable(model, blocks), device=device, collector=collector, ctx=ctx,
@@ -368,7 +367,7 @@ def _run_pass(
                 result.n_batches += 1
                 result.n_tokens += plan.main_tokens
                 result.n_profiled_examples += plan.examples
-                one.ctx.progress(STAGE, batcher.done, batcher.total)
+                one.ctx.progress(STAGE, *batcher.progress)
     finally:
         one.collector.plan = None
         if was_training:

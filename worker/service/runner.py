@@ -17,6 +17,7 @@ from app.routing import GPU_QUEUE
 from app.schemas import AnalysisSpec, JobState
 from worker import runtime
 from worker.lm.batching import is_out_of_memory as _is_out_of_memory
+from worker.progress import Monotonic
 from worker.service import jobstore
 from worker.service.jobstore import LostOwnership, SessionFactory
 from worker.service.webhooks import on_finished
@@ -60,7 +61,7 @@ class _Heartbeat(threading.Thread):
 
 
 def _job_context(sf: SessionFactory, settings: Settings, analysis_id: str, token: str, beat: _Heartbeat) -> JobContext:
-    """Progress (throttled to one write per 0.5 s), cancellation (read at most once a second; a lost
+    """Progress (never backwards, throttled to one write per 0.5 s), cancellation (read at most once a second; a lost
     claim stops the run), the time limit and artifact reads, all conditioned on this claim."""
     last_check = [0.0, False]
     last_progress = [0.0]
@@ -80,7 +81,7 @@ def _job_context(sf: SessionFactory, settings: Settings, analysis_id: str, token
             jobstore.set_progress(sf, analysis_id, token, stage, done, total)
 
     return JobContext(
-        progress=progress,
+        progress=Monotonic(progress),  # never backwards, whatever a stage reports (worker/progress.py)
         is_cancelled=is_cancelled,
         deadline=time.monotonic() + settings.job_soft_time_limit,
         read_artifact=lambda other_id, name: jobstore.read_artifact(sf, settings, analysis_id, other_id, name),

@@ -7,6 +7,7 @@ from typing import Any
 
 from app.schemas import AnalysisSpec, ProfileOptions
 from worker.profiler.profiler import Profile
+from worker.progress import PhasedProgress
 from worker.stage import Key, Stage, StageInputs, StageOutput
 from worker.stages.avss import avss_options
 
@@ -41,9 +42,15 @@ class ProfileStage(Stage[ProfileOptions]):
         if avss and avss.sparsity_threshold == "relative":
             relative.append((avss.sparsity_rel_eps, avss.sparsity_reference))
         kwargs: dict[str, Any] = {"max_tokens": job.spec.dataset.max_tokens, "thresholds": exact, "relative": relative}
-        prof = profile(job.loaded, job.examples, options, job.ctx, **kwargs)
-        if avss and avss.exact_sparsity and avss.sparsity_threshold == "relative":
+        two_passes = bool(avss and avss.exact_sparsity and avss.sparsity_threshold == "relative")
+        # Two passes share one bar (a unit per example per pass), so the second does not restart it.
+        bar = PhasedProgress(job.ctx, self.name, 2 * max(1, len(job.examples))) if two_passes else None
+        first = bar.sub_context(max(1, len(job.examples))) if bar else job.ctx
+        prof = profile(job.loaded, job.examples, options, first, **kwargs)
+        if avss and bar:
             wanted = counted_thresholds(prof, avss, profile_stage=job.spec.stages.profile is not None)
-            count_exactly(prof, wanted, job.loaded, job.examples, options, job.ctx, **kwargs)
+            count_exactly(prof, wanted, job.loaded, job.examples, options, bar.sub_context(max(1, len(job.examples))),
+                          **kwargs)
+            bar.finish()
         stored = run_profile_stage(prof) if job.spec.stages.profile else None
         return StageOutput(stored).provide(PROFILE, prof)

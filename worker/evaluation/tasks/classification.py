@@ -76,7 +76,7 @@ def _head_predictions(
     encoded = encode_texts(tokenizer, texts, max_tokens)
     order = by_length([len(e) for e in encoded])
     batcher = AutoBatch("classification", model, batch_size)  # OOM back-off
-    ctx.progress(progress_stage, 0, batcher.total_for(order))
+    ctx.progress(progress_stage, 0, len(order))
     with torch.inference_mode():
 
         def run_batch(batch: list[int]) -> None:  # writes its own rows: a retry rewrites them
@@ -86,7 +86,7 @@ def _head_predictions(
             pred[batch] = logits.argmax(-1).cpu().numpy()
 
         for _ in batcher.run(order, run_batch):
-            ctx.progress(progress_stage, batcher.done, batcher.total)
+            ctx.progress(progress_stage, *batcher.progress)
     return pred
 
 
@@ -105,7 +105,7 @@ def _label_word_predictions(
     scores = np.full((n, len(names)), -np.inf)
     order = by_length([len(p[2]) for p in pairs])
     batcher = AutoBatch("classification", model, batch_size)  # OOM back-off
-    ctx.progress(progress_stage, 0, batcher.total_for(order))
+    ctx.progress(progress_stage, 0, len(order))
     with torch.inference_mode():
 
         def run_batch(batch: list[int]) -> None:  # writes its own rows: a retry rewrites them
@@ -121,7 +121,7 @@ def _label_word_predictions(
                 scores[i, k] = total / len(conts[k]) if length_norm == "mean" else total
 
         for _ in batcher.run(order, run_batch):
-            ctx.progress(progress_stage, batcher.done, batcher.total)
+            ctx.progress(progress_stage, *batcher.progress)
     return np.asarray(scores.argmax(axis=1))
 
 

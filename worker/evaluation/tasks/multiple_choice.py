@@ -168,7 +168,7 @@ def choice_logliks(
     lls = [[0.0] * len(c) for c in choices]
     order = by_length([len(p[2]) for p in pairs])
     batcher = AutoBatch("multiple_choice", model, batch_size)  # OOM back-off
-    ctx.progress(progress_stage, 0, batcher.total_for(order))
+    ctx.progress(progress_stage, 0, len(order))
     with torch.inference_mode():
 
         def run_batch(batch: list[int]) -> list[float]:
@@ -183,7 +183,7 @@ def choice_logliks(
         for batch, values in batcher.run(order, run_batch):
             for j, ll in zip(batch, values, strict=True):
                 lls[pairs[j][0]][pairs[j][1]] = ll
-            ctx.progress(progress_stage, batcher.done, batcher.total)
+            ctx.progress(progress_stage, *batcher.progress)
     return lls
 
 

@@ -120,7 +120,7 @@ def evaluate_perplexity(
     pad = pad_id(tokenizer)
     order = by_length([len(p[1]) for p in pieces])
     batcher = AutoBatch("perplexity", model, batch_size)  # OOM back-off, see worker/lm/batching.py
-    ctx.progress(progress_stage, 0, batcher.total_for(order))
+    ctx.progress(progress_stage, 0, len(order))
     with torch.inference_mode():
 
         def run_batch(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +137,7 @@ def evaluate_perplexity(
                 ex = pieces[k][0]
                 nll_sum[ex] += float(nll[row][tmask[row]].sum())
                 counts[ex] += float(tmask[row].sum())
-            ctx.progress(progress_stage, batcher.done, batcher.total)
+            ctx.progress(progress_stage, *batcher.progress)
 
     total = counts.sum()
     value = math.exp(nll_sum.sum() / total) if total > 0 else None

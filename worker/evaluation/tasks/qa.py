@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -68,7 +67,7 @@ def generate_answers(
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts
         ]
-    ctx.progress(progress_stage, 0, math.ceil(len(texts) / batch_size))
+    ctx.progress(progress_stage, 0, len(texts))  # rows, as the generator counts them
     run = generate(
         model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
         add_special_tokens=not chat_template, max_prompt_tokens=max_tokens, ctx=ctx,

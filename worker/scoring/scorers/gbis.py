@@ -75,7 +75,7 @@ def gbis(
             part[i] = float(per_token[mask].double().sum())
         return part, float(mask.sum())
 
-    ctx.progress(progress_stage, 0, batcher.total_for(data.order))
+    ctx.progress(progress_stage, 0, len(data.order))
     with (
         torch.inference_mode(False),
         torch.enable_grad(),
@@ -86,7 +86,7 @@ def gbis(
         for _, (part, n_tokens) in batcher.run(data.order, run_batch):
             sums += part
             tokens += n_tokens
-            ctx.progress(progress_stage, batcher.done, batcher.total)
+            ctx.progress(progress_stage, *batcher.progress)
     return score_table(
         "gbis",
         sums / max(tokens, 1.0),

@@ -138,7 +138,7 @@ def lrp(
         mask = batch.mask.bool()
         return (*_relevance(ys, xs, grads, mask), float(mask.sum()))
 
-    ctx.progress(progress_stage, 0, batcher.total_for(data.order))
+    ctx.progress(progress_stage, 0, len(data.order))
     with (
         torch.inference_mode(False),
         torch.enable_grad(),
@@ -151,7 +151,7 @@ def lrp(
             sums += part
             signed += part_signed
             tokens += n_tokens
-            ctx.progress(progress_stage, batcher.done, batcher.total)
+            ctx.progress(progress_stage, *batcher.progress)
     denom = max(tokens, 1.0)
     return score_table(
         "lrp",

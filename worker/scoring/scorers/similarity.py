@@ -77,12 +77,12 @@ def similarity_scorer(
         run(batch.ids, batch.mask)
         return part["sums"], part["counts"]
 
-    ctx.progress(progress_stage, 0, batcher.total_for(data.order))
+    ctx.progress(progress_stage, 0, len(data.order))
     with torch.inference_mode(), block_hooks(blocks, pre, post):
         for _, (batch_sums, batch_counts) in batcher.run(data.order, run_batch):
             sums += batch_sums
             counts += batch_counts
-            ctx.progress(progress_stage, batcher.done, batcher.total)
+            ctx.progress(progress_stage, *batcher.progress)
     inputs.clear()
     scores = sums / np.maximum(counts, 1)
     return score_table(
