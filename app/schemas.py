@@ -896,6 +896,58 @@ class MetricTable(BaseModel):
     items: list[MetricOut]
 
 
+class Estimate(BaseModel):
+    """A value with its bootstrap 95% interval and the number of answers behind it."""
+
+    value: float | None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int | None = None
+
+
+Verdict = Literal["better", "worse", "not_distinguishable", "no_interval", "undefined"]
+
+
+class LeaderboardComparison(BaseModel):
+    reference: str = Field(description="The reference detector (the length baseline or the best toolkit estimator).")
+    auroc_difference: Estimate = Field(
+        description="AUROC(this detector) - AUROC(reference) on the test answers, with a paired bootstrap interval."
+    )
+    verdict: Verdict = Field(
+        description="`better` / `worse`: the interval of the difference excludes 0; `not_distinguishable`: it holds 0; "
+        "`no_interval`: n_boot = 0; `undefined`: AUROC is undefined (one class)."
+    )
+
+
+class LeaderboardRow(BaseModel):
+    rank: int = Field(description="1 = highest test AUROC; detectors with an undefined AUROC come last.")
+    detector: str
+    toolkit: bool = Field(description="A standard white-box estimator (lm-polygraph's MSP, Perplexity, MeanTokenEntropy).")
+    reference: list[Literal["length", "toolkit"]] = Field(description="Which reference row this detector is, if any.")
+    metrics: dict[str, Estimate | None] = Field(description="auroc, ece, brier, acc@<q>, cov@<p> (test split).")
+    vs_length: LeaderboardComparison | None = Field(description="Against the length-only baseline (None for itself).")
+    vs_toolkit: LeaderboardComparison | None = Field(
+        description="Against the best toolkit estimator (None for itself or without one)."
+    )
+
+
+class Leaderboard(BaseModel):
+    """Every hallucination detector of one analysis, sorted by test AUROC, with two reference rows."""
+
+    analysis_id: str
+    split: str = Field(description="Where the detectors are scored: the test split (probes train on the other).")
+    n: int = Field(description="Test answers behind every value.")
+    sorted_by: str
+    metrics: list[str]
+    length_baseline: str | None = Field(description="The length-only baseline detector, when it ran.")
+    best_toolkit: str | None = Field(
+        description="The toolkit estimator with the highest test AUROC (the strongest off-the-shelf rival)."
+    )
+    toolkit_estimators: list[str]
+    comparison: str
+    rows: list[LeaderboardRow]
+
+
 class ArtifactOut(BaseModel):
     name: str
     stage: str

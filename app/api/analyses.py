@@ -42,6 +42,7 @@ from app.schemas import (
     JobState,
     LayerRowOut,
     LayerTable,
+    Leaderboard,
     MetricOut,
     MetricTable,
     Progress,
@@ -125,6 +126,7 @@ def to_out(row: Analysis, labels: dict[str, str], *, brief: bool = False) -> Ana
             "metrics": f"{base}/metrics",
             "artifacts": f"{base}/artifacts",
             "answers": f"{base}/answers",
+            "leaderboard": f"{base}/leaderboard",
             "cancel": f"{base}/cancel",
         },
     )
@@ -472,6 +474,30 @@ def _layers_csv(items: list[LayerRowOut]) -> Response:
         ["stage", "scorer", "layer", "block_name", *keys],
         [[r.stage, r.scorer, r.layer, r.block_name, *(r.values.get(k) for k in keys)] for r in items],
     )
+
+
+@router.get(
+    "/{analysis_id}/leaderboard",
+    response_model=Leaderboard,
+    summary="Hallucination detectors ranked, with reference rows",
+    description="Every detector of the hallucination stage sorted by test AUROC, with AUROC, ECE, Brier, acc@q and "
+    "cov@p (bootstrap 95% intervals, N), and each one's AUROC difference (paired interval) against the length-only "
+    "baseline and the best toolkit estimator. 404 when the analysis has no finished hallucination stage with a "
+    "leaderboard.",
+    responses=PROBLEM_RESPONSES,
+)
+def get_leaderboard(
+    analysis_id: str,
+    principal: Principal = Depends(require("read")),
+    session: Session = Depends(get_session),
+) -> Any:
+    row = _get_owned(session, principal, analysis_id)
+    stage = (row.summary or {}).get("hallucination")
+    board = stage.get("leaderboard") if isinstance(stage, dict) else None
+    if not isinstance(board, dict):
+        raise Problem(404, f"Analysis {analysis_id!r} has no detector leaderboard: no finished hallucination stage "
+                      "(or one from before leaderboards were kept).")
+    return Leaderboard.model_validate({**board, "analysis_id": row.id})
 
 
 StageQuery = Annotated[str | None, Query(max_length=32, description="Only this stage's rows.")]
