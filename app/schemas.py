@@ -491,6 +491,10 @@ class PruneOptions(Strict):
     export_max_bytes: int = Field(
         2 * 1024**3, ge=1, description="Skip the export (with a warning) above this estimated size."
     )
+    heal: HealOptions | None = Field(
+        None, description="LoRA healing of each pruned model and of the random control, then every task again; "
+        "off by default."
+    )
 
     @field_validator("scorers", "tasks")
     @classmethod
@@ -517,7 +521,7 @@ class PruneOptions(Strict):
                 "the lm_eval task needs lm_eval options (e.g. {\"task\": \"sciq\"}), and lm_eval options need "
                 "\"lm_eval\" in tasks"
             )
-        if self.export and self.export_scorer not in self.scorers:
+        if (self.export or (self.heal is not None and self.heal.export)) and self.export_scorer not in self.scorers:
             raise ValueError("export_scorer must be one of scorers")
         return self
 

@@ -543,6 +543,7 @@ def run_prune_stage(
     *,
     qa_examples: Sequence[Any] | None = None,
     max_tokens: int = 256,
+    heal_examples: Sequence[Any] | None = None,
 ) -> StageResult:
     """The `prune` stage (paper table 1): per task, the original metric and the metric after
     pruning by every scorer, the random-layer baseline, retained performance, parameter
@@ -573,6 +574,14 @@ def run_prune_stage(
     job.bar.finish()
     metrics, table = _task_tables(job, original, selection, measured)
     metrics.extend(_scorer_metrics(job, ranked, selection, measured))
+    healing = None
+    if options.heal is not None:  # LoRA healing of every pruned model (worker.pruning_heal; imports peft)
+        from worker.pruning_heal import heal_pruned_models
+
+        healing = heal_pruned_models(
+            job, tasks, original, selection, measured, table, heal_examples, examples, qa_examples
+        )
+        metrics.extend(healing.metrics)
     summary: dict[str, Any] = {
         "strategy": options.strategy,
         "options": options.model_dump(),
@@ -594,9 +603,11 @@ def run_prune_stage(
         "selection": selection.details,
         "choices": _choices(options),
     }
+    if healing is not None:
+        summary["healing"] = healing.summary
     if measured.timing:
         summary["timing"] = {",".join(map(str, k)): v for k, v in measured.timing.items()}
-    artifacts = _export(job, selection, measured)
+    artifacts = _export(job, selection, measured) + (healing.artifacts if healing else [])
     if options.curve_blocks:
         curve_metrics, summary["curve"] = _tradeoff_curve(job, tasks, ranked, selection, original, measured)
         metrics.extend(curve_metrics)

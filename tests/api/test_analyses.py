@@ -65,6 +65,13 @@ def test_unknown_and_impossible_fields_are_422_naming_the_field(api: Api) -> Non
     body = assert_problem(api.post("/v1/analyses", json=bad), 422)
     assert any(e["field"] == "stages.avss.prune_fraction" for e in body["errors"])
 
+    for heal, fld in (({"steps": 0}, "steps"), ({"targets": "embeddings"}, "targets"),
+                      ({"dataset": {"name": "x", "path": "y"}}, "dataset")):
+        bad = copy.deepcopy(SPEC)
+        bad["stages"] = {"prune": {"heal": heal}}
+        body = assert_problem(api.post("/v1/analyses", json=bad), 422)
+        assert any(e["field"].startswith(f"stages.prune.heal.{fld}") for e in body["errors"]), body
+
     assert_problem(api.post("/v1/analyses", content=b"{not json", headers={"content-type": "application/json"}), 422)
 
 

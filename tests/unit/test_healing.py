@@ -14,10 +14,13 @@ import transformers as tf
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.schemas import HealOptions, ModelSpec
+from app.gates import MetricRecord, Snapshot, evaluate, parse_rule
+from app.schemas import HealOptions, ModelSpec, PruneOptions
 from worker.healing import disjoint_texts, export_healed_model, healed, lora_targets, pack_tokens
 from worker.modelzoo import adapter_for, load_model
 from worker.modelzoo.surgery import pruned_view
+from worker.pruning import run_prune_stage
+from worker.scoring.agreement import Ranking
 from worker.stage import JobCancelled, JobContext, JobFailed
 
 TEXTS = [f"the cat number {i} sat on the mat and looked at the birds outside the window" for i in range(24)] + [
@@ -195,3 +198,91 @@ def test_bad_heal_options_are_refused(bad):
     with pytest.raises(ValidationError):
         HealOptions(**bad)
 
+
+
+def test_heal_export_needs_the_export_scorer():
+    with pytest.raises(ValidationError, match="export_scorer"):
+        PruneOptions(scorers=["gbis"], heal={"export": True})
+    assert PruneOptions().heal is None
+    assert PruneOptions(heal={"steps": 5}).heal.steps == 5
+
+
+EVAL = [
+    {"text": "the cat sat on the mat and looked at the birds outside"},
+    {"text": "rivers flow down from the mountains to the sea every spring"},
+    {"text": "a short line of text to read"},
+]
+QA = [{"question": "what is the capital of france?", "answer": "paris"}]
+
+
+def test_prune_stage_heals_every_pruned_model_and_the_random_control(tiny):
+    before = _snapshot(tiny.model)
+    heal_rows = [{"text": t} for t in TEXTS] + [EVAL[0], {"text": "Q: what is the capital of france? A: paris"}]
+    options = PruneOptions(
+        scorers=["avss", "block_influence"], fraction=0.5, random_seeds=2, n_boot=50, timing_runs=0,
+        tasks=["perplexity", "qa"], qa_max_new_tokens=2,
+        heal={"steps": 6, "learning_rate": 1e-2, "max_tokens": 16, "rank": 4, "random_seeds": 1, "export": True},
+    )
+    seen: list[str] = []
+    result = run_prune_stage(
+        tiny, EVAL, options, JobContext(progress=lambda s, d, t: seen.append(s)),
+        {"avss": Ranking((1, 2, 3, 0), "lowest", (0.4, 0.1, 0.2, 0.3))}, qa_examples=QA, heal_examples=heal_rows,
+    )
+    after = _snapshot(tiny.model)
+    assert all(torch.equal(after[n], before[n]) for n in before) and after.keys() == before.keys()
+
+    healing = result.summary["healing"]
+    # Left out: EVAL[0], the rivers line (in TEXTS and EVAL) and the text holding the QA question.
+    assert healing["corpus"]["left_out_overlapping_evaluated"] == 3
+    assert healing["corpus"]["texts"] == len(heal_rows) - 3
+    assert healing["random_seeds_healed"] == [0]
+    assert set(healing["models"]) == {"avss", "block_influence", "random,seed=0"}
+    for report in healing["models"].values():
+        assert report["steps"] == 6 and report["loss_after"] < report["loss_before"]
+    assert any(s.startswith("prune:heal:") for s in seen)
+
+    ppl = next(e for e in result.summary["table"] if e["task"] == "perplexity")
+    rows = {r["scorer"]: r for r in ppl["rows"]}
+    for name in ("avss", "block_influence"):
+        h = rows[name]["healed"]
+        assert h["retained_pct"] == pytest.approx(100 * ppl["original"] / h["perplexity"])
+        assert h["heal_gain_pct"] == pytest.approx(h["retained_pct"] - rows[name]["retained_pct"])
+        low, high = h["retained_pct_ci"]
+        assert low <= h["retained_pct"] <= high
+        low, high = h["heal_gain_pct_ci"]
+        assert low <= h["heal_gain_pct"] <= high
+    assert rows["random"]["healed"]["seeds"] == [0]
+    assert "f1" in {r["scorer"]: r for r in next(e for e in result.summary["table"] if e["task"] == "qa")["rows"]}[
+        "avss"]["healed"]
+
+    scopes = {(m.scope, m.name) for m in result.metrics}
+    assert ("task=perplexity,scorer=avss,variant=healed", "retained_pct") in scopes
+    assert ("task=perplexity,scorer=random,variant=healed", "retained_pct") in scopes
+    assert ("task=perplexity,scorer=random,seed=0,variant=healed", "retained_pct") in scopes
+    assert ("task=qa,scorer=block_influence,variant=healed", "heal_gain_pct") in scopes
+    assert ("scorer=avss,variant=healed", "heal_loss_after") in scopes
+    snap = Snapshot(metrics=[MetricRecord("prune", m.scope, m.name, m.value, m.ci_low, m.ci_high, m.n)
+                             for m in result.metrics])
+    rules = [
+        parse_rule('metrics.prune."task=perplexity,scorer=avss,variant=healed".retained_pct.ci_low >= 0'),
+        parse_rule("retained_performance.perplexity.avss.healed.ci_low >= 0"),
+        parse_rule("retained_performance.perplexity.random.healed >= 0"),
+    ]
+    passed, results = evaluate(rules, snap)
+    assert passed and results[0].n == 3, results
+    healed_avss = rows["avss"]["healed"]
+    assert results[1].observed == pytest.approx(healed_avss["retained_pct_ci"][0] / 100)
+    assert results[2].observed == pytest.approx(rows["random"]["healed"]["retained_pct"] / 100)
+    low, high = rows["random"]["healed"]["retained_pct_ci"]
+    assert low is not None and low <= rows["random"]["healed"]["retained_pct"] <= high
+    assert [a.name for a in result.artifacts] == ["healed-model-avss.tar.gz"]
+    with tarfile.open(fileobj=io.BytesIO(result.artifacts[0].data), mode="r:gz") as tar:
+        assert "healed-model/config.json" in tar.getnames()
+
+
+def test_prune_stage_heal_refuses_a_corpus_that_is_all_evaluated_text(tiny):
+    options = PruneOptions(scorers=["block_influence"], random_seeds=0, n_boot=0, timing_runs=0,
+                           tasks=["perplexity"], heal={"steps": 1})
+    with pytest.raises(JobFailed) as err:
+        run_prune_stage(tiny, EVAL, options, JobContext(), {}, heal_examples=EVAL)
+    assert err.value.error_type == "heal_no_data"

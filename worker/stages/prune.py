@@ -25,8 +25,13 @@ class PruneStage(Stage[PruneOptions]):
         if avss is not None:
             given["avss"] = avss
         qa = job.load_examples(options.qa_dataset) if options.qa_dataset is not None else None
+        heal = None
+        if options.heal is not None:  # the healing corpus (worker.pruning_heal)
+            from worker.pruning_heal import default_heal_dataset
+
+            heal = job.load_examples(options.heal.dataset or default_heal_dataset())
         result = run_prune_stage(
             job.loaded, job.examples, options, job.ctx, given,
-            qa_examples=qa, max_tokens=job.spec.dataset.max_tokens,
+            qa_examples=qa, max_tokens=job.spec.dataset.max_tokens, heal_examples=heal,
         )
         return StageOutput(result)
