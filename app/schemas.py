@@ -401,7 +401,8 @@ class PruneOptions(Strict):
         "classification without labels, multiple_choice without question and choices) is skipped with a "
         "warning. `multiple_choice`: acc and acc_norm (lm-eval's definitions) of the choice of highest "
         "log-likelihood, from rows with `question`, `choices` (a list) and the gold `label` (0-based index) or "
-        "`answer` (index or choice text).",
+        "`answer` (index or choice text). `lm_eval`: the lm-evaluation-harness task the `lm_eval` options name "
+        "(needs them).",
     )
     lm_eval: LmEvalOptions | None = Field(
         None,

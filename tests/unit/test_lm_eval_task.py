@@ -162,6 +162,11 @@ def test_unknown_task_name_is_task_not_found_with_the_closest_names(llama) -> No
         TASKS["lm_eval"].prepare(llama.model, [], None, PruneOptions(tasks=["lm_eval"], lm_eval={"task": "sciqq"}))
     assert unknown.value.error_type == "task_not_found"
     assert "did you mean 'sciq'" in unknown.value.detail and "YAML" in unknown.value.detail
+    # a hub task's data cannot be replaced by a local file: copy its YAML with dataset_path: json
+    hub = PruneOptions(tasks=["lm_eval"], lm_eval={"task": "sciq", "data_files": "/data/sciq.jsonl"})
+    with pytest.raises(JobFailed) as not_local:
+        TASKS["lm_eval"].prepare(llama.model, [], None, hub)
+    assert not_local.value.error_type == "task_invalid" and "dataset_path: json" in not_local.value.detail
 
 
 def test_lm_eval_paths_outside_the_data_roots_are_a_422_at_submit(tmp_path) -> None:

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
 DATA_PLACEHOLDER = "DATA_FILE"
 YAML_SUFFIXES = (".yaml", ".yml")
+LOCAL_BUILDERS = ("json", "csv", "text", "parquet")  # Hugging Face datasets' packaged builders of local files
 FIX_HINT = (
     "give an lm-eval task name (`lm_eval --tasks list` prints them), a shipped one (layerscope_sciq_mc, "
     "layerscope_truthfulqa_mc) or the path of a task YAML under the data roots"
@@ -111,11 +112,12 @@ def manager_for(task: str) -> Any:
     return shipped if is_yaml_path(task) or task in shipped.task_index else task_manager(True)
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def _load_yaml(path: Path, resolve_func: bool = True) -> dict[str, Any]:
+    """A task YAML with its includes; `resolve_func` imports its `!function` helpers."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     try:
-        cfg = load_yaml(path, resolve_func=True)
+        cfg = load_yaml(path, resolve_func=resolve_func)
     except Exception as exc:  # yaml errors, a missing include or !function module
         raise JobFailed("task_invalid", f"lm_eval task YAML {path.name} could not be read: {exc}") from exc
     return dict(cfg)
@@ -129,7 +131,7 @@ def task_spec(lm: LmEvalOptions) -> tuple[str, str | dict[str, Any]]:
         yaml_path = Path(lm.task)
         if not yaml_path.is_file():
             raise JobFailed("task_not_found", f"lm_eval.task: no file {lm.task!r}; {FIX_HINT}")
-        cfg = _load_yaml(yaml_path)
+        cfg = _load_yaml(yaml_path, resolve_func=lm.data_files is not None)
         name = cfg.get("task") or cfg.get("group")
         if not isinstance(name, str):
             raise JobFailed("task_invalid", f"lm_eval task YAML {yaml_path.name} names no `task` (or `group`)")
@@ -144,7 +146,8 @@ def task_spec(lm: LmEvalOptions) -> tuple[str, str | dict[str, Any]]:
                 + f"; {FIX_HINT}",
             )
         yaml_path = Path(entry.yaml_path) if entry.yaml_path else None
-        cfg = _load_yaml(yaml_path) if yaml_path is not None and "task" in _peek(yaml_path) else {}
+        is_task = yaml_path is not None and "task" in _peek(yaml_path)
+        cfg = _load_yaml(yaml_path, resolve_func=lm.data_files is not None) if yaml_path and is_task else {}
     files = (cfg.get("dataset_kwargs") or {}).get("data_files")
     if lm.data_files is None:
         if DATA_PLACEHOLDER in str(files):
@@ -158,11 +161,18 @@ def task_spec(lm: LmEvalOptions) -> tuple[str, str | dict[str, Any]]:
         raise JobFailed(
             "task_invalid", f"lm_eval.data_files replaces one task's data files; {name!r} is a group or has no YAML"
         )
+    if cfg.get("dataset_path") not in LOCAL_BUILDERS:
+        raise JobFailed(
+            "task_invalid",
+            f"lm_eval.data_files replaces the local files of a task whose dataset_path is one of "
+            f"{', '.join(LOCAL_BUILDERS)}; {name!r} reads {cfg.get('dataset_path')!r}: copy its YAML with "
+            "dataset_path: json and give that YAML as lm_eval.task",
+        )
     split = cfg.get("test_split") or cfg.get("validation_split")
     if not split:
         raise JobFailed("task_invalid", f"lm-eval task {name!r} has neither a test nor a validation split")
     cfg["dataset_kwargs"] = {**(cfg.get("dataset_kwargs") or {}), "data_files": {split: lm.data_files}}
-    cfg.pop("dataset_name", None) if cfg.get("dataset_path") in ("json", "csv", "text", "parquet") else None
+    cfg.pop("dataset_name", None)  # a packaged builder's config name would be a hub set's subset
     return name, cfg
 
 
