@@ -28,7 +28,7 @@ HALLUCINATION = {
     "dataset": {"rows": QA, "limit": 48, "max_tokens": 64},
     "stages": {
         "hallucination": {"n_shots": 2, "max_new_tokens": 3, "n_boot": 20, "probe_l2": 1.0, "test_fraction": 0.3,
-                          "detectors": ["sequence_likelihood", "length", "p_ik"]},
+                          "detectors": ["sequence_likelihood", "perplexity", "length", "p_ik"]},
         "mitigate": {"top_k": 1, "epochs": 1, "learning_rate": 1e-2, "n_boot": 20,
                      "eval_detectors": ["sequence_likelihood", "p_ik"],
                      "perplexity_dataset": {"rows": [{"text": "a few words of general text"}] * 3, "limit": 3}},
@@ -140,7 +140,7 @@ def test_stage_panels_show_the_apis_numbers(browser: Browser, serve: Any, artifa
         assert num(cells[1]["eavss"]) == next(r["values"]["eavss"] for r in eav if r["layer"] == int(row["layer"]))
         assert num(cells[3]["auroc"]) == probes[int(row["layer"])]["auroc"]
     detectors = page.evaluate(CELLS, "#reliability-table tbody tr")
-    assert {d["detector"] for d in detectors} == {"sequence_likelihood", "length", "p_ik"}
+    assert {d["detector"] for d in detectors} == {"sequence_likelihood", "perplexity", "length", "p_ik"}
     for d in (d["detector"] for d in detectors):
         bins = [{"n": 0, "correct": 0, "conf": 0.0} for _ in range(10)]
         for a in answers:
@@ -157,6 +157,21 @@ def test_stage_panels_show_the_apis_numbers(browser: Browser, serve: Any, artifa
         assert [num(c["conf"]) for c in shown] == pytest.approx([b["conf"] / b["n"] if b["n"] else None for b in bins])
     assert sum(int(c["n"]) for c in page.evaluate(CELLS, "#reliability-table tr[data-detector='sequence_likelihood'] td")) \
         == len(answers) > 0
+
+    # the detector leaderboard: the API's /leaderboard, row by row and cell by cell
+    board = client.get(f"/v1/analyses/{ids['hallucination']}/leaderboard").json()
+    shown = page.evaluate(CELLS, "#hallucination-leaderboard tbody tr")
+    assert [(r["detector"], int(r["rank"])) for r in shown] == [(r["detector"], r["rank"]) for r in board["rows"]]
+    assert board["best_toolkit"] == "perplexity" and board["length_baseline"] == "length"
+    for r in board["rows"]:
+        cells = page.evaluate(CELLS, f"#hallucination-leaderboard tr[data-detector='{r['detector']}'] td[data-metric]")
+        assert [c["metric"] for c in cells] == board["metrics"]
+        for c in cells:
+            m = r["metrics"][c["metric"]]
+            assert (num(c["value"]), num(c["low"]), num(c["high"])) == (m["value"], m["ci_low"], m["ci_high"])
+        verdicts = [c["verdict"] for c in page.evaluate(
+            CELLS, f"#hallucination-leaderboard tr[data-detector='{r['detector']}'] td[data-verdict]")]
+        assert verdicts == [r[k]["verdict"] for k in ("vs_length", "vs_toolkit") if r[k] is not None]
 
     # ---- mitigation: before/after per variant, EAVSS against the random control
     page.wait_for_selector("#mitigation-panel canvas")

@@ -317,6 +317,49 @@ window.layerscopePanels = (lib) => {
     return bins.map((b) => ({ ...b, conf: b.n ? b.conf / b.n : null, acc: b.n ? b.correct / b.n : null }));
   }
 
+  const VERDICT_TEXT = { better: "better", worse: "worse", not_distinguishable: "tie (CI holds 0)", no_interval: "no interval",
+    undefined: "n/a" };
+
+  /** The detector leaderboard (summary.leaderboard, also GET .../leaderboard): sorted by test AUROC, each
+   * detector's AUROC difference against the length baseline and the best toolkit estimator. */
+  function leaderboardTable(board, choice) {
+    if (!board || !Array.isArray(board.rows) || !board.rows.length) return null;
+    const mets = board.metrics || [];
+    const cmp = (c) => {
+      if (!c) return [h("td", { class: "num" }, "reference"), h("td", {}, "—")];
+      const d = c.auroc_difference || {};
+      return [h("td", { class: "num", dataset: { value: raw(d.value), low: raw(d.ci_low), high: raw(d.ci_high) } },
+        `${fmt(d.value)} ${ciText(d)}`), h("td", { dataset: { verdict: c.verdict } }, VERDICT_TEXT[c.verdict] || c.verdict)];
+    };
+    const role = (r) => [r.reference.includes("length") ? "length baseline" : "", r.reference.includes("toolkit")
+      ? "best toolkit" : (r.toolkit ? "toolkit" : "")].filter(Boolean).join(", ");
+    const layersOf = (d) => {
+      const ls = choice && Array.isArray(choice[d]) ? choice[d] : null;
+      if (!ls) return "";
+      return ls.length > 1 && ls.length === choice.n_layers ? `all ${ls.length}` : ls.join(", ");
+    };
+    const table = h("table", { class: "data", id: "hallucination-leaderboard" },
+      h("caption", {}, `Detectors by test AUROC (N = ${board.n}); Δ AUROC with a paired 95% interval against the ` +
+        `length baseline (${board.length_baseline || "not run"}) and the best toolkit estimator (${board.best_toolkit || "none run"})`),
+      h("thead", {}, h("tr", {}, ["rank", "detector", "role", "layers", ...mets.map((m) => `${m} [95% CI]`),
+        "Δ AUROC vs length", "", "Δ AUROC vs toolkit", ""].map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, board.rows.map((r) => h("tr", { dataset: { detector: r.detector, rank: r.rank } },
+        h("td", { class: "num" }, r.rank), h("th", { scope: "row" }, r.detector), h("td", {}, role(r)),
+        h("td", {}, layersOf(r.detector)),
+        mets.map((m) => {
+          const c = r.metrics[m];
+          return h("td", { class: "num", dataset: { metric: m, value: raw(c && c.value), low: raw(c && c.ci_low), high: raw(c && c.ci_high) } },
+            c ? `${fmt(c.value)} ${ciText(c)}` : "—");
+        }),
+        cmp(r.vs_length), cmp(r.vs_toolkit)))));
+    const notes = [];
+    if (choice && Array.isArray(choice.eavss_layers) && choice.eavss_layers.length) {
+      notes.push(`EAVSS's layers among all ${choice.n_layers}: ` + choice.eavss_layers.map((e) =>
+        `${e.layer} (training-CV rank ${e.train_cv_rank ?? "—"}, test-AUROC rank ${e.test_auroc_rank ?? "—"})`).join(", ") + ".");
+    }
+    return h("div", { class: "table-wrap" }, table, ...notes.map((t) => h("p", { class: "muted", id: "layer-choice-note" }, t)));
+  }
+
   function hallucinationPanel(summary, metrics, layers, answers) {
     const eav = layers.filter((r) => r.stage === "hallucination" && r.scorer === "eavss").sort((a, b) => a.layer - b.layer);
     const probes = layers.filter((r) => r.stage === "hallucination" && r.scorer === "layer_probe").sort((a, b) => a.layer - b.layer);
@@ -325,7 +368,8 @@ window.layerscopePanels = (lib) => {
     const top = new Set(((summary && summary.layer_scores) || {}).top_layers || []);
     const box = h("div", { class: "chart-grid" });
     const mode = scaleSelect("hallucination-scale", () => redraw());
-    const body = [h("div", { class: "toolbar" }, ...mode), box];
+    const board = leaderboardTable(summary && summary.leaderboard, summary && summary.layer_choice);
+    const body = [...(board ? [board] : []), h("div", { class: "toolbar" }, ...mode), box];
     const plans = [];
     if (eav.length) {
       const c = card("eavss-chart", "EAVSS by layer",
@@ -411,7 +455,7 @@ window.layerscopePanels = (lib) => {
       }
       for (const p of plans) p();
     };
-    const panel = section("hallucination-panel", "Hallucination: EAVSS and probe AUROC by layer, reliability per detector", ...body);
+    const panel = section("hallucination-panel", "Hallucination: detector leaderboard, EAVSS and probe AUROC by layer, reliability per detector", ...body);
     queueMicrotask(redraw);
     return panel;
   }
