@@ -16,6 +16,10 @@ Three ways to answer each, timed in the same run (best of `--repeats`, alternate
 - `no_prefix`: `generate(share_prefix=False)` (every batch runs its whole prompts);
 - `hf`: transformers' `model.generate`, greedy, left-padded, the same stop tokens as EOS
   ids, per-token scores returned (what the stages need for the log-probabilities).
+With `--dola-layers J [K ...]` also layer-contrast decoding (worker/lm/dola.py) the same way:
+- `dola_final`: DoLa with the last block as the premature layer (must give `prefix`'s answers);
+- `dola_static`: DoLa with block J; `dola_dynamic`: DoLa's max-JSD choice among J, K, ...
+  (with more than one layer), so the ratios are DoLa's cost per answer.
 Prints seconds, the ratios to `prefix` and the share of answers identical to `prefix`'s.
 """
 
@@ -33,6 +37,7 @@ from app.config import Settings
 from app.schemas import ModelSpec
 from bench.bench_hallucination import DATA_DIR, require_file
 from worker.hallucination.generation import build_prompt
+from worker.lm.dola import DolaSpec
 from worker.lm.generate import generate, stop_token_ids
 from worker.lm.tokens import encode_texts, length_batches, pad_batch, pad_id
 from worker.modelzoo import load_model
@@ -46,6 +51,7 @@ ap.add_argument("--batch-size", type=int, default=8)
 ap.add_argument("--repeats", type=int, default=2)
 ap.add_argument("--device", default="cpu")
 ap.add_argument("--workloads", nargs="+", default=["few_shot", "zero_shot"], choices=["few_shot", "zero_shot"])
+ap.add_argument("--dola-layers", type=int, nargs="+", default=[], help="also time DoLa at these premature blocks")
 ap.add_argument("--out", type=Path, default=Path("/tmp/bench_generation.json"))
 args = ap.parse_args()
 
@@ -61,9 +67,9 @@ workloads = {
 }
 
 
-def ours(prompts: list[str], share: bool) -> list[str]:
+def ours(prompts: list[str], share: bool, decoding: DolaSpec | None = None) -> list[str]:
     run = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                   share_prefix=share)
+                   share_prefix=share, decoding=decoding)
     return [g.text for g in run.generations]
 
 
@@ -88,6 +94,12 @@ def hf(prompts: list[str]) -> list[str]:
 
 
 modes = {"prefix": lambda p: ours(p, True), "no_prefix": lambda p: ours(p, False), "hf": hf}
+if args.dola_layers:
+    last = len(loaded.adapter.blocks(model)) - 1
+    modes["dola_final"] = lambda p: ours(p, True, DolaSpec((last,)))
+    modes["dola_static"] = lambda p: ours(p, True, DolaSpec((args.dola_layers[0],)))
+    if len(args.dola_layers) > 1:
+        modes["dola_dynamic"] = lambda p: ours(p, True, DolaSpec(tuple(args.dola_layers)))
 report: dict = {"device": str(loaded.device), "questions": len(questions), "shots": args.shots,
                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "workloads": {}}
 for name in args.workloads:
