@@ -126,6 +126,24 @@ class Settings(BaseSettings):
     webhook_backoff_max: float = 3600.0
     webhook_event_window: float = 86400.0
 
+    # Model registry (MLflow; `pip install layerscope[mlflow]`). Credentials are MLflow's own variables
+    # (MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN) in the worker's environment, never settings.
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias=AliasChoices("LAYERSCOPE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="The MLflow tracking server (e.g. `http://mlflow:5000`); unset: specs naming MLflow are refused.",
+    )
+    mlflow_registry_uri: str | None = Field(None, description="The model registry, when not the tracking server.")
+    mlflow_experiment: str = Field("layerscope", min_length=1, max_length=256,
+                                   description="Experiment the analysis runs are logged under.")
+    mlflow_timeout: float = Field(15.0, gt=0, description="Seconds per MLflow HTTP request.")
+    mlflow_http_retries: int = Field(
+        1, ge=0, le=10, description="MLflow's own retries per request; the outbox retries the whole update later.",
+    )
+    # Registry updates (the outbox `registry_updates`): retried with backoff like webhook deliveries.
+    registry_max_attempts: int = Field(12, ge=1)
+    registry_backoff_base: float = Field(10.0, gt=0)
+    registry_backoff_max: float = Field(3600.0, gt=0)
+
     @field_validator("artifact_store")
     @classmethod
     def _artifact_store(cls, value: str | None) -> str | None:

@@ -205,6 +205,8 @@ class GatePolicy(Base):
     version: Mapped[int] = mapped_column(Integer)
     rules: Mapped[list[str]] = mapped_column(JSONType)
     description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # What a verdict does in a model registry, e.g. {"alias_on_pass": "champion"} (app/registry.py).
+    registry_actions: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -294,3 +296,30 @@ class WebhookAttempt(Base):
     duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class RegistryUpdate(Base):
+    """The registry outbox: one update of a model registry (log an analysis's run, or apply a verdict's
+    tags and alias), stored in the transaction that causes it and retried with backoff until it is done."""
+
+    __tablename__ = "registry_updates"
+    __table_args__ = (
+        UniqueConstraint("dedupe_key", name="uq_registry_updates_dedupe_key"),
+        Index("ix_registry_updates_due", "state", "next_attempt_at"),
+        Index("ix_registry_updates_analysis", "analysis_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project: Mapped[str] = mapped_column(String(128))
+    analysis_id: Mapped[str] = mapped_column(String(36), ForeignKey("analyses.id", ondelete="CASCADE"))
+    target: Mapped[str] = mapped_column(String(16))  # the registry: "mlflow"
+    kind: Mapped[str] = mapped_column(String(16))  # "run" | "verdict"
+    verdict_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    dedupe_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))  # pending | done | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -41,11 +41,17 @@ MaxMemoryValue = Annotated[int, Field(gt=0)] | Annotated[
 ]
 
 
+DEFAULT_MODEL = "smollm2-135m"
+REGISTERED_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,255}$"
+ALIAS_NAME = r"^[A-Za-z][A-Za-z0-9_\-]{0,127}$"
+MLFLOW_MODEL_URI = r"^models:/[A-Za-z0-9][A-Za-z0-9_.\- ]{0,255}(/[0-9]{1,9}|@[A-Za-z][A-Za-z0-9_\-]{0,127})$"
+
+
 class ModelSpec(Strict):
     """Which model to analyse."""
 
     name: str = Field(
-        "smollm2-135m",
+        DEFAULT_MODEL,
         min_length=1,
         max_length=512,
         description=(
@@ -82,6 +88,15 @@ class ModelSpec(Strict):
     trust_remote_code: bool = Field(
         False, description="Refused unless the model is on the server's allow-list."
     )
+    mlflow: str | None = Field(
+        None, max_length=600, pattern=MLFLOW_MODEL_URI,
+        description=(
+            "Load the model from the MLflow Model Registry instead of `name`: `models:/<name>/<version>` or "
+            "`models:/<name>@<alias>` (an alias is resolved when the job loads the model). The registered "
+            "artifact must be a transformers model (`mlflow.transformers.log_model`). Needs the server's "
+            "LAYERSCOPE_MLFLOW_TRACKING_URI."
+        ),
+    )
     patch: PatchSpec | None = Field(
         None,
         description=(
@@ -92,6 +107,10 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _placement(self) -> ModelSpec:
+        if self.mlflow is not None:
+            if self.revision is not None or self.name not in (DEFAULT_MODEL, self.mlflow):
+                raise ValueError("give either model.name (and revision) or model.mlflow, not both")
+            self.name = self.mlflow  # what the analysis is listed under
         if self.max_memory is not None and self.device_map is None:
             raise ValueError("max_memory applies to a device_map; set device_map (e.g. \"auto\") as well")
         if self.device in ("cpu", "mps") and isinstance(self.device_map, dict):
@@ -101,6 +120,36 @@ class ModelSpec(Strict):
         if self.device in ("cpu", "mps") and self.max_memory and set(self.max_memory) - {"cpu"}:
             raise ValueError(f"device {self.device!r} with max_memory for GPUs")
         return self
+
+
+class MlflowVersionRef(Strict):
+    """A version of a model in the MLflow Model Registry: `version` or `alias`, exactly one."""
+
+    model: str = Field(pattern=REGISTERED_NAME, description="The registered model's name.")
+    version: str | None = Field(None, pattern=r"^[0-9]{1,9}$", description="The version number, e.g. `\"3\"`.")
+    alias: str | None = Field(
+        None, pattern=ALIAS_NAME, description="An alias (e.g. `candidate`), resolved to a version when the job starts."
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> MlflowVersionRef:
+        if (self.version is None) == (self.alias is None):
+            raise ValueError("give exactly one of version and alias")
+        return self
+
+    def uri(self) -> str:
+        return f"models:/{self.model}/{self.version}" if self.version else f"models:/{self.model}@{self.alias}"
+
+
+class RegistrySpec(Strict):
+    """Where the analysis reports to: the registered model version it is about."""
+
+    mlflow: MlflowVersionRef = Field(
+        description=(
+            "On success the results are logged to an MLflow run linked to this version, and each gate verdict "
+            "sets `layerscope.*` tags on it (and moves an alias when the policy says so)."
+        ),
+    )
 
 
 class PatchSpec(Strict):
@@ -808,6 +857,21 @@ class AnalysisSpec(Strict):
             "and sent to webhooks. An unknown policy gives a failing verdict that says so."
         ),
     )
+
+    registry: RegistrySpec | None = Field(
+        None,
+        description=(
+            "A registered model version this analysis is about (`{\"mlflow\": {\"model\": \"m\", \"version\": \"3\"}}`). "
+            "Without `model`, the model is loaded from that version. Needs the server's "
+            "LAYERSCOPE_MLFLOW_TRACKING_URI."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _registry_subject(self) -> AnalysisSpec:
+        if self.registry is not None and "model" not in self.model_fields_set:
+            self.model = ModelSpec(mlflow=self.registry.mlflow.uri())
+        return self
 
     @classmethod
     def from_stored(cls, data: Any) -> AnalysisSpec:

@@ -1,5 +1,6 @@
 """Gate verdicts as a service: find a policy, evaluate it on an analysis and store the
-verdict (with its `gate.verdict` event). Shared by the gate routes (`app/api/gates.py`)
+verdict (with its `gate.verdict` event and, for an analysis of a registered model version, its
+registry update: `app/registry.py`). Shared by the gate routes (`app/api/gates.py`)
 and the worker, which evaluates a spec's `gate_policy` when the job succeeds; the rule
 language itself is `app/gates.py`.
 """
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 from app.events import enqueue_event
 from app.gates import LayerRecord, MetricRecord, RuleError, Snapshot, evaluate, parse_rules
 from app.models import Analysis, AnalysisLabel, GatePolicy, GateVerdict, LayerScore, Metric, utcnow
+from app.registry import VERDICT, enqueue_update
 
 log = logging.getLogger("layerscope.gates")
 
@@ -123,6 +125,7 @@ def evaluate_and_store(
     session.flush()
     out = verdict_out(row, labels_for(session, [analysis.id])[analysis.id])
     enqueue_event(session, analysis.project, "gate.verdict", out.model_dump(mode="json"), analysis_id=analysis.id)
+    enqueue_update(session, analysis, VERDICT, verdict_id=row.id)  # tags (and an alias) on a registered version
     return row
 
 

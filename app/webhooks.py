@@ -22,7 +22,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-EVENT_TYPES = ("analysis.succeeded", "analysis.failed", "analysis.cancelled", "gate.verdict")
+EVENT_TYPES = (
+    "analysis.succeeded", "analysis.failed", "analysis.cancelled", "gate.verdict", "registry.updated", "registry.failed",
+)
 TERMINAL_EVENT = {"SUCCEEDED": "analysis.succeeded", "FAILED": "analysis.failed", "CANCELLED": "analysis.cancelled"}
 SECRET_PREFIX = "whsec_"
 

@@ -89,7 +89,7 @@ def recording(write: Callable[[dict[str, Any]], None], worker: str, queue: str) 
         if entry in loads:
             return
         loads.append(entry)
-        block.update({k: loads[0][k] for k in ("device", "dtype", "gpu_name", "device_map")})
+        block.update({k: loads[0][k] for k in ("device", "dtype", "gpu_name", "device_map", "source")})
         if len(loads) > 1:
             block["models"] = list(loads)
         write(block)

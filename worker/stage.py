@@ -58,6 +58,7 @@ class JobContext:
     deadline: float | None = None  # time.monotonic() after which the job fails with a timeout
     # (analysis_id, artifact name) -> bytes, or None when the job's project has no such artifact
     read_artifact: Callable[[str, str], bytes | None] | None = None
+    analysis_id: str | None = None  # the job's analysis (None when a stage runs alone); model cards name it
 
     def check_cancelled(self) -> None:
         """Call between batches: stops a cancelled job, fails one past its time limit."""

@@ -27,6 +27,7 @@ from app.deps import get_session
 from app.gates import RuleIndexError, parse_rules
 from app.models import Analysis, AnalysisLabel, GatePolicy, GateVerdict, utcnow
 from app.problems import Problem
+from app.registry import RegistryActions
 from app.schemas import JobState, Strict
 from app.verdicts import VerdictOut, evaluate_and_store, find_policy, labels_for, verdict_out
 
@@ -64,6 +65,16 @@ class PolicyBody(Strict):
                    "layers.avss.warnings == 0"]],
     )
     description: str | None = Field(None, max_length=2000)
+    registry: RegistryActions | None = Field(
+        None,
+        description=(
+            "For analyses of a registered model version (`registry.mlflow` in the spec): an alias each verdict "
+            "moves, e.g. `{\"alias_on_pass\": \"champion\"}`. Every verdict sets `layerscope.*` tags either way."
+        ),
+    )
+
+    def actions(self) -> dict[str, Any] | None:
+        return self.registry.model_dump(exclude_none=True) or None if self.registry else None
 
 
 class PolicyCreate(PolicyBody):
@@ -75,6 +86,7 @@ class PolicyOut(BaseModel):
     version: int
     rules: list[str]
     description: str | None
+    registry: dict[str, Any] | None = Field(None, description="The policy's registry actions (aliases it moves).")
     created_at: dt.datetime
     links: dict[str, str]
 
@@ -90,7 +102,7 @@ class VerdictPage(BaseModel):
 def policy_out(row: GatePolicy) -> PolicyOut:
     return PolicyOut(
         name=row.name, version=row.version, rules=list(row.rules), description=row.description,
-        created_at=row.created_at,
+        registry=row.registry_actions, created_at=row.created_at,
         links={"self": f"/v1/gates/{row.name}?version={row.version}", "versions": f"/v1/gates/{row.name}/versions"},
     )
 
@@ -112,11 +124,12 @@ def _add_version(session: Session, project: str, name: str, body: PolicyBody) ->
     """A new version unless the latest already has these rules; returns (row, created)."""
     for _ in range(3):
         latest = find_policy(session, project, name)
-        if latest is not None and latest.rules == body.rules and latest.description == body.description:
+        if (latest is not None and latest.rules == body.rules and latest.description == body.description
+                and latest.registry_actions == body.actions()):
             return latest, False
         row = GatePolicy(
             id=str(uuid.uuid4()), project=project, name=name, version=(latest.version + 1) if latest else 1,
-            rules=list(body.rules), description=body.description, created_at=utcnow(),
+            rules=list(body.rules), description=body.description, registry_actions=body.actions(), created_at=utcnow(),
         )
         session.add(row)
         try:
@@ -146,7 +159,7 @@ def create_policy(
         raise exists
     row = GatePolicy(
         id=str(uuid.uuid4()), project=principal.project, name=body.name, version=1, rules=list(body.rules),
-        description=body.description, created_at=utcnow(),
+        description=body.description, registry_actions=body.actions(), created_at=utcnow(),
     )
     session.add(row)
     try:
@@ -161,8 +174,8 @@ def create_policy(
 @router.put(
     "/v1/gates/{name}", status_code=201, response_model=PolicyOut, summary="Save a new version of a policy",
     description=(
-        "Creates the policy (version 1) or its next version; old versions are kept. The same rules and "
-        "description as the latest version change nothing and answer 200 with it."
+        "Creates the policy (version 1) or its next version; old versions are kept. The same rules, "
+        "description and registry actions as the latest version change nothing and answer 200 with it."
     ),
     responses={200: {"description": "Unchanged: the latest version", "model": PolicyOut}},
 )

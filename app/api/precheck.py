@@ -11,6 +11,7 @@ what no worker of this server would run, each a 422 naming the field:
 - `model.patch.path`, `dataset.path` (and the qa / perplexity datasets'), `stages.prune.lm_eval.task`
   (a YAML path) and `.data_files`: outside the roots (an unknown lm-eval task name is the worker's
   to refuse, `task_not_found`: the API does not import lm-eval, whose task index takes seconds);
+- `model.mlflow`, `registry.mlflow`: only with an MLflow tracking server configured;
 - `dataset.name`: a built-in dataset (the message lists them);
 - inline `dataset.rows`: a text, question or answer that is not text (`5`, `true`) or has no
   visible character (`app.schemas.text_value_problem`).
@@ -42,8 +43,16 @@ def _outside(kind: str, roots: list[Path], env: str) -> str:
     return f"is outside the {kind} roots ({', '.join(str(r) for r in roots)})"
 
 
+_NO_MLFLOW = ("this server has no MLflow tracking server configured (an operator sets "
+              "LAYERSCOPE_MLFLOW_TRACKING_URI and installs layerscope[mlflow])")
+
+
 def _model_errors(spec: AnalysisSpec, settings: Settings) -> Iterator[tuple[str, str, str]]:
     model = spec.model
+    if model.mlflow is not None:
+        if not settings.mlflow_tracking_uri:
+            yield "model.mlflow", "registry_not_configured", _NO_MLFLOW
+        return
     name = model.name.strip()
     builtins = ", ".join(BUILTIN_MODELS)
     if name in BUILTIN_MODELS:
@@ -114,6 +123,8 @@ def check_submit(spec: AnalysisSpec, settings: Settings) -> None:
             if certainly_outside(path, settings.data_roots):
                 found.append((f"stages.prune.lm_eval.{key}", "path_not_allowed", f"{path!r} " + _outside(
                     "data", settings.data_roots, "LAYERSCOPE_DATA_ROOTS")))
+    if spec.registry is not None and not settings.mlflow_tracking_uri and spec.model.mlflow is None:
+        found.append(("registry.mlflow", "registry_not_configured", _NO_MLFLOW))
     hallucination = spec.stages.hallucination
     if hallucination is not None and hallucination.judge is not None:
         name = hallucination.judge.name

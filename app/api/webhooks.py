@@ -131,7 +131,8 @@ def _get_owned(session: Session, principal: Principal, webhook_id: str) -> Webho
     "", status_code=201, response_model=WebhookCreated, summary="Register a webhook",
     description=(
         "Every terminal state of an analysis (`analysis.succeeded|failed|cancelled`) and every gate verdict "
-        "(`gate.verdict`) is POSTed as JSON, signed Standard-Webhooks style (`webhook-id`, `webhook-timestamp`, "
+        "(`gate.verdict`), and every model-registry update of an analysis of a registered version "
+        "(`registry.updated`, or `registry.failed` once its retries are spent) is POSTed as JSON, signed Standard-Webhooks style (`webhook-id`, `webhook-timestamp`, "
         "`webhook-signature: v1,<base64 HMAC-SHA256>`), retried with exponential backoff until a 2xx. "
         "Hosts on private networks are refused unless the server allows them."
     ),

@@ -7,7 +7,8 @@ Where a model can come from (`ModelSpec.name`):
 - a local directory (a `save_pretrained` folder) or a `.gguf` file. It must resolve
   (symlinks and `..` resolved) under one of `settings.model_roots`; a relative name is
   looked up under each model root first, so a root can mirror hub ids offline;
-- a Hugging Face hub id (`org/name`, optional `revision`), which needs network.
+- a Hugging Face hub id (`org/name`, optional `revision`), which needs network;
+- a version in the MLflow Model Registry (`ModelSpec.mlflow`, `worker/modelzoo/mlflow_source.py`).
 
 GGUF files (the built-in `smollm2-135m` and `gemma3-270m`, or any local `.gguf`) are
 dequantized once into a safetensors folder under `settings.cache_dir / "models"`, written
@@ -311,6 +312,11 @@ def _revision_refused(name: str, what: str) -> JobFailed:
 
 
 def _plan(name: str, spec: ModelSpec, settings: Settings) -> _Plan:
+    if spec.mlflow is not None:
+        from worker.modelzoo import mlflow_source
+
+        source, loader = mlflow_source.plan(spec.mlflow, spec.trust_remote_code, settings)
+        return _Plan(source, loader)
     if name in BUILTIN_MODELS:
         if spec.revision:
             raise _revision_refused(name, "a built-in model")

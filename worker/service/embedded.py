@@ -17,7 +17,7 @@ from app.db import session_scope
 from app.models import Analysis
 from app.queue import EmbeddedEnqueuer
 from app.schemas import JobState
-from worker.service import webhooks
+from worker.service import registry, webhooks
 from worker.service.jobstore import SessionFactory
 from worker.service.runner import Pipeline, run_job
 from worker.service.sweeper import reap
@@ -53,6 +53,7 @@ class EmbeddedWorker(threading.Thread):
             try:
                 reap(self.sf, self.settings)
                 webhooks.process(self.sf, self.settings)
+                registry.process(self.sf, self.settings)
                 job = self.next_job()
                 if job is not None:
                     run_job(job, self.sf, self.settings, self.name_for_jobs, self.pipeline)

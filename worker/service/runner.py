@@ -18,7 +18,7 @@ from app.schemas import AnalysisSpec, JobState
 from worker import runtime
 from worker.lm.batching import is_out_of_memory as _is_out_of_memory
 from worker.progress import Monotonic
-from worker.service import jobstore
+from worker.service import jobstore, registry
 from worker.service.jobstore import LostOwnership, SessionFactory
 from worker.service.webhooks import on_finished
 from worker.stage import JobCancelled, JobContext, JobFailed, StageResult
@@ -85,6 +85,7 @@ def _job_context(sf: SessionFactory, settings: Settings, analysis_id: str, token
         is_cancelled=is_cancelled,
         deadline=time.monotonic() + settings.job_soft_time_limit,
         read_artifact=lambda other_id, name: jobstore.read_artifact(sf, settings, analysis_id, other_id, name),
+        analysis_id=analysis_id,
     )
 
 
@@ -181,4 +182,6 @@ def run_job(
         on_device_error()
         return final
     on_finished(sf, settings, analysis_id, final)  # terminal event + the spec's gate verdict (outbox)
+    if final == JobState.SUCCEEDED:
+        registry.apply_now(sf, settings, analysis_id)  # the registry's copy now; a failure is retried by the sweep
     return final

@@ -1,4 +1,5 @@
-"""The sweeper: requeue jobs whose worker died, and send jobs whose enqueue failed.
+"""The sweeper: requeue jobs whose worker died, send jobs whose enqueue failed, deliver webhooks
+and apply registry updates (both retried until done).
 
 Runs in every worker (a thread) and in the embedded runner. Safe to run in many
 places at once: every change is a conditional update, and a duplicate message
@@ -19,7 +20,7 @@ from app.models import Analysis, utcnow
 from app.queue import Enqueuer
 from app.routing import queue_of
 from app.schemas import JobState
-from worker.service import webhooks
+from worker.service import registry, webhooks
 from worker.service.jobstore import SessionFactory
 
 log = logging.getLogger("layerscope.sweeper")
@@ -98,6 +99,7 @@ def sweep(sf: SessionFactory, settings: Settings, enqueuer: Enqueuer) -> None:
     reap(sf, settings)
     enqueue_pending(sf, settings, enqueuer)
     webhooks.process(sf, settings)  # missed job events, then due webhook deliveries
+    registry.process(sf, settings)  # due model-registry updates (MLflow), retried with backoff
 
 
 class SweeperThread(threading.Thread):

@@ -2,7 +2,8 @@
 
 Nothing is lost when a worker dies:
 - `on_finished` stores the terminal event (unique per analysis), the spec's gate
-  verdict and its event in one transaction. A job that ended without it (the
+  verdict and its event, and the registry updates of an analysis of a registered
+  model version (`app/registry.py`) in one transaction. A job that ended without it (the
   worker died right after the final write, or the API or the reaper ended it)
   is found by `emit_missed`, run from every sweep.
 - Deliveries are rows (`webhook_deliveries`). A sender takes one by moving its
@@ -35,6 +36,7 @@ from app.models import (
     WebhookEvent,
     utcnow,
 )
+from app.registry import RUN, enqueue_update
 from app.schemas import JobState
 from app.verdicts import evaluate_and_store, find_policy, split_policy_ref
 from app.webhooks import TERMINAL_EVENT, UrlRefused, backoff, check_url, encode_body, headers, pinned_request
@@ -64,7 +66,8 @@ def _analysis_data(session: Any, row: Analysis) -> dict[str, Any]:
 
 
 def on_finished(sf: SessionFactory, settings: Settings, analysis_id: str, final: JobState | None = None) -> bool:
-    """After a job's final write: its terminal event and, on success, the spec's gate verdict. Once per job.
+    """After a job's final write: its terminal event and, on success, the spec's gate verdict and the
+    registry updates. Once per job.
 
     Reads the state from the row (`final` is informational: a run that lost its job passes None, and
     the event is then the new owner's). Returns True when this call emitted the event. Never raises:
@@ -77,6 +80,8 @@ def on_finished(sf: SessionFactory, settings: Settings, analysis_id: str, final:
                 return False
             enqueue_event(s, row.project, TERMINAL_EVENT[row.state], _analysis_data(s, row),
                           analysis_id=row.id, dedupe_key=f"terminal:{row.id}")
+            if row.state == JobState.SUCCEEDED.value:
+                enqueue_update(s, row, RUN)  # a registered version's run, before its verdict (app/registry.py)
             ref = (row.spec or {}).get("gate_policy")
             if row.state == JobState.SUCCEEDED.value and ref:
                 name, version = split_policy_ref(ref)
