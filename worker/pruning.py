@@ -68,6 +68,7 @@ from worker.evaluation.bootstrap import bootstrap_ci, paired_bootstrap_ci
 from worker.evaluation.tasks import TASKS, MetricValue, TaskResult, TaskRun, lm_texts, qa_pairs
 from worker.lm.model import is_causal_lm, model_device
 from worker.lm.tokens import encode_texts, pad_batch, pad_id
+from worker.modelcard import Provenance, write_model_card
 from worker.modelzoo import LoadedModel, adapter_for
 from worker.modelzoo.adapters import ArchitectureAdapter
 from worker.modelzoo.surgery import block_count, pruned_view, remove_blocks
@@ -208,13 +209,18 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def export_pruned_model(model: torch.nn.Module, tokenizer: Any | None = None) -> bytes:
-    """`save_pretrained` (safetensors) of `model` (and the tokenizer) as .tar.gz bytes."""
+def export_pruned_model(
+    model: torch.nn.Module, tokenizer: Any | None = None, card: Callable[[Path], Any] | None = None
+) -> bytes:
+    """`save_pretrained` (safetensors) of `model` (and the tokenizer) as .tar.gz bytes; `card(folder)`
+    writes the model card into the folder before it is packed (`worker.modelcard.write_model_card`)."""
     with tempfile.TemporaryDirectory(prefix="layerscope-pruned-") as tmp:
         folder = Path(tmp) / "pruned-model"
         cast("transformers.PreTrainedModel", model).save_pretrained(str(folder))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(folder))
+        if card is not None:
+            card(folder)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
             tar.add(str(folder), arcname="pruned-model")
@@ -456,6 +462,7 @@ class _Prune:
     block_names: list[str]
     warnings: list[str] = field(default_factory=list)
     bar: PhasedProgress | None = None  # the stage's one progress bar, once the phases are known
+    provenance: Provenance | None = None  # for the exported model's card
 
     @property
     def n_layers(self) -> int:
@@ -544,6 +551,7 @@ def run_prune_stage(
     qa_examples: Sequence[Any] | None = None,
     max_tokens: int = 256,
     heal_examples: Sequence[Any] | None = None,
+    provenance: Provenance | None = None,
 ) -> StageResult:
     """The `prune` stage (paper table 1): per task, the original metric and the metric after
     pruning by every scorer, the random-layer baseline, retained performance, parameter
@@ -558,7 +566,8 @@ def run_prune_stage(
     when the stage returns (or fails)."""
     model = loaded.model
     adapter = adapter_for(model)
-    job = _Prune(model, loaded.tokenizer, adapter, options, ctx, max_tokens, [b.name for b in adapter.blocks(model)])
+    job = _Prune(model, loaded.tokenizer, adapter, options, ctx, max_tokens, [b.name for b in adapter.blocks(model)],
+                 provenance=provenance)
     tasks = _runnable_tasks(job, examples, qa_examples)
     job.bar = PhasedProgress(ctx, "prune", PHASE_UNITS * _phases(options, len(tasks)))
     texts = lm_texts(examples, options)
@@ -607,7 +616,7 @@ def run_prune_stage(
         summary["healing"] = healing.summary
     if measured.timing:
         summary["timing"] = {",".join(map(str, k)): v for k, v in measured.timing.items()}
-    artifacts = _export(job, selection, measured) + (healing.artifacts if healing else [])
+    artifacts = _export(job, selection, measured, ranked, metrics) + (healing.artifacts if healing else [])
     if options.curve_blocks:
         curve_metrics, summary["curve"] = _tradeoff_curve(job, tasks, ranked, selection, original, measured)
         metrics.extend(curve_metrics)
@@ -997,8 +1006,15 @@ def _layer_rows(job: _Prune, ranked: _Ranked, selection: _Selection) -> list[Lay
     return layers
 
 
-def _export(job: _Prune, selection: _Selection, measured: _Measured) -> list[ArtifactFile]:
-    """The pruned model of `export_scorer` (save_pretrained, .tar.gz), when asked and small enough."""
+def _scope_parts(scope: str) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in scope.split(",") if "=" in p)
+
+
+def _export(
+    job: _Prune, selection: _Selection, measured: _Measured, ranked: Any, metrics: Sequence[MetricRow]
+) -> list[ArtifactFile]:
+    """The pruned model of `export_scorer` (save_pretrained, .tar.gz, with its model card), when asked
+    and small enough."""
     options = job.options
     if not options.export:
         return []
@@ -1013,8 +1029,21 @@ def _export(job: _Prune, selection: _Selection, measured: _Measured) -> list[Art
         job.warnings.append(f"export skipped: the pruned model is about {est / 1e6:.0f} MB, above export_max_bytes")
         return []
     job.ctx.check_cancelled()
+    provenance = job.provenance or Provenance(base_model=str(getattr(job.model.config, "_name_or_path", "") or "unknown"))
+    importance = ranked.importance.get(name)
+    scores: dict[str, dict[int, float | None]] | None = (
+        {str(name): {i: float(v) for i, v in enumerate(importance)}} if importance is not None else None
+    )
+    mine = [m for m in metrics if _scope_parts(m.scope).get("scorer") in (name, "original")]
+
+    def card(folder: Path) -> None:
+        write_model_card(
+            folder, provenance, kind="pruned", removed_layers=list(key), scores=scores, metrics=mine,
+            extra={"scorer": name, "parameters": {"original": measured.n_params, "after": measured.params_after[key]}},
+        )
+
     with pruned_view(job.model, key, adapter=job.adapter):
-        blob = export_pruned_model(job.model, job.tokenizer)
+        blob = export_pruned_model(job.model, job.tokenizer, card)
     return [ArtifactFile(f"pruned-model-{name}.tar.gz", "application/gzip", blob)]
 
 

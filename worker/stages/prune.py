@@ -16,6 +16,7 @@ class PruneStage(Stage[PruneOptions]):
 
     def run(self, job: StageInputs, options: PruneOptions) -> StageOutput:
         from worker.evaluation.tasks.lm_eval_task import resolve_paths
+        from worker.modelcard import Provenance
         from worker.pruning import run_prune_stage
         from worker.stages.avss import AVSS_RANKING
 
@@ -33,5 +34,6 @@ class PruneStage(Stage[PruneOptions]):
         result = run_prune_stage(
             job.loaded, job.examples, options, job.ctx, given,
             qa_examples=qa, max_tokens=job.spec.dataset.max_tokens, heal_examples=heal,
+            provenance=Provenance.of(job.spec, job.loaded, job.ctx.analysis_id),
         )
         return StageOutput(result)

@@ -1,0 +1,111 @@
+"""Model cards: front matter and body from one call; an exported pruned model carries its card."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import yaml
+
+from app.schemas import AnalysisSpec
+from worker.modelcard import Provenance, read_model_card, write_model_card
+from worker.stage import MetricRow
+
+
+def _spec() -> AnalysisSpec:
+    return AnalysisSpec.model_validate({
+        "model": {"name": "org/base", "revision": "abc123"}, "dataset": {"rows": [{"text": "hello"}]},
+        "stages": {"prune": {"fraction": 0.25}}, "gate_policy": "release",
+    })
+
+
+def test_card_names_base_revision_analysis_layers_metrics_and_pending_verdicts(tmp_path: Path) -> None:
+    prov = Provenance.of(_spec(), analysis_id="a" * 36)
+    path = write_model_card(
+        tmp_path, prov, kind="pruned", removed_layers=[3, 1], scores={"avss": {0: 0.5, 1: 0.1, 2: 0.9, 3: 0.2}},
+        metrics=[MetricRow("task=perplexity,scorer=avss", "retained_pct", 91.5, 88.0, 94.0, 32),
+                 MetricRow("task=perplexity,scorer=avss", "perplexity", float("inf"))],
+    )
+    assert path == tmp_path / "README.md"
+    front = read_model_card(tmp_path)
+    assert front["base_model"] == "org/base" and front["base_model_revision"] == "abc123"
+    block = front["layerscope"]
+    assert block["analysis_id"] == "a" * 36
+    assert block["spec"]["gate_policy"] == "release" and block["spec"]["model"]["revision"] == "abc123"
+    assert block["removed_layers"] == [1, 3] and block["tuned_layers"] is None
+    assert block["scores"]["avss"][2] == 0.9
+    retained = block["metrics"][0]
+    assert (retained["value"], retained["ci_low"], retained["ci_high"], retained["n"]) == (91.5, 88.0, 94.0, 32)
+    assert block["metrics"][1]["value"] is None  # no inf in a card
+    assert block["gate_verdicts"] == "pending"
+    body = path.read_text()
+    assert "Removed layers: 1, 3." in body and "[88, 94]" in body and "Pending" in body
+
+
+def test_card_with_verdicts_lists_failing_rules(tmp_path: Path) -> None:
+    verdicts = [
+        {"id": "v1", "policy": "release", "policy_version": 2, "passed": False, "verdict": "fail", "error": None,
+         "rules": [{"rule": "retained_performance.perplexity >= 0.9", "passed": False},
+                   {"rule": "warnings == 0", "passed": True}]},
+    ]
+    write_model_card(tmp_path, Provenance("org/base"), kind="healed", tuned_layers=[4], verdicts=verdicts)
+    block = read_model_card(tmp_path)["layerscope"]
+    assert block["gate_verdicts"] == [{"policy": "release", "policy_version": 2, "verdict": "fail",
+                                       "failing_rules": ["retained_performance.perplexity >= 0.9"], "error": None,
+                                       "id": "v1"}]
+    assert block["tuned_layers"] == [4]
+    assert "release@2: **fail**" in (tmp_path / "README.md").read_text()
+    assert yaml.safe_load((tmp_path / "README.md").read_text().split("---")[1])["tags"] == ["layerscope", "healed"]
+
+
+def test_exported_pruned_model_carries_its_card() -> None:
+    import torch
+
+    from worker.modelzoo.loading import _tiny_random
+    from worker.pruning import export_pruned_model
+
+    model, tokenizer, _ = _tiny_random("llama", torch.float32)
+    blob = export_pruned_model(model, tokenizer, lambda folder: write_model_card(
+        folder, Provenance("tiny-random-llama"), kind="pruned", removed_layers=[0]))
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        names = tar.getnames()
+        card = tar.extractfile("pruned-model/README.md")
+        assert card is not None
+        text = card.read().decode()
+    assert "pruned-model/model.safetensors" in names
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["layerscope"]["removed_layers"] == [0] and front["base_model"] == "tiny-random-llama"
+
+
+def test_prune_stage_export_card_matches_the_result(tmp_path: Path) -> None:
+    from app.config import Settings
+    from app.schemas import ModelSpec, PruneOptions
+    from worker.modelzoo import load_model
+    from worker.pruning import run_prune_stage
+    from worker.scoring.agreement import Ranking
+    from worker.stage import JobContext
+
+    loaded = load_model(ModelSpec(name="tiny-random-llama"), Settings(data_dir=tmp_path))
+    spec = AnalysisSpec.model_validate({"model": {"name": "tiny-random-llama"}, "dataset": {"rows": [{"text": "x"}]},
+                                        "stages": {"prune": {"export": True, "scorers": ["avss"]}}})
+    options = PruneOptions(fraction=0.5, scorers=["avss"], tasks=["perplexity"], random_seeds=1, n_boot=20,
+                           timing_runs=0, export=True)
+    texts = [{"text": "the cat sat on the mat and looked at the birds"}, {"text": "rivers flow to the sea"}]
+    ranking = {"avss": Ranking((1, 2, 3, 0), "lowest", (0.4, 0.1, 0.2, 0.3))}
+    result = run_prune_stage(loaded, texts, options, JobContext(), ranking, provenance=Provenance.of(spec, loaded, "b" * 36))
+    blob = next(a for a in result.artifacts if a.name == "pruned-model-avss.tar.gz").data
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        card = tar.extractfile("pruned-model/README.md")
+        assert card is not None
+        front = yaml.safe_load(card.read().decode().split("---\n")[1])
+    block = front["layerscope"]
+    assert block["analysis_id"] == "b" * 36 and block["base_model_source"] == "builtin:tiny-random-llama"
+    assert block["removed_layers"] == sorted(result.summary["layers_removed"]["avss"])
+    stored = {(m.scope, m.name): m for m in result.metrics}
+    for m in block["metrics"]:
+        row = stored[(m["scope"], m["name"])]
+        assert (m["value"], m["ci_low"], m["ci_high"], m["n"]) == (row.value, row.ci_low, row.ci_high, row.n)
+    scopes = {m["scope"] for m in block["metrics"]}
+    assert scopes == {"task=perplexity,scorer=avss", "task=perplexity,scorer=original", "scorer=avss"}
+    assert any(m["ci_low"] is not None for m in block["metrics"])
