@@ -9,9 +9,11 @@ Each `name:N` takes N questions of `<data-dir>/<file>` (shuffled with --seed), s
 by distinct question into a training part (few-shot prompt and probe training) and a
 disjoint test part (--test-fraction, where every detector is scored). Prints, and does
 not assert: the table-2 layout (every detector's acc@50, cov@50, ECE, ece_litcab,
-Brier, AUROC with bootstrap 95% intervals and N), the layers EAVSS ranks top, the
-best single-layer probes (appendix A), counts and timings; writes everything as JSON
-to --out.
+Brier, AUROC with bootstrap 95% intervals and N), the detector leaderboard (every
+detector by test AUROC against the length baseline and the best toolkit estimator), the
+layers each layer-choosing probe used, the layers EAVSS ranks top, the best single-layer
+probes (appendix A), counts and timings; writes everything as JSON to --out.
+`--show name=ID ...` prints the same report for analyses that already finished.
 
 Direct mode loads the data with `worker.datasets.load_examples` (data root = --data-dir)
 and calls `worker.hallucination.stage.analyze_hallucination`. API mode sends the rows
@@ -83,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--token-scope", choices=["answer", "all"], default="answer")
     ap.add_argument("--profile-context", choices=["prompt", "question"], default="prompt")
     ap.add_argument("--threads", type=int, default=None, help="direct mode: torch.set_num_threads")
+    ap.add_argument("--show", nargs="+", default=None, metavar="NAME=ANALYSIS_ID",
+                    help="API mode: print the report of finished analyses (no submission), e.g. sciq=<id>")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default: print only)")
     ap.add_argument("--answers-dir", type=Path, default=None, help="write <dataset>.answers.jsonl there")
     return ap.parse_args(argv)
@@ -174,8 +178,45 @@ def print_report(name: str, report: dict[str, Any]) -> None:
             v = r["values"]
             print(f"  {r['layer']:>3} | {int(eav[r['layer']]['rank']):>3} | {fmt(v.get('auroc'))} | "
                   f"{fmt(v.get('ece'))} | {fmt(v.get('brier'))}")
+    print_leaderboard(report.get("leaderboard") or summary.get("leaderboard"), summary.get("layer_choice"))
     print(f"warnings: {report.get('warnings')}")
     print(f"timings (s): {json.dumps(summary.get('timings_s', report.get('timings_s')))}")
+
+
+VERDICT = {"better": "better", "worse": "worse", "not_distinguishable": "tie", "no_interval": "n/a", "undefined": "n/a"}
+
+
+def print_leaderboard(board: dict[str, Any] | None, choice: dict[str, Any] | None) -> None:
+    """The detector leaderboard (GET .../leaderboard) as Markdown, and which layers each probe chose."""
+    if not board:
+        return
+    mets = board["metrics"]
+    print(f"\nleaderboard (test N = {board['n']}; length baseline: {board['length_baseline']}, best toolkit "
+          f"estimator: {board['best_toolkit']}; vs: AUROC difference [paired 95% CI], verdict)\n")
+    print("| rank | detector | " + " | ".join(mets) + " | vs length | vs best toolkit |")
+    print("|---" * (len(mets) + 4) + "|")
+    for r in board["rows"]:
+        cells = [fmt(c["value"], c["ci_low"], c["ci_high"]) if c else "n/a" for c in (r["metrics"][m] for m in mets)]
+        vs = []
+        for key in ("vs_length", "vs_toolkit"):
+            c = r[key]
+            if c is None:
+                vs.append("(reference)" if key.removeprefix("vs_") in r["reference"] else "n/a")
+                continue
+            d = c["auroc_difference"]
+            text = "n/a" if d["value"] is None else f"{d['value']:+.3f}"
+            if d.get("ci_low") is not None and d.get("ci_high") is not None:
+                text += f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+            vs.append(f"{text} {VERDICT.get(c['verdict'], c['verdict'])}")
+        name = r["detector"] + (" (toolkit)" if r["toolkit"] else "")
+        print(f"| {r['rank']} | {name} | " + " | ".join(cells) + " | " + " | ".join(vs) + " |")
+    if choice:
+        print(f"\nlayers: eavss_probe {choice.get('eavss_probe')}, best_layer_probe {choice.get('best_layer_probe')}, "
+              f"all_layers_probe {len(choice.get('all_layers_probe') or [])} layers; EAVSS's layers among "
+              f"{choice.get('n_layers')}: " + ", ".join(
+                  f"{e['layer']} (train-CV rank {e['train_cv_rank']}, test-AUROC rank {e['test_auroc_rank']})"
+                  for e in choice.get("eavss_layers", [])))
+        print(f"layers by test AUROC of their own probe (reporting only): {choice.get('layer_test_auroc_ranking')}")
 
 
 # --------------------------------------------------------------------- direct
@@ -305,31 +346,58 @@ def run_api(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(args.poll)
             if job["state"] != "SUCCEEDED":
                 raise SystemExit(f"job {job['id']} {job['state']}: {job.get('error')}")
-            metrics = client.get(f"/v1/analyses/{job['id']}/metrics", params={"stage": "hallucination"}).json()
-            layers = client.get(f"/v1/analyses/{job['id']}/layers", params={"stage": "hallucination"}).json()
-            summary = job.get("summary") or {}
-            hall = summary.get("hallucination", summary)
-            report = {
-                "analysis_id": job["id"],
-                "summary": hall,
-                "metrics": metrics["items"],
-                "layers": layers["items"],
-                "warnings": job.get("warnings"),
-                "wall_s": round(time.monotonic() - start, 1),
-            }
-            results[name] = report
-            print_report(name, report)
-            if args.answers_dir:
-                art = client.get(f"/v1/analyses/{job['id']}/artifacts/answers.jsonl")
-                if art.status_code == 200:
-                    save_answers(args.answers_dir, name, art.content)
+            results[name] = read_report(client, job, args, round(time.monotonic() - start, 1))
+            print_report(name, results[name])
+    return results
+
+
+def read_report(client: Any, job: dict[str, Any], args: argparse.Namespace, wall_s: float | None) -> dict[str, Any]:
+    """A finished analysis's metrics, layers, summary and leaderboard, read back through the API."""
+    metrics = client.get(f"/v1/analyses/{job['id']}/metrics", params={"stage": "hallucination"}).json()
+    layers = client.get(f"/v1/analyses/{job['id']}/layers", params={"stage": "hallucination"}).json()
+    board = client.get(f"/v1/analyses/{job['id']}/leaderboard")
+    summary = job.get("summary") or {}
+    report = {
+        "analysis_id": job["id"],
+        "summary": summary.get("hallucination", summary),
+        "metrics": metrics["items"],
+        "layers": layers["items"],
+        "leaderboard": board.json() if board.status_code == 200 else None,
+        "warnings": job.get("warnings"),
+        "wall_s": wall_s,
+    }
+    if args.answers_dir:
+        name = (job.get("labels") or {}).get("dataset", job["id"])
+        art = client.get(f"/v1/analyses/{job['id']}/artifacts/answers.jsonl")
+        if art.status_code == 200:
+            save_answers(args.answers_dir, name, art.content)
+    return report
+
+
+def show_api(args: argparse.Namespace) -> dict[str, Any]:
+    """`--show name=id ...`: print the reports of finished analyses."""
+    import os
+
+    import httpx
+
+    key = args.api_key or os.environ.get("LAYERSCOPE_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    results: dict[str, Any] = {}
+    with httpx.Client(base_url=args.api.rstrip("/"), headers=headers, timeout=60.0) as client:
+        for item in args.show:
+            name, _, analysis_id = item.rpartition("=")
+            job = client.get(f"/v1/analyses/{analysis_id}").json()
+            results[name or analysis_id] = report = read_report(client, job, args, None)
+            print_report(name or analysis_id, report)
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.monotonic()
-    results = run_api(args) if args.api else run_direct(args)
+    if args.show and not args.api:
+        raise SystemExit("--show reads finished analyses through the API: give --api")
+    results = (show_api(args) if args.show else run_api(args)) if args.api else run_direct(args)
     total = time.monotonic() - started
     print(f"\ntotal wall time {total:.1f}s")
     if args.out:
