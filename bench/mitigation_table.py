@@ -1,0 +1,76 @@
+"""One markdown table of several `bench_mitigation.py --out` files (one per method and
+dataset, same split and seed): per dataset the base model, then per method its EAVSS
+variant and its random-layer control, with answer accuracy and sequence-likelihood ECE
+and AUROC (95% bootstrap intervals) and the paired differences against base and against
+the control; a difference whose interval covers 0 is marked "n.s.".
+
+    python bench/mitigation_table.py /tmp/sciq_contrastive.json /tmp/sciq_steering.json ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+DETECTOR = "sequence_likelihood"
+
+
+def _cell(m: dict[str, Any] | None, signed: bool = False, verdict: bool = False) -> str:
+    if m is None or m.get("value") is None:
+        return "n/a"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    text = fmt.format(m["value"])
+    lo, hi = m.get("ci_low"), m.get("ci_high")
+    if lo is not None and hi is not None:
+        text += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+        if verdict and lo <= 0 <= hi:
+            text += " n.s."
+    return text
+
+
+def rows_of(path: Path) -> tuple[str, str, list[str]]:
+    res = json.loads(path.read_text())
+    s = res["summary"]
+    method = s.get("method", "contrastive")
+    dataset = s.get("dataset") or res["args"].get("dataset", "?")
+    by = {(m["scope"], m["name"]): m for m in res["metrics"]}
+    n = by.get(("variant=base", "accuracy"), {}).get("n")
+
+    def row(label: str, variant: str, layers: list[int] | None, vs_base: bool, vs_control: bool) -> str:
+        acc = _cell(by.get((f"variant={variant}", "accuracy")))
+        ece = _cell(by.get((f"variant={variant},detector={DETECTOR}", "ece")))
+        auroc = _cell(by.get((f"variant={variant},detector={DETECTOR}", "auroc")))
+        d_acc = _cell(by.get((f"delta={variant}-base", "accuracy")), True, True) if vs_base else ""
+        d_ece = _cell(by.get((f"delta={variant}-base,detector={DETECTOR}", "ece_relative")), True, True) \
+            if vs_base else ""
+        d_ctl = _cell(by.get(("delta=eavss-random", "accuracy")), True, True) if vs_control else ""
+        where = f" (layers {', '.join(map(str, layers))})" if layers else ""
+        return f"| {dataset} | {label}{where} | {n} | {acc} | {d_acc} | {d_ctl} | {ece} | {d_ece} | {auroc} |"
+
+    lines = [row("base", "base", None, False, False)]
+    lines.append(row(f"{method}, EAVSS layers", "eavss", s.get("layers"), True, True))
+    if s.get("control_layers"):
+        lines.append(row(f"{method}, random layers", "random", s.get("control_layers"), True, False))
+    return dataset, method, lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", type=Path, nargs="+")
+    args = ap.parse_args(argv)
+    print("| dataset | variant | test N | accuracy | minus base | EAVSS minus random | "
+          f"{DETECTOR} ECE | ECE change vs base (relative) | {DETECTOR} AUROC |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    seen_base: set[str] = set()
+    for path in args.files:
+        dataset, _, lines = rows_of(path)
+        if dataset in seen_base:
+            lines = lines[1:]  # one base row per dataset (same split and seed: the same base)
+        seen_base.add(dataset)
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
