@@ -110,3 +110,19 @@ def test_prune_progress_is_one_bar_labelled_by_phase(tmp_path: Path) -> None:
     names = list(dict.fromkeys(n for n, _, _ in prune))
     assert names[:3] == ["prune", "prune:score:block_influence", "prune:original:perplexity"]
     assert any(n.startswith("prune:pruned 1/") for n in names) and prune[-1][0] == "prune"
+
+
+def test_prune_with_healing_loads_its_corpus_and_keeps_one_bar(tmp_path: Path) -> None:
+    """`heal.dataset` is loaded by the stage; the healing of each pruned model and its evaluation
+    are phases of the prune bar (checked by `run`); evaluated texts are left out of the corpus."""
+    heal_rows = [{"text": f"a healing line {i} about rivers, cats and the sea"} for i in range(12)] + ROWS[:2]
+    spec = {
+        "model": {"name": "tiny-random-llama"},
+        "dataset": {"rows": ROWS, "limit": 8, "max_tokens": 24},
+        "stages": {"prune": {"scorers": ["block_influence"], "tasks": ["perplexity"], "random_seeds": 1,
+                             "timing_runs": 0, "n_boot": 20, "scoring_examples": 4,
+                             "heal": {"steps": 2, "max_tokens": 16, "dataset": {"rows": heal_rows, "limit": 100}}}},
+    }
+    healing = run(spec, tmp_path)["prune"].summary["healing"]
+    assert healing["corpus"] == {"texts": 12, "left_out_overlapping_evaluated": 2, "sequences": healing["corpus"]["sequences"]}
+    assert set(healing["models"]) == {"block_influence", "random,seed=0"}

@@ -580,7 +580,6 @@ def run_prune_stage(
     selection = _select(job, ranked, tasks, original)
     timing_texts = texts or [options.qa_prompt.format(question=q) for q in qa_pairs(examples, qa_examples, options).questions]
     measured = _measure(job, tasks, selection, timing_texts)
-    job.bar.finish()
     metrics, table = _task_tables(job, original, selection, measured)
     metrics.extend(_scorer_metrics(job, ranked, selection, measured))
     healing = None
@@ -591,6 +590,7 @@ def run_prune_stage(
             job, tasks, original, selection, measured, table, heal_examples, examples, qa_examples
         )
         metrics.extend(healing.metrics)
+    job.bar.finish()
     summary: dict[str, Any] = {
         "strategy": options.strategy,
         "options": options.model_dump(),
@@ -770,11 +770,17 @@ PHASE_UNITS = 20  # progress units per phase of the prune stage
 def _phases(options: PruneOptions, n_tasks: int) -> int:
     """The prune stage's phases, in order: each scorer computed here, each task on the original
     model, each scorer's iterative selection, each task on every distinct pruned model (at most
-    one per scorer and random seed; fewer when prunings coincide, and the bar then jumps)."""
+    one per scorer and random seed; fewer when prunings coincide, and the bar then jumps), and
+    with `heal` the healing of each pruned model and each task on it again."""
     computed = sum(1 for name in options.scorers if SCORERS[name].from_stage is None)
     iterative = len(options.scorers) if options.strategy == "iterative" else 0
     models = len(options.scorers) + options.random_seeds
-    return computed + n_tasks + iterative + models * n_tasks
+    healed = 0  # healing (worker.pruning_heal): per healed model, its training and each task again
+    if options.heal is not None:
+        seeds = options.random_seeds if options.heal.random_seeds is None else min(options.heal.random_seeds,
+                                                                                    options.random_seeds)
+        healed = (len(options.scorers) + seeds) * (1 + n_tasks)
+    return computed + n_tasks + iterative + models * n_tasks + healed
 
 
 def _measure(job: _Prune, tasks: Mapping[str, Any], selection: _Selection, timing_texts: Sequence[str]) -> _Measured:

@@ -26,6 +26,7 @@ left out (`worker.healing.disjoint_texts`), and their number is reported.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -195,20 +196,24 @@ def heal_pruned_models(
     step = HealStep()
     for i, key in enumerate(keys):
         job.ctx.check_cancelled()
-        job.ctx.progress("prune:healed_models", i, len(keys))
-        with pruned_view(job.model, key, adapter=job.adapter), healed(
-            job.model, job.tokenizer, texts, heal, adapter=job.adapter, ctx=job.ctx,
-            progress_stage=f"prune:heal:{i + 1}/{len(keys)}", seed=job.options.seed, texts_left_out=left_out,
-        ) as h:
+        with pruned_view(job.model, key, adapter=job.adapter), contextlib.ExitStack() as attached:
+            with job.phase():  # the training: one phase of the stage's bar
+                h = attached.enter_context(healed(
+                    job.model, job.tokenizer, texts, heal, adapter=job.adapter, ctx=job.ctx,
+                    progress_stage=f"prune:heal {i + 1}/{len(keys)}", seed=job.options.seed,
+                    texts_left_out=left_out,
+                ))
             reports[key] = h.report
-            results[key] = {task: job.evaluate(task, data, stage="prune:healed") for task, data in tasks.items()}
+            results[key] = {}
+            for task, data in tasks.items():
+                with job.phase():
+                    results[key][task] = job.evaluate(task, data, stage=f"prune:healed {i + 1}/{len(keys)}")
             if key == export_key:
                 job.ctx.check_cancelled()
                 blob = export_healed_model(h, job.tokenizer, dtype=heal.export_dtype)
                 step.artifacts.append(
                     ArtifactFile(f"healed-model-{job.options.export_scorer}.tar.gz", "application/gzip", blob)
                 )
-    job.ctx.progress("prune:healed_models", len(keys), len(keys))
 
     for label, key in [*scorers.items(), *((f"random,seed={s}", k) for s, k in randoms)]:
         r = reports[key]

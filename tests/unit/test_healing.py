@@ -239,7 +239,7 @@ def test_prune_stage_heals_every_pruned_model_and_the_random_control(tiny):
     assert set(healing["models"]) == {"avss", "block_influence", "random,seed=0"}
     for report in healing["models"].values():
         assert report["steps"] == 6 and report["loss_after"] < report["loss_before"]
-    assert any(s.startswith("prune:heal:") for s in seen)
+    assert any(s.startswith("prune:heal 1/") for s in seen) and any(s.startswith("prune:healed 1/") for s in seen)
 
     ppl = next(e for e in result.summary["table"] if e["task"] == "perplexity")
     rows = {r["scorer"]: r for r in ppl["rows"]}
