@@ -75,6 +75,9 @@ def test_the_stage_changes_no_weight_and_leaves_no_setting(run) -> None:
     # no weight changes: the general-text perplexity is the base model's exactly
     assert by[("variant=eavss", "perplexity")].value == by[("variant=base", "perplexity")].value
     assert ("delta=eavss-random", "accuracy") in by
+    cost = s["cost"]
+    assert set(cost) == {"base", "eavss", "random"} and "fit_seconds" not in cost["base"]
+    assert all(c["eval_seconds"] > 0 and c["answers"] > 0 for c in cost.values()) and cost["eavss"]["fit_seconds"] >= 0
 
 
 def test_the_recipe_patch_at_load_gives_the_runs_answers(run, tmp_path_factory) -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypedDict
 
 import numpy as np
@@ -152,6 +152,7 @@ class Variant:
     run: HallucinationRun
     ppl: TaskResult | None
     train: dict[str, Any] | None  # the method's report (`Patch.report`)
+    cost: dict[str, float] = field(default_factory=dict)  # fit and evaluation seconds, answer tokens (summary.cost)
 
     @property
     def test_answers(self) -> list[AnswerRecord]:
@@ -362,15 +363,20 @@ class _Evaluation:
     PPL_UNITS: ClassVar[int] = 4
 
     def __call__(self, name: str, layers: list[int], train: dict[str, Any] | None) -> Variant:
+        started = time.monotonic()
         run = analyze_hallucination(self.loaded, self.probe_part, self.test_examples, self.options,
                                     self.progress.sub_context(self.UNITS), dataset_name=self.dataset_name,
                                     judges=self.judges)
+        seconds = time.monotonic() - started
+        tokens = sum(r.n_tokens for r in run.answers)
+        cost = {"eval_seconds": round(seconds, 2), "answers": float(len(run.answers)), "answer_tokens": float(tokens),
+                "answer_tokens_per_eval_second": round(tokens / seconds, 3) if seconds > 0 else 0.0}
         sub = self.progress.sub_context(self.PPL_UNITS)
         ppl = None
         if self.perplexity_texts:
             ppl = evaluate_perplexity(self.loaded.model, self.loaded.tokenizer, self.perplexity_texts, ctx=sub,
                                       n_boot=self.n_boot, seed=self.seed)
-        return Variant(name, layers, run, ppl, train)
+        return Variant(name, layers, run, ppl, train, cost)
 
 
 def run_mitigate_stage(
@@ -446,14 +452,17 @@ def _fit_and_evaluate(
     artifacts: list[ArtifactFile] = []
     weight_change: dict[str, dict[int, float]] = {}
     for name, layers in tuned:
+        started = time.monotonic()
         patch = method.fit(MethodInput(loaded, name, list(layers), data, options, ctx,
                                        on_step=progress.phase(method.units)))
+        fit_seconds = time.monotonic() - started
         warnings.extend(f"{name}: {w}" for w in patch.warnings)
         change = patch.weight_change(loaded)
         if change is not None:
             weight_change[name] = change
         with patch.applied(loaded):
             variants.append(evaluate(name, list(layers), patch.report))
+        variants[-1].cost["fit_seconds"] = round(fit_seconds, 2)
         if name == "eavss":
             source = recipe["layer_source"]
             full = {**{k: v for k, v in recipe.items() if k != "layer_source"}, "layers": list(layers),
@@ -513,6 +522,11 @@ def _summary(
         },
         "method": options.method,
         "training": {v.name: v.train for v in variants if v.train is not None},
+        # Cost per variant: the method's fit and the evaluation (the hallucination analysis of the probe
+        # part and the test split: answers, profile, probes); for a decoding method the evaluation's
+        # answer tokens per second against base's is its decoding cost (bench/bench_generation.py
+        # times the generation alone).
+        "cost": {v.name: v.cost for v in variants},
         "table_markdown": table,
         "headline": {
             v.name: {
