@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
+import re
+import types
+import typing
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -57,6 +62,60 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def _members(annotation: Any) -> list[Any]:
+    """The types a value of `annotation` may have (Optional and unions unpacked, Annotated unwrapped)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [m for a in typing.get_args(annotation) for m in _members(a)]
+    return [annotation]
+
+
+def _step(annotation: Any, part: Any) -> Any | None:
+    """The type at `part` (a field name, list index or dict key) inside a value of `annotation`."""
+    for member in _members(annotation):
+        origin, args = typing.get_origin(member), typing.get_args(member)
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            for name, info in member.model_fields.items():
+                if part in (name, info.alias):
+                    return info.annotation
+        elif origin in (list, tuple, set, frozenset) and isinstance(part, int) and args:
+            return args[0]
+        elif origin is dict and len(args) == 2:
+            return args[1]
+    return None
+
+
+def _fields_at(request: Request, loc: tuple[Any, ...]) -> list[str] | None:
+    """The fields the request body's model accepts at `loc` (a path into the body), if known."""
+    route = request.scope.get("route")
+    body = getattr(route, "body_field", None)
+    if body is None or not loc or loc[0] != "body":
+        return None
+    annotation: Any = body.field_info.annotation
+    for part in loc[1:]:
+        annotation = _step(annotation, part)
+        if annotation is None:
+            return None
+    models = [m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+    return [info.alias or name for name, info in models[0].model_fields.items()] if len(models) == 1 else None
+
+
+def _unknown_field(request: Request, loc: tuple[Any, ...]) -> str | None:
+    """For an extra field: which one, the closest valid name and every valid one (a misspelt stage
+    or option says what it should be, not only that it is not permitted)."""
+    if not loc or not isinstance(loc[-1], str):
+        return None
+    known = _fields_at(request, loc[:-1])
+    if not known:
+        return None
+    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    kind = "stage" if loc[1:-1] == ("stages",) else "field"
+    return f"unknown {kind} {loc[-1]!r}{hint}; valid {kind}s here: {', '.join(known)}"
+
+
 _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 
 
@@ -86,12 +145,19 @@ def install(app: FastAPI) -> None:
         return problem_response(exc.status, exc.detail, headers=exc.headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = []
         for err in exc.errors():
             loc = tuple(err.get("loc", ()))
+            message = err.get("msg", "invalid")
+            if err.get("type") == "extra_forbidden":
+                message = _unknown_field(request, loc) or message
+            elif err.get("type") == "literal_error" and isinstance(err.get("input"), str):
+                valid = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+                close = difflib.get_close_matches(err["input"], valid, n=1, cutoff=0.6)
+                message += f" (did you mean {close[0]!r}?)" if close else ""
             # Model-level validators report at the model; name the model's path then.
-            errors.append({"field": _field_path(loc), "message": err.get("msg", "invalid"), "type": err.get("type")})
+            errors.append({"field": _field_path(loc), "message": message, "type": err.get("type")})
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
         return problem_response(422, f"Invalid request: {detail}", errors=errors)
 

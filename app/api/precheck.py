@@ -5,7 +5,8 @@ what no worker of this server would run, each a 422 naming the field:
 
 - `stages.hallucination.judge.name`: a judge the operator configured (`LAYERSCOPE_JUDGES`);
 - `model.name`: a `tiny-random-*` name that is no built-in, or (without model roots) a name that is
-  neither a built-in, a path nor a hub id (the message lists the built-ins); a local path outside the model roots
+  neither a built-in, a path nor a hub id, or a bare name (no `org/`) within a typo of a built-in
+  (`smollm-135m`: did you mean `smollm2-135m`?) (the message lists the built-ins); a local path outside the model roots
   however it is resolved (`app.modelpaths.certainly_outside`; a path that only a symlink inside a
   root leads out of is the worker's to refuse); `model.revision` on a built-in or a local path;
 - `model.patch.path`, `dataset.path` (and the qa / perplexity datasets'), `stages.prune.lm_eval.task`
@@ -32,8 +33,8 @@ from app.schemas import TEXT_FIELDS, AnalysisSpec, DatasetSpec, text_value_probl
 _MAX_REPORTED = 5
 
 
-def _did_you_mean(name: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=1)
+def _did_you_mean(name: str, names: list[str], cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=cutoff)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -78,6 +79,12 @@ def _model_errors(spec: AnalysisSpec, settings: Settings) -> Iterator[tuple[str,
         yield "model.name", "model_not_found", (
             f"{name!r} is neither a built-in model{_did_you_mean(name, list(BUILTIN_MODELS))}, a path under the "
             f"model roots nor a hub id (org/name); built-ins: {builtins}")
+    # A bare hub name (no organisation) that is a near miss of a built-in is a typo far more often
+    # than a hub model (whose names are org/name): refused at once, instead of the worker trying the
+    # hub for half a minute. A hub model of that name is still reachable as org/name.
+    elif not settings.model_roots and "/" not in name and (close := _did_you_mean(name, list(BUILTIN_MODELS), 0.8)):
+        yield "model.name", "model_not_found", (
+            f"no built-in model {name!r}{close}; built-ins: {builtins} (a hub model: give it as org/name)")
 
 
 def _datasets(spec: AnalysisSpec) -> Iterator[tuple[str, DatasetSpec]]:

@@ -51,6 +51,8 @@ def with_(**changes: Any) -> dict:
 REFUSED: list[tuple[dict, str, str]] = [
     (with_(model={"name": "tiny-random-mistral"}), "model.name", "tiny-random-llama"),
     (with_(model={"name": "smollm2 135m"}), "model.name", "smollm2-135m"),
+    (with_(model={"name": "smollm-135m"}), "model.name", "did you mean 'smollm2-135m'?"),  # a bare near miss
+    (with_(model={"name": "tiny-random-lama"}), "model.name", "did you mean 'tiny-random-llama'?"),
     (with_(model={"name": "!!"}), "model.name", "built-ins"),
     (with_(model={"name": "smollm2-135m", "revision": "main"}), "model.revision", "hub ids only"),
     (with_(model={"name": "tiny-random-llama", "revision": "v2"}), "model.revision", "hub ids only"),
@@ -102,6 +104,30 @@ def test_the_refusals_name_the_valid_built_ins(api: tuple) -> None:
     assert all(name in body["detail"] for name in BUILTIN_MODELS), body
     body = assert_problem(client.post("/v1/analyses", json=with_(dataset={"name": "x"}), headers=auth), 422)
     assert all(name in body["detail"] for name in BUILTIN_DATASETS), body
+
+
+def test_misspelt_stages_options_and_choices_say_what_they_should_be(api: tuple) -> None:
+    """An unknown key names the closest valid one and lists them all; a wrong choice its closest value."""
+    client, _, _, auth = api
+    cases = [
+        ({**BASE, "stages": {"avs": {}}}, "stages.avs",
+         "unknown stage 'avs' (did you mean 'avss'?); valid stages here: profile, avss, prune, hallucination, mitigate"),
+        ({**BASE, "stages": {"avss": {"prune_fractio": 0.2}}}, "stages.avss.prune_fractio",
+         "(did you mean 'prune_fraction'?)"),
+        ({**BASE, "stages": {"hallucination": {"detectors": ["lenght"]}}}, "stages.hallucination.detectors.0",
+         "(did you mean 'length'?)"),
+        ({**BASE, "stages": {"prune": {"scorers": ["gibs"]}}}, "stages.prune.scorers.0", "(did you mean 'gbis'?)"),
+        ({**{k: v for k, v in BASE.items() if k != "dataset"}, "datset": BASE["dataset"]}, "datset",
+         "unknown field 'datset' (did you mean 'dataset'?); valid fields here: model, dataset, stages"),
+        ({**BASE, "dataset": {**BASE["dataset"], "rows_": []}}, "dataset.rows_", "(did you mean 'rows'?)"),
+    ]
+    for spec, field, says in cases:
+        body = assert_problem(client.post("/v1/analyses", json=spec, headers=auth), 422)
+        messages = {e["field"]: e["message"] for e in body["errors"]}
+        assert field in messages and says in messages[field], (field, body)
+    # Nothing close: the valid names only.
+    body = assert_problem(client.post("/v1/analyses", json={**BASE, "stages": {"zzz": {}}}, headers=auth), 422)
+    assert body["errors"][0]["message"].startswith("unknown stage 'zzz'; valid stages here: profile, avss")
 
 
 def test_what_is_not_certain_at_submit_is_accepted(api: tuple, tmp_path: Path) -> None:
