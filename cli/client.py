@@ -4,15 +4,13 @@ client, `layerscope.Client`, so the CLI and the SDK read answers and errors the 
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import typer
 import yaml
 
-from app.schemas import AnalysisOut
+from cli.progress import display as progress_display
 from layerscope import Client, LayerscopeError
 from layerscope.errors import ApiError
 
@@ -64,15 +62,22 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(None, help="Examples to use."),
         label: list[str] = typer.Option([], help="key=value label (repeatable)."),
         idempotency_key: str = typer.Option(None, help="Same key + same spec returns the same job."),
+        wait: bool = typer.Option(False, "--wait", help="Wait for it to end, showing progress (as `wait`)."),
+        timeout: float = typer.Option(3600, help="With --wait: give up after this many seconds (exit 2)."),
         server: str = ServerOpt,
         key: str = KeyOpt,
     ) -> None:
-        """Submit an analysis; prints its id."""
+        """Submit an analysis; prints its id (with --wait, once it ended: exit codes as `wait`)."""
         spec = load_spec(spec_file, model, dataset, stages, limit, label)
+        client = Client(server, key)
         try:
-            job = Client(server, key).submit(spec, idempotency_key=idempotency_key)
+            job = client.submit(spec, idempotency_key=idempotency_key)
         except LayerscopeError as exc:
             _fail(exc)
+        if wait:
+            typer.echo(f"submitted {job.id}", err=True)
+            wait_for(client, job.id, timeout, 1.0)
+            return
         typer.echo(job.id)
 
     @app.command()
@@ -111,33 +116,9 @@ def register(app: typer.Typer) -> None:
         server: str = ServerOpt,
         key: str = KeyOpt,
     ) -> None:
-        """Wait for an analysis to end, showing stage, progress and ETA. Exit 0 SUCCEEDED, 1 FAILED/CANCELLED."""
-        tty = sys.stderr.isatty()
-        stage_started: dict[str, float] = {}
-
-        def show(job: AnalysisOut) -> None:
-            p = job.progress
-            stage_started.setdefault(p.stage or "", time.monotonic())
-            line = f"{job.state.value:<10} {p.stage or '-':<14} {p.done}/{p.total}"
-            if p.total and 0 < p.done < p.total:
-                elapsed = time.monotonic() - stage_started[p.stage or ""]
-                line += f"  ETA {elapsed / p.done * (p.total - p.done):.0f}s"
-            typer.echo(("\r" + line.ljust(60)) if tty else line, err=True, nl=not tty)
-
-        try:
-            job = Client(server, key).wait(analysis_id, timeout=timeout, interval=interval, on_progress=show)
-        except TimeoutError as exc:
-            typer.echo(f"\ntimed out: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except LayerscopeError as exc:
-            _fail(exc)
-        if tty:
-            typer.echo("", err=True)
-        if job.state.value != "SUCCEEDED":
-            error = f"{job.error.type} {job.error.detail}" if job.error else ""
-            typer.echo(f"{job.state.value}: {error}".strip(), err=True)
-            raise typer.Exit(1)
-        typer.echo(job.id)
+        """Wait for an analysis to end, showing stage, progress and ETA (a progress bar on a terminal, a line
+        per change otherwise). Exit 0 SUCCEEDED, 1 FAILED/CANCELLED, 2 timeout or error."""
+        wait_for(Client(server, key), analysis_id, timeout, interval)
 
     @app.command()
     def results(
@@ -264,6 +245,27 @@ def register(app: typer.Typer) -> None:
             _fail(exc)
         typer.echo(json.dumps(verdict, indent=2) if as_json else render_verdict(verdict))
         raise typer.Exit(0 if verdict["passed"] else 1)
+
+
+def wait_for(client: Client, analysis_id: str, timeout: float, interval: float) -> None:
+    """Poll until the analysis ends, showing its progress; print its id on success, exit 1 when it
+    failed or was cancelled, 2 on a timeout or an error."""
+    show = progress_display()
+    try:
+        job = client.wait(analysis_id, timeout=timeout, interval=interval, on_progress=show)
+    except TimeoutError as exc:
+        show.close()
+        typer.echo(f"timed out: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except LayerscopeError as exc:
+        show.close()
+        _fail(exc)
+    show.close()
+    if job.state.value != "SUCCEEDED":
+        error = f"{job.error.type} {job.error.detail}" if job.error else ""
+        typer.echo(f"{job.state.value}: {error}".strip(), err=True)
+        raise typer.Exit(1)
+    typer.echo(job.id)
 
 
 def render_verdict(verdict: dict[str, Any]) -> str:

@@ -8,13 +8,14 @@ import sys
 import typer
 
 from app.config import DEV_KEY_PEPPER, Settings, get_settings
-from cli import client, health
+from cli import client, health, policies
 
 app = typer.Typer(help="layerscope: which layers of a transformer matter, which can be pruned, which hallucinate.",
                   no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="Manage API keys (writes to the database directly).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 client.register(app)
+policies.register(app)
 health.register(app)
 
 
@@ -236,6 +237,50 @@ def keys_create(
             typer.echo(str(exc), err=True)
             raise typer.Exit(2) from None
     typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    project: str = typer.Option(None, help="Only this project's keys (default: every project)."),
+) -> None:
+    """List API keys: id, project, name, scopes, created, revoked (never the key itself)."""
+    from sqlalchemy import select
+
+    from app.db import session_factory, session_scope
+    from app.models import ApiKey
+    from cli.client import render_table
+
+    settings = get_settings()
+    _prepare(settings, settings.embedded)
+    with session_scope(session_factory(settings.resolved_database_url)) as session:
+        query = select(ApiKey).order_by(ApiKey.project, ApiKey.created_at)
+        if project:
+            query = query.where(ApiKey.project == project)
+        rows = [{"id": k.id, "project": k.project, "name": k.name, "scopes": k.scopes,
+                 "created": k.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                 "revoked": k.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if k.revoked_at else "-"}
+                for k in session.scalars(query)]
+    typer.echo(render_table(rows))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (from `keys list`).")) -> None:
+    """Revoke an API key (in the database): every API process refuses it within LAYERSCOPE_KEY_CACHE_SECONDS
+    (5 s by default). Exit 2 if there is no such active key."""
+    from sqlalchemy import update
+
+    from app.db import rowcount, session_factory, session_scope
+    from app.models import ApiKey, utcnow
+
+    settings = get_settings()
+    _prepare(settings, settings.embedded)
+    with session_scope(session_factory(settings.resolved_database_url)) as session:
+        done = rowcount(session.execute(
+            update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())))
+    if not done:
+        typer.echo(f"no active API key {key_id!r}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"revoked {key_id}")
 
 
 @app.command()

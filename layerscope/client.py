@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -146,6 +146,23 @@ class _Operations:
 
     def catalog(self) -> Any:
         return self._run(Call("GET", "/v1/catalog", lambda r: r.json()))
+
+    def policies(self) -> Any:
+        """Every gate policy of the project (latest versions), as dicts."""
+        return self._run(Call("GET", "/v1/gates", lambda r: r.json()))
+
+    def policy(self, name: str, *, version: int | None = None) -> Any:
+        """One gate policy (the latest version, or `version`)."""
+        params = {"version": version} if version else None
+        return self._run(Call("GET", f"/v1/gates/{name}", lambda r: r.json(), params=params))
+
+    def policy_versions(self, name: str) -> Any:
+        return self._run(Call("GET", f"/v1/gates/{name}/versions", lambda r: r.json()))
+
+    def save_policy(self, name: str, rules: Sequence[str], *, description: str | None = None) -> Any:
+        """Create the policy or add a version (unchanged rules and description: the latest, as it is)."""
+        body = {"rules": list(rules), **({"description": description} if description is not None else {})}
+        return self._run(Call("PUT", f"/v1/gates/{name}", lambda r: r.json(), json=body))
 
 
 def _headers(key: str | None) -> dict[str, str]:

@@ -54,9 +54,19 @@ def api(db_url: str, tmp_path: Path) -> Api:
 @pytest.fixture
 def live_server(sqlite_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """The real app under uvicorn with its in-process worker, on SQLite; yields (base URL, a read+submit key)."""
+    yield from _live(sqlite_url, tmp_path, ["read", "submit"])
+
+
+@pytest.fixture
+def live_admin_server(sqlite_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """As `live_server`, with a read+submit+admin key."""
+    yield from _live(sqlite_url, tmp_path, ["read", "submit", "admin"])
+
+
+def _live(sqlite_url: str, tmp_path: Path, scopes: list[str]) -> Iterator[tuple[str, str]]:
     settings = make_settings(sqlite_url, tmp_path)
     with session_scope(session_factory(settings.resolved_database_url)) as s:
-        key = create_key(s, settings, f"proj-{uuid.uuid4().hex[:8]}", "client", ["read", "submit"])
+        key = create_key(s, settings, f"proj-{uuid.uuid4().hex[:8]}", "client", scopes)
     app = create_app(settings)
     worker = EmbeddedWorker(app.state.session_factory, settings, app.state.enqueuer)
     worker.start()
