@@ -69,6 +69,8 @@ def test_the_stage_changes_no_weight_and_leaves_no_setting(run) -> None:
     assert s["method"] == "dola" and s["layers"] == [1]
     assert len(s["control_layers"]) == 1 and s["control_layers"] != [1]
     assert s["training"]["eavss"]["decoding"] == DolaSpec((1,)).to_dict()
+    validation = s["training"]["eavss"]["validation"]
+    assert validation["questions"] >= 1 and 0 <= validation["mc_accuracy_dola"] <= 1
     # DoLa changed what was answered (else the comparison below would say nothing)
     assert _answers(res, "variant=eavss") != _answers(res, "variant=base")
     by = {(m.scope, m.name): m for m in res.metrics}
@@ -121,3 +123,46 @@ def test_the_patch_is_refused_on_another_base_and_when_malformed(run, tmp_path_f
             apply_patch(fresh, save_patch({}, digests, bad))
         assert exc.value.error_type in ("patch_invalid", "invalid_layers")
     assert decoding_of(fresh.model) is None
+
+
+def test_validation_multiple_choice_against_an_independent_computation(tmp_path_factory) -> None:
+    import math
+
+    from worker.mitigation.contrastive import CandidateGroup, encode_groups
+    from worker.mitigation.methods.dola import validation_multiple_choice
+    from worker.mitigation.methods.steering import multiple_choice
+
+    tiny = _load(tmp_path_factory)
+    groups = [CandidateGroup(f"What is item number {i} called?", f"thing{i}", [f"thing{i + 1}", "no idea at all"])
+              for i in range(5)]
+    opts = _opts(batch_size=2)
+    spec = DolaSpec((1, 2), alpha=0.1)
+    base_acc, dola_acc = validation_multiple_choice(tiny, spec, groups, opts)
+    assert base_acc == multiple_choice(tiny, groups, opts)[0]  # the base score is steering's
+    enc = encode_groups(tiny.tokenizer, groups, opts.max_tokens)
+    with torch.no_grad():
+        out = tiny.model(input_ids=enc.ids, attention_mask=enc.mask, output_hidden_states=True)
+    scores = []
+    torch.set_grad_enabled(False)
+    for r in range(enc.ids.shape[0]):
+        pos = [t for t in range(enc.ids.shape[1] - 1) if enc.answer[r, t + 1]]
+        total = 0.0
+        for t in pos:
+            lp_n = torch.log_softmax(out.logits[r, t].double(), -1)
+            best, best_jsd = None, -1.0
+            for j in (1, 2):
+                h = tiny.model.model.norm(out.hidden_states[j + 1][r, t])
+                lq = torch.log_softmax(tiny.model.lm_head(h).double(), -1)
+                p, q = lp_n.exp(), lq.exp()
+                m = (p + q) / 2
+                jsd = float(0.5 * (p * (lp_n - m.log())).sum() + 0.5 * (q * (lq - m.log())).sum())
+                if jsd > best_jsd:
+                    best, best_jsd = lq, jsd
+            keep = lp_n >= lp_n.max() + math.log(0.1)
+            f = torch.where(keep, lp_n - best, torch.tensor(-math.inf, dtype=torch.float64))
+            g = torch.log_softmax(f, -1)[enc.ids[r, t + 1]]
+            total += float(g) if math.isfinite(float(g)) else -1000.0
+        scores.append(total / len(pos))
+    torch.set_grad_enabled(True)
+    expected = sum(1.0 for rows in enc.groups if max(rows, key=lambda i: scores[i]) == rows[0]) / len(groups)
+    assert dola_acc == pytest.approx(expected)

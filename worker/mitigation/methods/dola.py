@@ -10,6 +10,12 @@ explicit `layers` give DoLa's own bucket (e.g. the lower half of the network, as
 does). The final layer itself among them changes nothing (its divergence is 0 and its
 contrast is 0: greedy decoding).
 
+Validation diagnostic (nothing is chosen by it): the validation groups scored as multiple
+choice, once with the final layer's log-probabilities and once with DoLa's (teacher-forced:
+at each answer position the contrast `F` of worker/lm/dola.py, normalised over the plausible
+set as DoLa's scoring does, a token outside it scoring `IMPLAUSIBLE`): is the gold answer's
+mean score per token the highest of its group? `report.validation` holds both accuracies.
+
 The patch file holds no tensor; its metadata hold the recipe (`decoding`: layers, alpha,
 repetition penalty) and the SHA-256 of the LM head's and final norm's parameters, so it is
 refused on another base like every patch.
@@ -17,18 +23,25 @@ refused on another base like every patch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
-from worker.lm.dola import DolaSpec, clear_decoding, decoding_of, set_decoding
+from worker.lm.dola import DolaSpec, clear_decoding, contrast_scores, decoding_of, js_divergence, set_decoding
+from worker.lm.model import model_device
+from worker.mitigation.contrastive import CandidateGroup, encode_groups
 from worker.mitigation.methods.base import MethodInput, MitigationMethod, Patch
 from worker.mitigation.patch import save_patch, tensor_digest
 from worker.stage import JobFailed
 
 if TYPE_CHECKING:
+    from app.schemas import MitigateOptions
     from worker.modelzoo import LoadedModel
+
+IMPLAUSIBLE = -1000.0  # the teacher-forced score of a token outside the plausible set (DoLa's value)
 
 
 @dataclass
@@ -101,11 +114,15 @@ class Dola(MitigationMethod):
         warnings = []
         if spec.layers == (final,):
             warnings.append(f"the only premature layer is the last block ({final}): DoLa decodes as greedy")
-        report = {
+        report: dict[str, Any] = {
             "decoding": spec.to_dict(),
             "final_norm": lens.norm_path,
             "note": "nothing is fitted: the recipe is the decoding setting",
         }
+        if inp.data.val:
+            base_acc, dola_acc = validation_multiple_choice(loaded, spec, inp.data.val, inp.options)
+            report["validation"] = {"questions": len(inp.data.val), "mc_accuracy_base": base_acc,
+                                    "mc_accuracy_dola": dola_acc}
         inp.on_step(1, 1)
         return DolaPatch(self.name, list(spec.layers), spec, head_digests(loaded), report, warnings)
 
@@ -123,3 +140,49 @@ class Dola(MitigationMethod):
             raise JobFailed("patch_invalid", f"the DoLa patch's decoding setting is not valid: {exc}") from exc
         spec = _spec(loaded, layers, alpha, penalty)
         return DolaPatch(self.name, list(spec.layers), spec, report=dict(recipe.get("training") or {}))
+
+
+def _keeper(into: dict[int, torch.Tensor], i: int) -> Any:
+    def keep(t: torch.Tensor) -> None:
+        into[i] = t.detach()
+    return keep
+
+
+@torch.no_grad()
+def validation_multiple_choice(
+    loaded: LoadedModel, spec: DolaSpec, groups: Sequence[CandidateGroup], options: MitigateOptions,
+) -> tuple[float, float]:
+    """(base, DoLa) multiple-choice accuracy on `groups` (module doc, validation diagnostic)."""
+    model = loaded.model
+    device = model_device(model)
+    blocks = loaded.adapter.blocks(model)
+    lens = loaded.adapter.logit_lens(model)
+    final = len(blocks) - 1
+    hits_base: list[float] = []
+    hits_dola: list[float] = []
+    for start in range(0, len(groups), options.batch_size):
+        enc = encode_groups(loaded.tokenizer, groups[start : start + options.batch_size], options.max_tokens)
+        captured: dict[int, torch.Tensor] = {}
+        handles = [blocks[i].sites["block_output"].register(_keeper(captured, i)) for i in spec.layers if i != final]
+        try:
+            logits = model(input_ids=enc.ids.to(device), attention_mask=enc.mask.to(device)).logits
+        finally:
+            for h in handles:
+                h.remove()
+        base_scores, dola_scores = [], []
+        for r in range(enc.ids.shape[0]):
+            pos = torch.nonzero(enc.answer[r, 1:]).squeeze(-1)  # predicting answer token t + 1 at t
+            target = enc.ids[r, 1:][pos].to(logits.device)
+            lp_n = torch.log_softmax(logits[r, pos].float(), dim=-1)
+            prem = torch.stack([lp_n if i == final else
+                                torch.log_softmax(lens(captured[i][r, pos]).to(lp_n.device), dim=-1)
+                                for i in spec.layers])  # [k, answer tokens, vocab]
+            chosen = js_divergence(lp_n, prem).argmax(dim=0)
+            f = contrast_scores(lp_n, prem[chosen, torch.arange(len(pos), device=lp_n.device)], spec.alpha)
+            f = torch.log_softmax(f, dim=-1).nan_to_num(nan=IMPLAUSIBLE, neginf=IMPLAUSIBLE)
+            base_scores.append(float(lp_n.gather(1, target[:, None]).mean()))
+            dola_scores.append(float(f.gather(1, target[:, None]).mean()))
+        for rows in enc.groups:
+            hits_base.append(1.0 if int(np.argmax([base_scores[i] for i in rows])) == 0 else 0.0)
+            hits_dola.append(1.0 if int(np.argmax([dola_scores[i] for i in rows])) == 0 else 0.0)
+    return float(np.mean(hits_base)), float(np.mean(hits_dola))
