@@ -189,6 +189,8 @@ def heal_pruned_models(
     scorers, randoms = _labels(selection, heal)
     keys = sorted(set(scorers.values()) | {k for _, k in randoms})
     export_key = scorers.get(job.options.export_scorer) if heal.export else None
+    if heal.export and export_key is None:
+        job.warnings.append(f"healed export skipped: scorer {job.options.export_scorer} produced no ranking")
     if export_key is not None and not _export_fits(job, measured, export_key, heal):
         export_key = None
     results: dict[tuple[int, ...], dict[str, TaskResult]] = {}
@@ -242,7 +244,6 @@ def heal_pruned_models(
         beaten[task] = _avss_beaten_after(job, task, orig, rows)
 
     step.summary = {
-        "options": heal.model_dump(),
         "corpus": {
             "texts": len(texts),
             "left_out_overlapping_evaluated": left_out,

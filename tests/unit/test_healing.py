@@ -94,6 +94,22 @@ def test_merged_export_reproduces_the_healed_logits(tiny, tmp_path):
     assert tf.AutoTokenizer.from_pretrained(tmp_path / "healed-model")("hi")["input_ids"]
 
 
+def test_gpt2_conv1d_merged_export_reproduces_the_healed_logits(tmp_path):
+    """GPT-2's Conv1D stores its weight transposed: the merged delta must be too."""
+    gpt2 = load_model(ModelSpec(name="tiny-random-gpt2"), Settings(data_dir=tmp_path / "ls"))
+    model, tok = gpt2.model, gpt2.tokenizer
+    ids = _ids(tok)
+    with torch.no_grad(), pruned_view(model, [0]), healed(model, tok, TEXTS, OPTS) as h:
+        assert h.report.target_modules == 3 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+        healed_logits = model(ids).logits
+        blob = export_healed_model(h, tok)
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "healed-model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, healed_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_healing_lowers_the_training_loss_and_is_deterministic(tiny):
     model, tok = tiny.model, tiny.tokenizer
     reports, weights = [], []
