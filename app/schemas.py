@@ -458,6 +458,12 @@ class PruneOptions(Strict):
         description="The `lm_eval` task: which lm-evaluation-harness task to run, its data file, limit and few-shot "
         "count. Its metrics carry lm-eval's stderr in the result's details and a bootstrap interval over documents.",
     )
+    perplexity_dataset: DatasetSpec | None = Field(
+        None,
+        description="Held-out text for the perplexity task (e.g. rows or a file other than the analysis dataset), "
+        "loaded by the pipeline; the scorers and AVSS still rank on the analysis dataset. Default: the "
+        "analysis dataset's texts (then the first scoring_examples of them are also what the baselines scored).",
+    )
     qa_dataset: DatasetSpec | None = Field(
         None,
         description='Question/answer set for the qa and multiple_choice tasks (e.g. {"name": '

@@ -549,6 +549,7 @@ def run_prune_stage(
     rankings: Mapping[str, Ranking],
     *,
     qa_examples: Sequence[Any] | None = None,
+    perplexity_examples: Sequence[Any] | None = None,
     max_tokens: int = 256,
     heal_examples: Sequence[Any] | None = None,
     provenance: Provenance | None = None,
@@ -561,14 +562,15 @@ def run_prune_stage(
     Ranking>}`), pruned lowest first; their per-layer `scores` (higher = more important,
     e.g. nAVSS) are what the `cumulative` strategy reads. `qa_examples`: question/answer
     examples for the QA task (default: the examples that have `question` and `answer`
-    fields). No copy of the model is made: candidate prunings are evaluated by removing
+    fields). `perplexity_examples`: held-out text the perplexity task is measured on
+    (default: the examples; the scorers always rank on the examples). No copy of the model is made: candidate prunings are evaluated by removing
     blocks in place (`pruned_view`), restored after each, so the loaded model is unchanged
     when the stage returns (or fails)."""
     model = loaded.model
     adapter = adapter_for(model)
     job = _Prune(model, loaded.tokenizer, adapter, options, ctx, max_tokens, [b.name for b in adapter.blocks(model)],
                  provenance=provenance)
-    tasks = _runnable_tasks(job, examples, qa_examples)
+    tasks = _runnable_tasks(job, examples, qa_examples, perplexity_examples)
     job.bar = PhasedProgress(ctx, "prune", PHASE_UNITS * _phases(options, len(tasks)))
     texts = lm_texts(examples, options)
     scoring = texts[: options.scoring_examples]
@@ -580,6 +582,9 @@ def run_prune_stage(
     selection = _select(job, ranked, tasks, original)
     timing_texts = texts or [options.qa_prompt.format(question=q) for q in qa_pairs(examples, qa_examples, options).questions]
     measured = _measure(job, tasks, selection, timing_texts)
+    curve_plan = _curve_plan(job, ranked, selection) if options.curve_blocks else None
+    if curve_plan is not None:
+        _evaluate_curve(job, tasks, curve_plan, measured)
     metrics, table = _task_tables(job, original, selection, measured)
     metrics.extend(_scorer_metrics(job, ranked, selection, measured))
     healing = None
@@ -617,8 +622,8 @@ def run_prune_stage(
     if measured.timing:
         summary["timing"] = {",".join(map(str, k)): v for k, v in measured.timing.items()}
     artifacts = _export(job, selection, measured, ranked, metrics) + (healing.artifacts if healing else [])
-    if options.curve_blocks:
-        curve_metrics, summary["curve"] = _tradeoff_curve(job, tasks, ranked, selection, original, measured)
+    if curve_plan is not None:
+        curve_metrics, summary["curve"] = _tradeoff_curve(job, curve_plan, selection, original, measured)
         metrics.extend(curve_metrics)
         artifacts.extend(_curve_figure(job, summary["curve"]))
     return StageResult(
@@ -642,11 +647,16 @@ def _choices(options: PruneOptions) -> dict[str, Any]:
     }
 
 
-def _runnable_tasks(job: _Prune, examples: Sequence[Any], qa_examples: Sequence[Any] | None) -> dict[str, Any]:
-    """Each asked-for task's data; a task that cannot run here is skipped with a warning."""
+def _runnable_tasks(
+    job: _Prune, examples: Sequence[Any], qa_examples: Sequence[Any] | None,
+    perplexity_examples: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Each asked-for task's data; a task that cannot run here is skipped with a warning.
+    The perplexity task reads `perplexity_examples` (held-out text) when given."""
     tasks: dict[str, Any] = {}
     for name in job.options.tasks:
-        data = TASKS[name].prepare(job.model, examples, qa_examples, job.options)
+        own = perplexity_examples if name == "perplexity" and perplexity_examples is not None else examples
+        data = TASKS[name].prepare(job.model, own, qa_examples, job.options)
         if isinstance(data, str):
             job.warnings.append(f"{name} skipped: {data}")
         else:
@@ -780,7 +790,8 @@ def _phases(options: PruneOptions, n_tasks: int) -> int:
         seeds = options.random_seeds if options.heal.random_seeds is None else min(options.heal.random_seeds,
                                                                                     options.random_seeds)
         healed = (len(options.scorers) + seeds) * (1 + n_tasks)
-    return computed + n_tasks + iterative + models * n_tasks + healed
+    curve = len(options.curve_blocks) * models  # at most; fewer when a curve pruning was already evaluated
+    return computed + n_tasks + iterative + (models + curve) * n_tasks + healed
 
 
 def _measure(job: _Prune, tasks: Mapping[str, Any], selection: _Selection, timing_texts: Sequence[str]) -> _Measured:
@@ -1056,14 +1067,19 @@ def _export(
 # ------------------------------------------------------------- trade-off curve
 
 
-def _tradeoff_curve(
-    job: _Prune, tasks: Mapping[str, Any], ranked: _Ranked, selection: _Selection,
-    original: Mapping[str, TaskResult], measured: _Measured,
-) -> tuple[list[MetricRow], dict[str, Any]]:
-    """Retained performance after removing k blocks, for each k of `curve_blocks`: per scorer
-    the first k of its ranking (the ranking computed once, reused), for the random control
-    the first k of each seed's random order (median over seeds). Pruned models already
-    evaluated are reused; every task, paired intervals. Scope `task=<t>,scorer=<s>,removed=<k>`."""
+@dataclass
+class _CurvePlan:
+    """The trade-off curve's prunings: per block count k, each scorer's first k layers and
+    each random seed's first k."""
+
+    counts: list[int]
+    by_scorer: dict[int, dict[str, tuple[int, ...]]]
+    random: dict[int, list[tuple[int, ...]]]
+
+
+def _curve_plan(job: _Prune, ranked: _Ranked, selection: _Selection) -> _CurvePlan:
+    """Per k of `curve_blocks` (below the layer count; the rest skipped with a warning): the
+    first k of each scorer's ranking (computed once, reused) and of each seed's random order."""
     options = job.options
     counts = [k for k in options.curve_blocks if k < job.n_layers]
     if len(counts) < len(options.curve_blocks):
@@ -1071,28 +1087,42 @@ def _tradeoff_curve(
             f"curve: block counts {[k for k in options.curve_blocks if k >= job.n_layers]} skipped: "
             f"the model has {job.n_layers} layers"
         )
-    seeds = [s for s, _ in selection.random_sets]
-    random_orders = {s: random_scores(job.n_layers, s).order() for s in seeds}
-    plans: dict[int, dict[str, tuple[int, ...]]] = {
-        k: {name: tuple(sorted(order[:k])) for name, order in ranked.orders.items()} for k in counts
-    }
-    random_keys = {k: [tuple(sorted(random_orders[s][:k])) for s in seeds] for k in counts}
-    wanted = {key for k in counts for key in (*plans[k].values(), *random_keys[k])} - set(measured.evaluated)
-    for i, key in enumerate(sorted(wanted)):
+    orders = {s: random_scores(job.n_layers, s).order() for s, _ in selection.random_sets}
+    return _CurvePlan(
+        counts,
+        {k: {name: tuple(sorted(order[:k])) for name, order in ranked.orders.items()} for k in counts},
+        {k: [tuple(sorted(order[:k])) for order in orders.values()] for k in counts},
+    )
+
+
+def _evaluate_curve(job: _Prune, tasks: Mapping[str, Any], plan: _CurvePlan, measured: _Measured) -> None:
+    """Every curve pruning not evaluated yet, once, every task (a phase of the stage's bar each)."""
+    wanted = sorted(
+        {key for k in plan.counts for key in (*plan.by_scorer[k].values(), *plan.random[k])} - set(measured.evaluated)
+    )
+    for i, key in enumerate(wanted):
         job.ctx.check_cancelled()
-        job.ctx.progress("prune:curve", i, len(wanted))
         with pruned_view(job.model, key, adapter=job.adapter):
             measured.params_after[key] = count_parameters(job.model)
-            measured.evaluated[key] = {
-                task: job.evaluate(task, data, stage="prune:curve") for task, data in tasks.items()
-            }
-    job.ctx.progress("prune:curve", len(wanted), len(wanted))
+            measured.evaluated[key] = {}
+            for task, data in tasks.items():
+                with job.phase():
+                    measured.evaluated[key][task] = job.evaluate(task, data, stage=f"prune:curve {i + 1}/{len(wanted)}")
+
+
+def _tradeoff_curve(
+    job: _Prune, plan: _CurvePlan, selection: _Selection, original: Mapping[str, TaskResult], measured: _Measured,
+) -> tuple[list[MetricRow], dict[str, Any]]:
+    """Retained performance after removing k blocks, for each k of the plan: per scorer and for
+    the random control (median over seeds), every task, paired intervals. Scope
+    `task=<t>,scorer=<s>,removed=<k>`."""
+    options = job.options
     metrics: list[MetricRow] = []
-    curve: dict[str, Any] = {"blocks": counts, "n_layers": job.n_layers, "tasks": {}}
+    curve: dict[str, Any] = {"blocks": plan.counts, "n_layers": job.n_layers, "tasks": {}}
     for task, orig in original.items():
         per_scorer: dict[str, list[dict[str, Any]]] = {}
-        for k in counts:
-            for name, key in plans[k].items():
+        for k in plan.counts:
+            for name, key in plan.by_scorer[k].items():
                 kept, _ = retained_metric(orig, measured.evaluated[key][task], n_boot=options.n_boot, seed=options.seed)
                 scope = f"task={task},scorer={name},removed={k}"
                 metrics.append(MetricRow(scope, "retained_pct", kept.value, kept.ci_low, kept.ci_high, kept.n))
@@ -1101,8 +1131,8 @@ def _tradeoff_curve(
                     "ci": [kept.ci_low, kept.ci_high], "n": kept.n,
                     "parameter_reduction_pct": measured.reduction(key),
                 })
-            if seeds:
-                results = [measured.evaluated[key][task] for key in random_keys[k]]
+            if selection.random_sets:
+                results = [measured.evaluated[key][task] for key in plan.random[k]]
                 kept, per_seed = median_retained(orig, results, n_boot=options.n_boot, seed=options.seed)
                 scope = f"task={task},scorer=random,removed={k}"
                 metrics.append(MetricRow(scope, "retained_pct", kept.value, kept.ci_low, kept.ci_high, kept.n))
@@ -1110,7 +1140,7 @@ def _tradeoff_curve(
                 per_scorer.setdefault("random", []).append({
                     "removed": k, "retained_pct": kept.value, "ci": [kept.ci_low, kept.ci_high], "n": kept.n,
                     "per_seed": per_seed, "seed_range": [min(defined), max(defined)] if defined else [None, None],
-                    "parameter_reduction_pct": median([measured.reduction(key) for key in random_keys[k]]),
+                    "parameter_reduction_pct": median([measured.reduction(key) for key in plan.random[k]]),
                 })
         curve["tasks"][task] = {"metric": orig.primary, "original": orig.value, "scorers": per_scorer}
     return metrics, curve

@@ -95,7 +95,7 @@ def brief_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 
     out = {**spec, "dataset": trim(spec.get("dataset"))}
     stages = dict(spec.get("stages") or {})
-    for stage, key in (("prune", "qa_dataset"), ("mitigate", "perplexity_dataset")):
+    for stage, key in (("prune", "qa_dataset"), ("prune", "perplexity_dataset"), ("mitigate", "perplexity_dataset")):
         if isinstance(stages.get(stage), dict) and stages[stage].get(key) is not None:
             stages[stage] = {**stages[stage], key: trim(stages[stage][key])}
     out["stages"] = stages

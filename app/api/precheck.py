@@ -91,6 +91,8 @@ def _datasets(spec: AnalysisSpec) -> Iterator[tuple[str, DatasetSpec]]:
     yield "dataset", spec.dataset
     if spec.stages.prune is not None and spec.stages.prune.qa_dataset is not None:
         yield "stages.prune.qa_dataset", spec.stages.prune.qa_dataset
+    if spec.stages.prune is not None and spec.stages.prune.perplexity_dataset is not None:
+        yield "stages.prune.perplexity_dataset", spec.stages.prune.perplexity_dataset
     if spec.stages.mitigate is not None:
         yield "stages.mitigate.perplexity_dataset", spec.stages.mitigate.perplexity_dataset
 

@@ -542,3 +542,16 @@ def test_random_baseline_is_the_median_over_seeds():
     assert per_seed == pytest.approx([80.0, 62.5, 0.1])
     assert kept.value == pytest.approx(62.5) and kept.n == 3
     assert kept.ci_low == pytest.approx(62.5) and kept.ci_high == pytest.approx(62.5)
+
+
+def test_perplexity_on_held_out_text(tiny_llama):
+    options = PruneOptions(scorers=["avss"], tasks=["perplexity"], random_seeds=0, n_boot=0, timing_runs=0)
+    held_out = [{"text": "an entirely different sentence about trains and snow"}, "and another held-out line"]
+    result = run_prune_stage(
+        tiny_llama, TEXTS, options, JobContext(), {"avss": Ranking((1, 2, 3, 0), "lowest")},
+        perplexity_examples=held_out,
+    )
+    (entry,) = result.summary["table"]
+    assert entry["n"] == 2  # the held-out texts, not the 3 analysis texts
+    same = run_prune_stage(tiny_llama, TEXTS, options, JobContext(), {"avss": Ranking((1, 2, 3, 0), "lowest")})
+    assert same.summary["table"][0]["n"] == 3 and same.summary["table"][0]["original"] != entry["original"]

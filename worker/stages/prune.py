@@ -31,9 +31,12 @@ class PruneStage(Stage[PruneOptions]):
             from worker.pruning_heal import default_heal_dataset
 
             heal = job.load_examples(options.heal.dataset or default_heal_dataset())
+        held_out = (
+            job.load_examples(options.perplexity_dataset) if options.perplexity_dataset is not None else None
+        )
         result = run_prune_stage(
             job.loaded, job.examples, options, job.ctx, given,
-            qa_examples=qa, max_tokens=job.spec.dataset.max_tokens, heal_examples=heal,
-            provenance=Provenance.of(job.spec, job.loaded, job.ctx.analysis_id),
+            qa_examples=qa, perplexity_examples=held_out, max_tokens=job.spec.dataset.max_tokens,
+            heal_examples=heal, provenance=Provenance.of(job.spec, job.loaded, job.ctx.analysis_id),
         )
         return StageOutput(result)
