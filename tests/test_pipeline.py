@@ -43,11 +43,18 @@ def test_prune_stage_ranks_by_avss_and_baselines(tmp_path: Path) -> None:
         "model": {"name": "tiny-random-llama"},
         "dataset": {"rows": ROWS + QA, "limit": 12, "max_tokens": 32},
         "stages": {"prune": {"scorers": ["avss", "block_influence", "cim"], "tasks": ["perplexity"],
-                             "random_seeds": 2, "timing_runs": 1, "n_boot": 50, "scoring_examples": 4}},
+                             "random_seeds": 2, "timing_runs": 1, "n_boot": 50, "scoring_examples": 4,
+                             "curve_blocks": [1, 2],
+                             "perplexity_dataset": {"rows": [{"text": "held-out words about a quiet harbour"},
+                                                             {"text": "and one more unseen sentence"}]}}},
     }
-    saved = run(spec, tmp_path)
+    saved = run(spec, tmp_path)  # the curve's prunings are phases of the one bar (monotonic)
     assert set(saved) == {"avss", "prune"}  # avss pulled in because prune ranks by it
     prune = saved["prune"]
+    assert prune.summary["table"][0]["n"] == 2  # perplexity on the held-out rows, loaded by the stage
+    assert prune.summary["curve"]["blocks"] == [1, 2]
+    assert {m.scope for m in prune.metrics} >= {"task=perplexity,scorer=cim,removed=2",
+                                                "task=perplexity,scorer=random,removed=1"}
     scopes = {m.scope for m in prune.metrics}
     assert any("scorer=avss" in s for s in scopes) and any("scorer=block_influence" in s for s in scopes)
     assert {r.scorer for r in prune.layers} >= {"block_influence", "cim"}
