@@ -62,6 +62,7 @@ def test_prune_stage_ranks_by_avss_and_baselines(tmp_path: Path) -> None:
     assert all(type(r.values["rank"]) is int and type(r.values["prune"]) is bool for r in prune.layers)
     assert all(type(r.values["count"]) is int and type(r.values["massive"]) is bool for r in saved["avss"].layers)
     assert all(type(t["runs"]) is int for t in prune.summary["timing"].values())
+    assert {"prune.png", "prune.svg"} <= {a.name for a in prune.artifacts}  # the dashboard's prune panel
     # Timed once, by the pipeline, for every stored stage.
     assert all(isinstance(r.summary["seconds"], float) for r in saved.values())
 
@@ -80,7 +81,9 @@ def test_hallucination_stage_through_the_pipeline(tmp_path: Path) -> None:
     assert {m.scope for m in result.metrics} >= {"detector=sequence_likelihood", "detector=length"}
     assert {r.scorer for r in result.layers} == {"eavss"} and len(result.layers) == 4
     assert all(type(r.values[k]) is int for r in result.layers for k in ("rank", "n_correct", "n_hallucinated"))
-    assert {a.name for a in result.artifacts} >= {"answers.jsonl", "answers.csv"}
+    assert {a.name for a in result.artifacts} >= {"answers.jsonl", "answers.csv", "hallucination.png",
+                                                  "hallucination.svg"}
+    assert not any("figures skipped" in w for w in result.warnings)
 
 
 def test_exact_sparsity_counts_relative_thresholds_in_a_second_pass(tmp_path: Path) -> None:

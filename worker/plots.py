@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -200,3 +200,206 @@ def tradeoff_figure(
         axes[k // cols][k % cols].set_visible(False)
     fig.suptitle(f"{title}: retained performance with paired 95% intervals", fontsize=11)
     return [ArtifactFile(f"{basename}.{fmt}", FORMATS[fmt], figure_bytes(fig, fmt, dpi=dpi)) for fmt in formats]
+
+
+# ------------------------------------------------ the stage panels of the dashboard, as files
+
+
+def _metric(metrics: Sequence[Any], scope: str, name: str) -> Any | None:
+    return next((m for m in metrics if m.scope == scope and m.name == name), None)
+
+
+def _errorbar(value: float | None, lo: float | None, hi: float | None) -> tuple[float, float]:
+    """(below, above) for an error bar; 0 where the interval is unknown."""
+    if value is None or not math.isfinite(value):
+        return 0.0, 0.0
+    below = value - lo if lo is not None and math.isfinite(lo) else 0.0
+    above = hi - value if hi is not None and math.isfinite(hi) else 0.0
+    return max(0.0, below), max(0.0, above)
+
+
+def _new_figure(width: float, height: float, panels: int) -> tuple[Figure, list[Any]]:
+    fig = Figure(figsize=(width * panels, height))
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.2, top=0.82, wspace=0.35)
+    return fig, list(fig.subplots(1, panels, squeeze=False)[0])
+
+
+def _files(fig: Figure, basename: str, formats: Sequence[str], dpi: int) -> list[ArtifactFile]:
+    return [ArtifactFile(f"{basename}.{fmt}", FORMATS[fmt], figure_bytes(fig, fmt, dpi=dpi)) for fmt in formats]
+
+
+def prune_figure(
+    metrics: Sequence[Any], layers: Sequence[Any], agreement: Mapping[str, Mapping[str, Any]], *,
+    tasks: Sequence[str], basename: str = "prune", formats: Sequence[str] = ("png", "svg"), dpi: int = 110,
+) -> list[ArtifactFile]:
+    """The dashboard's prune panel: per task, each scorer's retained performance (%) with its 95%
+    interval against the original model (100 %) and the random control (its seeds' range shaded,
+    their mean dashed); the layers each scorer removed (layers x scorers); the scorers' Spearman
+    rank agreement. `metrics` and `layers` are the stage's MetricRows and LayerRows."""
+    scorers = list(dict.fromkeys(r.scorer for r in layers))
+    fig, axes = _new_figure(4.6, 3.9, len(tasks) + 2)
+    for ax, task in zip(axes, tasks, strict=False):
+        names = [s for s in scorers if _metric(metrics, f"task={task},scorer={s}", "retained_pct")]
+        values, bars = [], []
+        for s in names:
+            m = _metric(metrics, f"task={task},scorer={s}", "retained_pct")
+            values.append(m.value if m and m.value is not None else math.nan)
+            bars.append(_errorbar(m.value, m.ci_low, m.ci_high) if m else (0.0, 0.0))
+        xs = list(range(len(names)))
+        ax.bar(xs, [0.0 if math.isnan(v) else v for v in values], color="tab:blue", width=0.6,
+               yerr=[[b[0] for b in bars], [b[1] for b in bars]] if bars else None, capsize=3)
+        rnd = _metric(metrics, f"task={task},scorer=random", "retained_pct")
+        lo = _metric(metrics, f"task={task},scorer=random", "retained_pct_seed_min")
+        hi = _metric(metrics, f"task={task},scorer=random", "retained_pct_seed_max")
+        if lo is not None and hi is not None and lo.value is not None and hi.value is not None:
+            ax.axhspan(lo.value, hi.value, color="0.6", alpha=0.25, label="random: seeds' range")
+        if rnd is not None and rnd.value is not None:
+            ax.axhline(rnd.value, color="0.3", linestyle="--", linewidth=1, label="random: mean")
+        ax.axhline(100.0, color="black", linewidth=1, label="original")
+        ax.set_xticks(xs, names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("retained %", fontsize=9)
+        ax.set_title(f"{task}: retained performance (95% CI)", fontsize=10)
+        ax.legend(fontsize=7, loc="lower left")
+        ax.grid(True, axis="y", alpha=0.3)
+    grid_ax, agree_ax = axes[len(tasks)], axes[len(tasks) + 1]
+    ids = sorted({r.layer for r in layers})
+    grid = [[1.0 if any(r.scorer == s and r.layer == i and r.values.get("prune") for r in layers) else 0.0
+             for i in ids] for s in scorers]
+    if scorers and ids:
+        grid_ax.imshow(grid, cmap="Reds", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    grid_ax.set_yticks(range(len(scorers)), scorers, fontsize=8)
+    grid_ax.set_xticks(range(len(ids)), [str(i) for i in ids], fontsize=7 if len(ids) <= 32 else 5, rotation=90)
+    grid_ax.set_xlabel("layer", fontsize=9)
+    grid_ax.set_title("layers removed (red)", fontsize=10)
+    names = list(dict.fromkeys(n for pair in agreement for n in pair.split("|")))
+    matrix = [[1.0 if a == b else math.nan for b in names] for a in names]
+    for pair, stats in agreement.items():
+        a, _, b = pair.partition("|")
+        rho = stats.get("spearman")
+        if a in names and b in names and isinstance(rho, int | float):
+            matrix[names.index(a)][names.index(b)] = matrix[names.index(b)][names.index(a)] = float(rho)
+    if names:
+        agree_ax.imshow(matrix, cmap="coolwarm", vmin=-1, vmax=1, interpolation="nearest")
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                if not math.isnan(v):
+                    agree_ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    agree_ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    agree_ax.set_yticks(range(len(names)), names, fontsize=8)
+    agree_ax.set_title("rank agreement (Spearman ρ)", fontsize=10)
+    fig.suptitle("Pruning: retained performance per scorer against random layers", fontsize=11)
+    return _files(fig, basename, formats, dpi)
+
+
+def reliability_bins(confidence: Sequence[float | None], correct: Sequence[bool], bins: int = 10
+                     ) -> list[tuple[float, float, int]]:
+    """(mean confidence, accuracy, count) of each non-empty equal-width confidence bin (the
+    dashboard's reliability diagram); answers without a confidence are left out."""
+    out = []
+    pairs = [(float(c), bool(y)) for c, y in zip(confidence, correct, strict=True)
+             if c is not None and math.isfinite(float(c))]
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = [(c, y) for c, y in pairs if lo <= min(max(c, 0.0), 1.0) < hi or (b == bins - 1 and c >= 1.0)]
+        if inside:
+            out.append((sum(c for c, _ in inside) / len(inside), sum(y for _, y in inside) / len(inside), len(inside)))
+    return out
+
+
+def hallucination_figure(
+    layers: Sequence[Any], answers: Sequence[Any], metrics: Sequence[Any], *, detectors: Sequence[str],
+    basename: str = "hallucination", formats: Sequence[str] = ("png", "svg"), dpi: int = 110,
+) -> list[ArtifactFile]:
+    """The dashboard's hallucination panel: EAVSS by layer, each layer probe's test AUROC with its
+    95% interval (when probes ran), and a reliability diagram per detector (the test answers in
+    ten equal confidence bins, accuracy against mean confidence, the detector's ECE in the legend)."""
+    eavss = sorted((r for r in layers if r.scorer == "eavss"), key=lambda r: r.layer)
+    probes = sorted((r for r in layers if r.scorer == "layer_probe"), key=lambda r: r.layer)
+    fig, axes = _new_figure(4.6, 3.9, 3 if probes else 2)
+    ax = axes[0]
+    ax.bar([r.layer for r in eavss], [float(r.values.get("eavss") or 0.0) for r in eavss], color="tab:red", width=0.8)
+    ax.set_xlabel("layer", fontsize=9)
+    ax.set_ylabel("EAVSS", fontsize=9)
+    ax.set_title("EAVSS by layer", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    if probes:
+        ax = axes[1]
+        auroc = [r.values.get("auroc") for r in probes]
+        bars = [_errorbar(r.values.get("auroc"), r.values.get("auroc_ci_low"), r.values.get("auroc_ci_high"))
+                for r in probes]
+        ax.errorbar([r.layer for r in probes], _clean(auroc), yerr=[[b[0] for b in bars], [b[1] for b in bars]],
+                    fmt="o-", markersize=3, capsize=2, color="tab:blue")
+        ax.axhline(0.5, color="0.4", linestyle="--", linewidth=1, label="chance")
+        ax.set_xlabel("layer", fontsize=9)
+        ax.set_ylabel("AUROC (test)", fontsize=9)
+        ax.set_title("layer probe AUROC (95% CI)", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+    ax = axes[-1]
+    test = [a for a in answers if a.split == "test"]
+    ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="perfect calibration")
+    for d in detectors:
+        points = reliability_bins([a.confidence.get(d) for a in test], [a.correct for a in test])
+        if not points:
+            continue
+        ece = _metric(metrics, f"detector={d}", "ece")
+        label = f"{d} (ECE {ece.value:.3f})" if ece is not None and ece.value is not None else d
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, linewidth=1.2, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean confidence", fontsize=9)
+    ax.set_ylabel("accuracy", fontsize=9)
+    ax.set_title(f"reliability ({len(test)} test answers, 10 bins)", fontsize=10)
+    ax.legend(fontsize=6, loc="upper left")
+    ax.grid(True, alpha=0.3)
+    fig.suptitle("Hallucination: layer scores and detector calibration", fontsize=11)
+    return _files(fig, basename, formats, dpi)
+
+
+def mitigation_figure(
+    metrics: Sequence[Any], *, detectors: Sequence[str], basename: str = "mitigation",
+    formats: Sequence[str] = ("png", "svg"), dpi: int = 110,
+) -> list[ArtifactFile]:
+    """The dashboard's mitigate panel: accuracy, general-text perplexity and each detector's ECE
+    for the base model and after tuning the EAVSS layers or random ones, with 95% intervals; and
+    the paired accuracy differences (eavss - base, random - base, eavss - random) with theirs."""
+    variants = [v for v in ("base", "eavss", "random") if _metric(metrics, f"variant={v}", "accuracy")]
+    colors = {"base": "0.55", "eavss": "tab:red", "random": "tab:blue"}
+    quantities = [("accuracy", "", "answer accuracy"), ("perplexity", "", "perplexity (general text)")]
+    quantities += [("ece", f",detector={d}", f"{d} ECE") for d in detectors]
+    fig, axes = _new_figure(3.4, 3.6, len(quantities) + 1)
+    for ax, (name, extra, title) in zip(axes, quantities, strict=False):
+        for i, v in enumerate(variants):
+            m = _metric(metrics, f"variant={v}{extra}", name)
+            value = m.value if m is not None and m.value is not None else math.nan
+            err = _errorbar(value, m.ci_low, m.ci_high) if m is not None else (0.0, 0.0)
+            ax.bar([i], [0.0 if math.isnan(value) else value], color=colors[v], width=0.6,
+                   yerr=[[err[0]], [err[1]]], capsize=3)
+        ax.set_xticks(range(len(variants)), variants, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    ax = axes[-1]
+    deltas = [d for d in ("eavss-base", "random-base", "eavss-random") if _metric(metrics, f"delta={d}", "accuracy")]
+    for i, d in enumerate(deltas):
+        m = _metric(metrics, f"delta={d}", "accuracy")
+        value = m.value if m is not None and m.value is not None else math.nan
+        err = _errorbar(value, m.ci_low, m.ci_high) if m is not None else (0.0, 0.0)
+        excludes = m is not None and m.ci_low is not None and m.ci_high is not None and (m.ci_low > 0 or m.ci_high < 0)
+        ax.errorbar([i], [value], yerr=[[err[0]], [err[1]]], fmt="o", capsize=4,
+                    color="tab:green" if excludes else "0.3")
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_xticks(range(len(deltas)), deltas, rotation=20, ha="right", fontsize=8)
+    ax.set_title("accuracy difference (paired 95% CI;\ngreen: excludes 0)", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("Mitigation: before and after tuning, against the random-layer control", fontsize=11)
+    return _files(fig, basename, formats, dpi)
+
+
+def stage_figures(warnings: list[str], stage: str, make: Callable[[], list[ArtifactFile]]) -> list[ArtifactFile]:
+    """A stage's figures; a figure that cannot be drawn is a warning, never a failed job."""
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - plotting must not lose a finished analysis
+        warnings.append(f"{stage}: figures skipped ({type(exc).__name__}: {exc})")
+        return []

@@ -626,8 +626,10 @@ def run_prune_stage(
         curve_metrics, summary["curve"] = _tradeoff_curve(job, curve_plan, selection, original, measured)
         metrics.extend(curve_metrics)
         artifacts.extend(_curve_figure(job, summary["curve"]))
+    layer_rows = _layer_rows(job, ranked, selection)
+    artifacts.extend(_stage_figure(job, metrics, layer_rows, summary))
     return StageResult(
-        stage="prune", layers=_layer_rows(job, ranked, selection), metrics=metrics,
+        stage="prune", layers=layer_rows, metrics=metrics,
         artifacts=artifacts, summary=summary, warnings=job.warnings,
     )
 
@@ -1144,6 +1146,16 @@ def _tradeoff_curve(
                 })
         curve["tasks"][task] = {"metric": orig.primary, "original": orig.value, "scorers": per_scorer}
     return metrics, curve
+
+
+def _stage_figure(
+    job: _Prune, metrics: Sequence[MetricRow], layers: Sequence[LayerRow], summary: Mapping[str, Any]
+) -> list[ArtifactFile]:
+    """prune.png/.svg: the dashboard's prune panel (worker/plots.py, prune_figure)."""
+    from worker.plots import prune_figure, stage_figures
+
+    return stage_figures(job.warnings, "prune", lambda: prune_figure(
+        metrics, layers, summary["agreement"], tasks=summary["tasks"]))
 
 
 def _curve_figure(job: _Prune, curve: Mapping[str, Any]) -> list[ArtifactFile]:

@@ -172,7 +172,8 @@ def test_the_stage_restores_the_model_and_reports_every_variant(tiny) -> None:
         assert scope in scopes, scope
     assert all(m.value is None or abs(m.value) < float("inf") for m in res.metrics)
     names = {a.name for a in res.artifacts}
-    assert names == {"mitigation.safetensors", "mitigation_recipe.json", "before_after.md"}
+    assert names == {"mitigation.safetensors", "mitigation_recipe.json", "before_after.md", "mitigation.png",
+                     "mitigation.svg"}
     n_test = s["counts"]["test_answered"]
     assert sorted({a.scope for a in res.answers}) == ["variant=base", "variant=eavss", "variant=random"]
     assert len(res.answers) == 3 * n_test

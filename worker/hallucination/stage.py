@@ -238,9 +238,14 @@ def analyze_hallucination(
     summary["timings_s"] = {k: round(v, 2) for k, v in timed.items()}
     summary["timings_s"]["total"] = round(time.monotonic() - t_start, 2)
     progress.finish()
+    from worker.plots import hallucination_figure, stage_figures  # matplotlib only when a stage draws
+
+    artifacts = _artifacts(records, options.detectors, table) + stage_figures(
+        warnings, STAGE, lambda: hallucination_figure(layers.rows + probe_rows, records, metrics,
+                                                      detectors=options.detectors))
     result = StageResult(
         stage=STAGE, layers=layers.rows + probe_rows, metrics=metrics,
-        artifacts=_artifacts(records, options.detectors, table), answers=records, summary=summary, warnings=warnings,
+        artifacts=artifacts, answers=records, summary=summary, warnings=warnings,
     )
     return HallucinationRun(result=result, answers=records, eavss=layers.eavss, layer_ids=prof.layer_ids,
                             shots=qa.shots)

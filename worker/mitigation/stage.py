@@ -430,6 +430,9 @@ def run_mitigate_stage(
     metrics = _report_metrics([base, *variants], options)
     table = before_after_table(metrics, [base, *variants], options.eval_detectors)
     artifacts.append(ArtifactFile("before_after.md", "text/markdown", table.encode()))
+    from worker.plots import mitigation_figure, stage_figures  # matplotlib only when a stage draws
+
+    artifacts.extend(stage_figures(warnings, STAGE, lambda: mitigation_figure(metrics, detectors=options.eval_detectors)))
     answers = [replace(r, scope=f"variant={v.name}") for v in (base, *variants) for r in v.test_answers]
     rank_of = {layer: i + 1 for i, layer in enumerate(eavss.highest_first() if eavss else base.run.ranking)}
     layer_rows = _layer_rows(loaded, rank_of, chosen, control_layers, weight_change)
