@@ -10,14 +10,10 @@ and its updates land once the server is back.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,7 +26,8 @@ from app.db import session_factory, session_scope
 from app.main import create_app
 from app.migrate import upgrade
 from app.models import RegistryUpdate, WebhookEvent
-from tests.conftest import free_port, make_settings, wait_for_analysis
+from tests.conftest import make_settings, wait_for_analysis
+from tests.integration.mlflow_server import MlflowServer
 from worker.service.embedded import EmbeddedWorker
 
 mlflow = pytest.importorskip("mlflow")
@@ -39,47 +36,6 @@ pytestmark = pytest.mark.integration
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 MODEL = "layerscope-tiny-llama"
 ROWS = [{"text": t} for t in ("the cat sat on the mat", "a second line of text", "layers of a model", "hello")]
-
-
-class MlflowServer:
-    def __init__(self, workdir: Path):
-        self.workdir, self.port = workdir, free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        binary = Path(sys.executable).parent / "mlflow"
-        log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - kept open for the process
-        self.proc = subprocess.Popen(
-            [str(binary), "server", "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
-             "--artifacts-destination", str(self.workdir / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.workdir / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError("mlflow server did not start: " + (self.workdir / "server.log").read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self.proc = None
 
 
 @dataclass
