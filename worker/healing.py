@@ -43,7 +43,7 @@ import tarfile
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -399,9 +399,12 @@ def healed(
 # ------------------------------------------------------------------ export
 
 
-def export_healed_model(healing: Healing, tokenizer: Any | None = None, *, dtype: str = "float32") -> bytes:
+def export_healed_model(
+    healing: Healing, tokenizer: Any | None = None, *, dtype: str = "float32", card: Callable[[Path], Any] | None = None
+) -> bytes:
     """The healed model with LoRA merged into its weights, `save_pretrained` (safetensors) and
-    the tokenizer, as .tar.gz bytes (folder `healed-model`). `dtype`: `float32` or `model`."""
+    the tokenizer, as .tar.gz bytes (folder `healed-model`). `dtype`: `float32` or `model`.
+    `card(folder)` writes the model card before packing (`worker.modelcard.write_model_card`)."""
     model = healing.model
     model_dtype = next(model.parameters()).dtype
     target = torch.float32 if dtype == "float32" else model_dtype
@@ -421,6 +424,8 @@ def export_healed_model(healing: Healing, tokenizer: Any | None = None, *, dtype
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(folder))
+        if card is not None:
+            card(folder)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
             tar.add(str(folder), arcname="healed-model")

@@ -38,6 +38,7 @@ from worker.evaluation.bootstrap import paired_bootstrap_ci
 from worker.evaluation.tasks import MetricValue, TaskResult, example_field
 from worker.healing import HealReport, disjoint_texts, export_healed_model, healed
 from worker.lm.model import is_causal_lm
+from worker.modelcard import Provenance, write_model_card
 from worker.modelzoo.surgery import pruned_view
 from worker.stage import ArtifactFile, JobFailed, MetricRow, finite_or_none
 
@@ -212,7 +213,8 @@ def heal_pruned_models(
                     results[key][task] = job.evaluate(task, data, stage=f"prune:healed {i + 1}/{len(keys)}")
             if key == export_key:
                 job.ctx.check_cancelled()
-                blob = export_healed_model(h, job.tokenizer, dtype=heal.export_dtype)
+                blob = export_healed_model(h, job.tokenizer, dtype=heal.export_dtype,
+                                           card=_card(job, key, h.report, results[key]))
                 step.artifacts.append(
                     ArtifactFile(f"healed-model-{job.options.export_scorer}.tar.gz", "application/gzip", blob)
                 )
@@ -339,3 +341,26 @@ def _avss_beaten_after(job: _Prune, task: str, orig: TaskResult, rows: Mapping[s
             + ", ".join(f"{n} {rows[n]['healed']['retained_pct']:.4g}%" for n in better)
         )
     return better
+
+
+def _card(job: Any, key: tuple[int, ...], report: HealReport, evaluated: Mapping[str, TaskResult]) -> Any:
+    """The healed export's model card (worker.modelcard): removed layers, the blocks LoRA tuned, the
+    healing recipe and its loss, and each task's metrics on the healed model with their intervals."""
+    n_blocks = len(job.block_names)
+    metrics = [
+        {"stage": "prune", "scope": f"task={task},scorer={job.options.export_scorer},variant=healed", "name": name,
+         "value": mv.value, "ci_low": mv.ci_low, "ci_high": mv.ci_high, "n": mv.n}
+        for task, res in evaluated.items() for name, mv in res.metrics.items()
+    ]
+    provenance = job.provenance or Provenance(base_model="unknown")
+
+    def write(folder: Any) -> None:
+        write_model_card(
+            folder, provenance, kind="healed", removed_layers=list(key),
+            tuned_layers=[i for i in range(n_blocks) if i not in key], metrics=metrics,
+            extra={"scorer": job.options.export_scorer, "healing": {
+                k: v for k, v in vars(report).items() if isinstance(v, (int, float, str, bool, type(None)))}},
+            notes=["tuned_layers are the original indices of the blocks that kept LoRA updates (merged)."],
+        )
+
+    return write

@@ -109,3 +109,34 @@ def test_prune_stage_export_card_matches_the_result(tmp_path: Path) -> None:
     scopes = {m["scope"] for m in block["metrics"]}
     assert scopes == {"task=perplexity,scorer=avss", "task=perplexity,scorer=original", "scorer=avss"}
     assert any(m["ci_low"] is not None for m in block["metrics"])
+
+
+def test_healed_export_carries_a_card_with_its_metrics(tmp_path: Path) -> None:
+    from app.config import Settings
+    from app.schemas import ModelSpec, PruneOptions
+    from worker.modelzoo import load_model
+    from worker.pruning import run_prune_stage
+    from worker.scoring.agreement import Ranking
+    from worker.stage import JobContext
+
+    loaded = load_model(ModelSpec(name="tiny-random-llama"), Settings(data_dir=tmp_path))
+    spec = AnalysisSpec.model_validate({"model": {"name": "tiny-random-llama"}, "dataset": {"rows": [{"text": "x"}]},
+                                        "stages": {"prune": {"scorers": ["avss"]}}})
+    options = PruneOptions(scorers=["avss"], fraction=0.5, random_seeds=0, n_boot=20, timing_runs=0, tasks=["perplexity"],
+                           heal={"steps": 2, "max_tokens": 16, "rank": 4, "random_seeds": 0, "export": True})
+    texts = [{"text": "the cat sat on the mat and looked at the birds"}, {"text": "a short line of text to read"}]
+    heal = [{"text": "rivers flow down from the mountains to the sea"}, {"text": "birds sing in the early morning"}]
+    ranking = {"avss": Ranking((1, 2, 3, 0), "lowest", (0.4, 0.1, 0.2, 0.3))}
+    result = run_prune_stage(loaded, texts, options, JobContext(), ranking, heal_examples=heal,
+                             provenance=Provenance.of(spec, loaded, "c" * 36))
+    blob = next(a for a in result.artifacts if a.name == "healed-model-avss.tar.gz").data
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        card = tar.extractfile("healed-model/README.md")
+        assert card is not None
+        block = yaml.safe_load(card.read().decode().split("---\n")[1])["layerscope"]
+    assert block["kind"] == "healed" and block["analysis_id"] == "c" * 36
+    assert block["removed_layers"] == sorted(result.summary["layers_removed"]["avss"]) == [1, 2]
+    assert block["tuned_layers"] == [0, 3]
+    assert block["healing"]["steps"] == 2
+    ppl = next(m for m in block["metrics"] if m["name"] == "perplexity")
+    assert ppl["scope"] == "task=perplexity,scorer=avss,variant=healed" and ppl["ci_low"] <= ppl["value"] <= ppl["ci_high"]
