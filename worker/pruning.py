@@ -592,7 +592,8 @@ def run_prune_stage(
         from worker.pruning_heal import heal_pruned_models
 
         healing = heal_pruned_models(
-            job, tasks, original, selection, measured, table, heal_examples, examples, qa_examples
+            job, tasks, original, selection, measured, table, heal_examples, examples, qa_examples,
+            perplexity_examples=perplexity_examples,
         )
         metrics.extend(healing.metrics)
     job.bar.finish()

@@ -20,15 +20,18 @@ healed once. What is stored, per task:
   model's training report and whether AVSS still loses after healing.
 
 The healing corpus is never an evaluated text: texts of the healing set that equal, contain
-or are contained in any text, question or answer of the analysis dataset or the QA set are
-left out (`worker.healing.disjoint_texts`), and their number is reported.
+or are contained in any text, question or answer of the analysis dataset, the QA set or the
+held-out perplexity set, or any string of a task's prepared data (e.g. multiple-choice
+choices), are left out (`worker.healing.disjoint_texts`), and their number is reported. An
+lm-eval task's own documents are not visible here (a warning says so).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -73,12 +76,32 @@ def _fields_of(examples: Sequence[Any]) -> list[str]:
     ]
 
 
+def _strings(obj: Any, depth: int = 0) -> Iterator[str]:
+    """Every string inside a task's prepared data (lists, tuples, mappings, dataclasses)."""
+    if isinstance(obj, str):
+        yield obj
+    elif depth >= 6:
+        return
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _strings(v, depth + 1)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in obj:
+            yield from _strings(v, depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _strings(getattr(obj, f.name), depth + 1)
+
+
 def healing_texts(
-    heal_examples: Sequence[Any], examples: Sequence[Any], qa_examples: Sequence[Any] | None
+    heal_examples: Sequence[Any], examples: Sequence[Any], qa_examples: Sequence[Any] | None,
+    *, perplexity_examples: Sequence[Any] | None = None, task_data: Sequence[Any] = (),
 ) -> tuple[list[str], int]:
-    """The healing corpus without anything the analysis evaluates (see module doc), and how
-    many texts were left out."""
-    held_out = _fields_of(examples) + _fields_of(qa_examples or [])
+    """The healing corpus without anything the analysis evaluates (see module doc): every text,
+    question and answer of the analysis dataset, the QA set and the held-out perplexity set, and
+    every string in the tasks' prepared data. Also how many texts were left out."""
+    held_out = _fields_of(examples) + _fields_of(qa_examples or []) + _fields_of(perplexity_examples or [])
+    held_out += [t for data in task_data for t in _strings(data)]
     return disjoint_texts(_texts_of(heal_examples), held_out)
 
 
@@ -165,6 +188,7 @@ def heal_pruned_models(
     heal_examples: Sequence[Any] | None,
     examples: Sequence[Any],
     qa_examples: Sequence[Any] | None,
+    perplexity_examples: Sequence[Any] | None = None,
 ) -> HealStep:
     """Heal every pruned model, evaluate it again, and fill `table`'s rows (module doc).
     `heal_examples`: the healing set (default: `default_heal_dataset()`, loaded here)."""
@@ -175,7 +199,9 @@ def heal_pruned_models(
         return HealStep()
     if heal_examples is None:
         heal_examples = default_heal_examples()
-    texts, left_out = healing_texts(heal_examples, examples, qa_examples)
+    texts, left_out = healing_texts(
+        heal_examples, examples, qa_examples, perplexity_examples=perplexity_examples, task_data=list(tasks.values())
+    )
     if not texts:
         raise JobFailed(
             "heal_no_data",

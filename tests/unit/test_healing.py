@@ -20,6 +20,7 @@ from worker.healing import disjoint_texts, export_healed_model, healed, lora_tar
 from worker.modelzoo import adapter_for, load_model
 from worker.modelzoo.surgery import pruned_view
 from worker.pruning import run_prune_stage
+from worker.pruning_heal import healing_texts
 from worker.scoring.agreement import Ranking
 from worker.stage import JobCancelled, JobContext, JobFailed
 
@@ -188,6 +189,13 @@ def test_corpus_left_out_overlap_and_packing(tiny):
         ["hello there", "what is the capital of france?", "x"],
     )
     assert kept == ["unrelated healing text here"] and dropped == 3
+    heal = [{"text": "a held-out wikipedia sentence about rivers"}, {"text": "the choice text of a question here"},
+            {"text": "kept healing line"}]
+    kept, dropped = healing_texts(
+        heal, [{"text": "analysis text"}], None, perplexity_examples=[{"text": "A held-out Wikipedia sentence about rivers"}],
+        task_data=[{"rows": [("q", ["the choice text of a question here", "other"])]}],
+    )
+    assert kept == ["kept healing line"] and dropped == 2
     seqs = pack_tokens(tiny.tokenizer, ["one two three", "four five"], 4)
     assert all(2 <= len(s) <= 4 for s in seqs) and sum(map(len, seqs)) >= 5
 
