@@ -210,17 +210,17 @@ def register(app: typer.Typer) -> None:
         scope: str = typer.Option(None, help='e.g. "variant=eavss".'),
         split: str = typer.Option(None, help="train or test."),
         correct: bool = typer.Option(None, "--correct/--wrong", help="Only right (or only wrong) answers."),
-        as_csv: bool = typer.Option(False, "--csv", help="CSV (every column)."),
+        as_csv: bool = typer.Option(False, "--csv", help="CSV: every column, every page, the filters applied."),
         columns: str = typer.Option("id,split,correct,question,answer,gold", help="Comma-separated columns."),
         server: str = ServerOpt,
         key: str = KeyOpt,
     ) -> None:
         """Print the per-answer rows of the hallucination and mitigate stages."""
         client = Client(server, key)
-        filters = {"stage": stage, "scope": scope, "split": split, "correct": correct}
+        filters: dict[str, Any] = {"stage": stage, "scope": scope, "split": split, "correct": correct}
         try:
             if as_csv:
-                typer.echo(client.table_csv(analysis_id, "answers", stage=stage), nl=False)
+                typer.echo(client.answers_csv(analysis_id, **filters), nl=False)
                 return
             rows = client.answers(analysis_id, **filters)
         except LayerscopeError as exc:

@@ -201,6 +201,20 @@ class Client(_Operations):
         """Every per-answer row (all pages), filtered by `stage`, `scope`, `split`, `correct`."""
         return Table(self.iter_answers(analysis_id, **filters))
 
+    def answers_csv(self, analysis_id: str, *, page_size: int = 1000, **filters: Any) -> str:
+        """Every per-answer row (all pages of `GET .../answers.csv`, one header), filtered as `answers`."""
+        params: dict[str, Any] = {**{k: v for k, v in filters.items() if v is not None}, "page_size": page_size}
+        parts: list[str] = []
+        while True:
+            page: httpx.Response = self._run(Call("GET", f"/v1/analyses/{analysis_id}/answers.csv", lambda r: r,
+                                                  params=params))
+            text = page.text
+            parts.append(text if not parts else text.split("\n", 1)[1] if "\n" in text else "")
+            token = page.headers.get("Next-Page-Token")
+            if not token:
+                return "".join(parts)
+            params["page_token"] = token
+
     def iter_answers(self, analysis_id: str, **filters: Any) -> Iterator[dict[str, Any]]:
         token = None
         while True:

@@ -166,6 +166,18 @@ def test_csv(api: Api) -> None:
     assert len(ids) == 20 == len(set(ids))
     assert ids == [(r["stage"], r["scope"], str(r["id"])) for r in rows(api, analysis_id)][:20]
 
+    # The Python client (and `layerscope answers --csv`) follows the pages: one header, every row, filters kept.
+    from layerscope import Client
+
+    whole = api.get(base, params={"format": "csv", "page_size": 1000, "split": "test"}).text
+    sdk = Client("http://testserver", api.key)
+    sdk.http = api.client  # the in-process app (TestClient is an httpx.Client)
+    api.client.headers["Authorization"] = f"Bearer {api.key}"
+    try:
+        assert sdk.answers_csv(analysis_id, page_size=4, split="test") == whole and whole.count("\r\n") > 5
+    finally:
+        del api.client.headers["Authorization"]
+
     # The documented CSV operation answers the same, with the same filters and paging.
     dot = api.get(f"{base}.csv", params={"page_size": 10, "page_token": token})
     assert dot.headers["content-type"].startswith("text/csv") and dot.text == second.text
