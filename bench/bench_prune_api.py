@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--texts", type=int, default=32, help="analysis texts (AVSS profile, baseline scoring)")
     ap.add_argument("--heldout", type=int, default=32, help="held-out perplexity texts")
     ap.add_argument("--mc", type=int, default=60, help="SciQ multiple-choice documents (lm-eval limit)")
+    ap.add_argument("--no-mc", action="store_true", help="perplexity only (no lm-eval task): a cheaper run")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--scorers", nargs="+",
                     default=["avss", "gbis", "lrp", "cim", "block_influence", "angular_distance"])
@@ -80,11 +81,12 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
             "prune": {
                 "scorers": args.scorers,
                 "fraction": args.fraction,
-                "tasks": ["perplexity", "lm_eval"],
+                "tasks": ["perplexity"] if args.no_mc else ["perplexity", "lm_eval"],
                 "perplexity_dataset": {"rows": [{"text": t} for t in heldout[: args.heldout]],
                                        "limit": args.heldout},
-                "lm_eval": {"task": "layerscope_sciq_mc", "data_files": "sciq/validation.txt", "limit": args.mc,
-                            "num_fewshot": 0},
+                **({} if args.no_mc else {"lm_eval": {
+                    "task": "layerscope_sciq_mc", "data_files": "sciq/validation.txt", "limit": args.mc,
+                    "num_fewshot": 0}}),
                 "random_seeds": args.random_seeds,
                 "scoring_examples": 16,
                 "curve_blocks": args.curve,

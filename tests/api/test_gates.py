@@ -34,7 +34,7 @@ def results() -> list[StageResult]:
         StageResult(
             stage="prune",
             metrics=[
-                MetricRow("task=perplexity,scorer=avss", "retained_pct", 92.5),
+                MetricRow("task=perplexity,scorer=avss", "retained_pct", 92.5, 90.5, 94.0, 64),
                 MetricRow("task=perplexity,scorer=avss", "perplexity", 21.0, 19.5, 22.6, 64),
             ],
             warnings=["AVSS loses on perplexity"],
@@ -131,6 +131,9 @@ def test_gate_passes_with_every_rule_observed_threshold_and_interval(api: Api) -
     assert verdict["model"] == SPEC["model"]["name"] and verdict["labels"] == {"team": "research"}
     rules = {r["rule"]: r for r in verdict["rules"]}
     assert rules[RULES[0]]["observed"] == 0.925 and rules[RULES[0]]["threshold"] == 0.9
+    # retained performance carries its paired interval (as a fraction) and N into the verdict
+    kept = rules[RULES[0]]
+    assert (kept["ci_low"], kept["ci_high"], kept["n"]) == (pytest.approx(0.905), pytest.approx(0.94), 64)
     ece = rules[RULES[1]]
     assert (ece["observed"], ece["ci_low"], ece["ci_high"], ece["n"]) == (0.07, 0.04, 0.11, 120)
     assert rules[RULES[2]]["observed"] == 0 and rules[RULES[2]]["passed"]
@@ -275,6 +278,7 @@ def test_cli_gate_exit_codes_for_ci(api: Api, live_server: str) -> None:
     assert ok.exit_code == 0, ok.output
     assert "PASS: policy release v1" in ok.stdout and "3/3 rules pass" in ok.stdout
     assert "retained_performance.perplexity >= 0.9" in ok.stdout and "[0.04, 0.11]" in ok.stdout
+    assert "[0.905, 0.94]" in ok.stdout  # the retained rule's interval, not `-`
 
     failed = gate(analysis, "--policy", "strict")
     assert failed.exit_code == 1, failed.output
