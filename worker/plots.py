@@ -331,6 +331,9 @@ def hallucination_figure(
         ax.errorbar([r.layer for r in probes], _clean(auroc), yerr=[[b[0] for b in bars], [b[1] for b in bars]],
                     fmt="o-", markersize=3, capsize=2, color="tab:blue")
         ax.axhline(0.5, color="0.4", linestyle="--", linewidth=1, label="chance")
+        ax.set_xlim(min(r.layer for r in probes) - 0.5, max(r.layer for r in probes) + 0.5)
+        if all(math.isnan(v) for v in _clean(auroc)):  # e.g. a test split of one class
+            ax.text(0.5, 0.6, "AUROC undefined on this test split", transform=ax.transAxes, ha="center", fontsize=8)
         ax.set_xlabel("layer", fontsize=9)
         ax.set_ylabel("AUROC (test)", fontsize=9)
         ax.set_title("layer probe AUROC (95% CI)", fontsize=10)

@@ -145,6 +145,9 @@ def test_reliability_bins_and_hallucination_figure() -> None:
     check_png_svg(files)
     svg = _svg_text(files)
     assert "length (ECE 0.120)" in svg and "5 test answers" in svg and "layer probe AUROC" in svg
+    for row in layers[4:]:
+        row.values["auroc"] = None
+    assert "AUROC undefined" in _svg_text(hallucination_figure(layers, answers, [], detectors=["length"]))
 
 
 def test_mitigation_figure_marks_intervals_that_exclude_zero() -> None:
