@@ -303,7 +303,7 @@ def test_generation_stops_at_newline_eos_and_cap() -> None:
     # row 3: never stops -> cut at max_new_tokens
     assert (g[3].text, g[3].stop, g[3].n_tokens) == ("zzz", "max_tokens", 3)
     assert all(lp <= 0 for x in g for lp in x.logprobs)
-    assert seen == [(1, 1)]
+    assert seen == [(4, 4)]  # one batch; progress counts rows (AutoBatch.progress), never backwards
     # last prompt token's hidden state = its position (the fake model's hidden state)
     assert run.last_hidden is not None and run.last_hidden[:, 0].tolist() == [2, 4, 6, 8]
     # the shared prefix ran once (batch 1, 2 tokens); decoding dropped finished rows
