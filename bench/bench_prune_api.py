@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--curve", type=int, nargs="*", default=[1, 2, 4, 8])
     ap.add_argument("--timing-runs", type=int, default=15)
     ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--heal-steps", type=int, default=0, help="LoRA healing steps per pruned model (0: no healing)")
+    ap.add_argument("--heal-lr", type=float, default=1e-3, help="healing learning rate")
+    ap.add_argument("--heal-random-seeds", type=int, default=1, help="random seeds healed (the first ones)")
     ap.add_argument("--poll", type=float, default=5.0)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     return ap.parse_args(argv)
@@ -73,7 +76,7 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     used = set(train)
     heldout = [t for t in wikiqa_sentences(args.data_dir / "wikiqa" / "validation.txt") if t not in used]
     require_file(args.data_dir / "sciq" / "validation.txt")
-    return {
+    spec: dict[str, Any] = {
         "model": {"name": args.model},
         "dataset": {"rows": [{"text": t} for t in train], "limit": len(train), "max_tokens": args.max_tokens},
         "stages": {
@@ -98,6 +101,10 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         },
         "labels": {"bench": "prune-api"},
     }
+    if args.heal_steps:  # healing corpus: the built-in conversation lines (worker/pruning_heal.py)
+        spec["stages"]["prune"]["heal"] = {"steps": args.heal_steps, "learning_rate": args.heal_lr, "max_tokens": 64,
+                                           "random_seeds": args.heal_random_seeds}
+    return spec
 
 
 def _free_port() -> int:
@@ -159,9 +166,11 @@ def tables(summary: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
         task, name = entry["task"], entry["metric"]
         out.append(f"\n**{task}** ({name}, {'higher' if entry['higher_is_better'] else 'lower'} is better; "
                    f"original {fmt(entry['original'])} {ci(*entry['original_ci'])}, n = {entry['n']})\n")
+        healed = any("healed" in r for r in entry["rows"])
         out.append("| scorer | layers removed | " + name + " [95% CI] | retained % [paired 95% CI] | "
-                   "beats random (share of seeds) | params removed % | speed-up [95% CI] |")
-        out.append("|---|---|---|---|---|---|---|")
+                   "beats random (share of seeds) | params removed % | speed-up [95% CI] |"
+                   + (" after healing: retained % [paired 95% CI] | healing gain, points [95% CI] |" if healed else ""))
+        out.append("|---|---|---|---|---|---|---|" + ("---|---|" if healed else ""))
         for r in entry["rows"]:
             s = r["scorer"]
             kept = by.get((f"task={task},scorer={s}", "retained_pct"), {})
@@ -184,8 +193,14 @@ def tables(summary: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
                 beats = (f"{fmt(share['value'], 2)} of {share['n']}" if share else "")
                 flag = " (includes 1)" if r.get("speedup_includes_one") else ""
                 sp = f"{fmt(r.get('speedup'), 3)} {ci(*r.get('speedup_ci', [None, None]), 3)}{flag}"
+            after = ""
+            if healed:
+                hk = by.get((f"task={task},scorer={s},variant=healed", "retained_pct"), {})
+                hg = by.get((f"task={task},scorer={s},variant=healed", "heal_gain_pct"), {})
+                after = (f" {fmt(hk.get('value'))} {ci(hk.get('ci_low'), hk.get('ci_high'))} | "
+                         f"{fmt(hg.get('value'), 3)} {ci(hg.get('ci_low'), hg.get('ci_high'), 3)} |")
             out.append(f"| {label} | {removed} | {val} | {kept_txt} | {beats} | "
-                       f"{fmt(r.get('parameter_reduction_pct'), 3)} | {sp} |")
+                       f"{fmt(r.get('parameter_reduction_pct'), 3)} | {sp} |{after}")
     curve = summary.get("curve")
     if curve:
         out.append("\n**Trade-off curve** (retained % [paired 95% CI] after removing k blocks)\n")
