@@ -34,7 +34,7 @@ def rows_of(path: Path) -> tuple[str, str, list[str]]:
     res = json.loads(path.read_text())
     s = res["summary"]
     method = s.get("method", "contrastive")
-    dataset = s.get("dataset") or res["args"].get("dataset", "?")
+    dataset = str(res["args"].get("dataset") or s.get("dataset") or "?").split(":")[0]
     by = {(m["scope"], m["name"]): m for m in res["metrics"]}
     n = by.get(("variant=base", "accuracy"), {}).get("n")
 
