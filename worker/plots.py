@@ -167,10 +167,11 @@ def tradeoff_figure(
     cols = max(1, min(3, len(tasks)))
     rows = math.ceil(len(tasks) / cols)
     height = 3.4 * rows + 0.8
-    fig = Figure(figsize=(5.0 * cols, height))
+    width = max(5.0 * cols, 7.5)  # room for the title over a single task
+    fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     fig.subplots_adjust(
-        left=0.08, right=0.98, bottom=0.55 / height + 0.03, top=1 - 0.75 / height, wspace=0.28, hspace=0.6
+        left=0.6 / width, right=0.98, bottom=0.55 / height + 0.03, top=1 - 0.75 / height, wspace=0.28, hspace=0.6
     )
     axes = fig.subplots(rows, cols, squeeze=False)
     palette = ["tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
