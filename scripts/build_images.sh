@@ -42,6 +42,7 @@ trap cleanup EXIT
 # 1. Base image.
 if ! docker image inspect "$BASE" >/dev/null 2>&1; then
   rootfs="$(mktemp -d)"
+  chmod 755 "$rootfs"  # mktemp's 0700 would become the image's /, which the non-root `layerscope` user cannot enter
   log "debootstrap bookworm -> $BASE"
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" \
     "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >/dev/null
