@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import yaml
 
 from app.config import Settings
 from app.schemas import AnalysisSpec, HallucinationOptions, MitigateOptions, ModelSpec
@@ -173,7 +174,12 @@ def test_the_stage_restores_the_model_and_reports_every_variant(tiny) -> None:
     assert all(m.value is None or abs(m.value) < float("inf") for m in res.metrics)
     names = {a.name for a in res.artifacts}
     assert names == {"mitigation.safetensors", "mitigation_recipe.json", "before_after.md", "mitigation.png",
-                     "mitigation.svg"}
+                     "mitigation.svg", "mitigation_card.md"}
+    card = next(a.data for a in res.artifacts if a.name == "mitigation_card.md").decode()
+    front = yaml.safe_load(card.split("---")[1])["layerscope"]
+    assert front["kind"] == "patched" and front["tuned_layers"] == s["layers"] and front["method"] == "contrastive"
+    assert front["patch_artifact"] == "mitigation.safetensors" and front["gate_verdicts"] == "pending"
+    assert any(m["scope"] == "delta=eavss-base" and m["name"] == "accuracy" and m["n"] for m in front["metrics"])
     n_test = s["counts"]["test_answered"]
     assert sorted({a.scope for a in res.answers}) == ["variant=base", "variant=eavss", "variant=random"]
     assert len(res.answers) == 3 * n_test

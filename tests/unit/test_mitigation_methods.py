@@ -213,5 +213,5 @@ def test_the_stage_runs_steering_with_its_control_and_leaves_no_hook(tiny) -> No
     assert s["training"]["eavss"]["strength"] in (0.0, 1.0)
     assert {"variant=steering", "delta=eavss-random"} - {m.scope for m in res.metrics} == {"variant=steering"}
     assert {a.name for a in res.artifacts} == {"mitigation.safetensors", "mitigation_recipe.json", "before_after.md",
-                                                 "mitigation.png", "mitigation.svg"}
+                                                 "mitigation.png", "mitigation.svg", "mitigation_card.md"}
     assert all(r.values["weight_change"] is None for r in res.layers)

@@ -34,6 +34,7 @@ process-level model cache is left as it was.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,7 @@ from worker.hallucination.stage import (
 )
 from worker.mitigation.contrastive import CandidateGroup
 from worker.mitigation.methods import METHODS, MethodInput, MitigationMethod, TuningData
+from worker.modelcard import Provenance, write_model_card
 from worker.modelzoo import LoadedModel
 from worker.progress import PhasedProgress
 from worker.scoring.agreement import Ranking
@@ -391,10 +393,12 @@ def run_mitigate_stage(
     perplexity_texts: Sequence[str] = (),
     dataset_name: str | None = None,
     judges: Mapping[str, JudgeEndpoint] | None = None,
+    provenance: Provenance | None = None,
 ) -> StageResult:
     """The mitigate stage (module doc). `eavss`: the EAVSS ranking of a hallucination stage of
     the same analysis (None: ranked by the base evaluation). `judges`: the operator's
-    (`Settings.judges`), for the evaluations when the hallucination options name one."""
+    (`Settings.judges`), for the evaluations when the hallucination options name one.
+    `provenance`: for the model card that travels with the patch (`mitigation_card.md`)."""
     options = options or MitigateOptions()
     ctx = ctx or JobContext()
     hopts = hallucination_options or HallucinationOptions()
@@ -430,6 +434,9 @@ def run_mitigate_stage(
     metrics = _report_metrics([base, *variants], options)
     table = before_after_table(metrics, [base, *variants], options.eval_detectors)
     artifacts.append(ArtifactFile("before_after.md", "text/markdown", table.encode()))
+    if any(a.name == PATCH_ARTIFACT for a in artifacts):
+        artifacts.append(_patch_card(provenance or Provenance(base_model=loaded.name, source=loaded.source),
+                                     method.name, chosen, metrics))
     from worker.plots import mitigation_figure, stage_figures  # matplotlib only when a stage draws
 
     artifacts.extend(stage_figures(warnings, STAGE, lambda: mitigation_figure(metrics, detectors=options.eval_detectors)))
@@ -474,6 +481,19 @@ def _fit_and_evaluate(
             artifacts.append(ArtifactFile("mitigation_recipe.json", "application/json",
                                           json.dumps(full, indent=1, default=str).encode()))
     return variants, artifacts, weight_change
+
+
+def _patch_card(provenance: Provenance, method: str, layers: Sequence[int], metrics: Sequence[MetricRow]) -> ArtifactFile:
+    """The model card of the patched model (base + `mitigation.safetensors` through `model.patch`):
+    base model, analysis, tuned layers, the method and the before/after metrics with intervals."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_model_card(
+            folder, provenance, kind="patched", tuned_layers=list(layers), metrics=metrics,
+            extra={"method": method, "patch_artifact": PATCH_ARTIFACT},
+            notes=[f"The weights are the base model's with `{PATCH_ARTIFACT}` applied at load (`model.patch`); "
+                   "the patch refuses any other base."],
+        )
+        return ArtifactFile("mitigation_card.md", "text/markdown", path.read_bytes())
 
 
 # ------------------------------------------------------------------ report

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from app.schemas import AnalysisSpec, HallucinationOptions, MitigateOptions
+from worker.modelcard import Provenance
 from worker.stage import Stage, StageInputs, StageOutput
 
 
@@ -28,5 +29,6 @@ class MitigateStage(Stage[MitigateOptions]):
             eavss=eavss,
             perplexity_texts=[e.as_text() for e in general], dataset_name=job.dataset_name,
             judges=job.settings.judges,
+            provenance=Provenance.of(job.spec, job.loaded, job.ctx.analysis_id),
         )
         return StageOutput(result)
