@@ -174,7 +174,7 @@ def test_hooks_removed_after_an_exception(loaded: Loaded) -> None:
     modules = [m for m in loaded.model.modules()]
 
     def boom(stage: str, done: int, total: int) -> None:
-        if done == 1:
+        if done > 0:  # after the first batch (progress counts rows)
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
@@ -194,7 +194,8 @@ def test_cancellation_between_batches(loaded: Loaded) -> None:
     ctx = JobContext(progress=lambda s, d, t: calls.append((s, d, t)), is_cancelled=lambda: len(calls) >= 3)
     with pytest.raises(JobCancelled):
         profile(loaded, TEXTS, ProfileOptions(batch_size=2), ctx, max_tokens=16)
-    assert calls == [("profile", 0, 4), ("profile", 1, 4), ("profile", 2, 4)]  # stopped before batch 3
+    # progress counts rows (7 texts, batches of 2): stopped before the third batch
+    assert calls == [("profile", 0, 7), ("profile", 2, 7), ("profile", 4, 7)]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in loaded.model.modules())
 
 
@@ -207,7 +208,7 @@ def test_progress_reports_every_batch(loaded: Loaded) -> None:
         JobContext(progress=lambda s, d, t: calls.append((d, t))),
         max_tokens=16,
     )
-    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert calls == [(0, 7), (3, 7), (6, 7), (7, 7)]  # rows done after each batch of 3
 
 
 def test_memory_does_not_grow_with_examples(loaded: Loaded) -> None:
