@@ -22,6 +22,14 @@ MAX_EXAMPLES = 100_000
 PATCH_ARTIFACT = "mitigation.safetensors"  # the mitigate stage's patch; `model.patch` applies it
 MAX_TOKENS = 8192
 
+MitigationMethodName = Literal["contrastive", "dola", "steering"]  # the registry worker.mitigation.methods.METHODS
+
+
+def patch_artifact_name(method: str | None = None) -> str:
+    """The mitigate stage's patch artifact: `mitigation.safetensors` when the analysis ran one
+    method, `mitigation-<method>.safetensors` per method when it compared several."""
+    return PATCH_ARTIFACT if method is None else f"mitigation-{method}.safetensors"
+
 
 class Strict(BaseModel):
     # A float must be finite: `"inf"`/`"nan"` as text as well (JSON's Infinity/NaN/1e400 are refused
@@ -161,6 +169,12 @@ class PatchSpec(Strict):
     )
     path: str | None = Field(
         None, max_length=1024, description="A `.safetensors` patch file under the configured model roots."
+    )
+    method: MitigationMethodName | None = Field(
+        None,
+        description="Which method's patch, for an `analysis_id` whose mitigate stage compared several methods "
+        "(its `mitigation-<method>.safetensors`); with one method, null or that method. The patch's own recipe "
+        "must name this method.",
     )
 
     @model_validator(mode="after")
@@ -728,8 +742,6 @@ class HallucinationOptions(Strict):
         return self
 
 
-MitigationMethodName = Literal["contrastive", "dola", "steering"]  # the registry worker.mitigation.methods.METHODS
-
 
 class MitigateOptions(Strict):
     """Mitigation of the most hallucination-prone layers, docs/method.md section 7: `method` at the
@@ -740,12 +752,15 @@ class MitigateOptions(Strict):
     `validation_fraction` decides early stopping) and a probe part that trains the detectors
     of the before/after evaluation; the test split is never trained on."""
 
-    method: MitigationMethodName = Field(
+    method: MitigationMethodName | list[MitigationMethodName] = Field(
         "contrastive",
         description="The mitigation method: `contrastive` (tune the chosen blocks with InfoNCE + LM loss), "
         "`dola` (layer-contrast decoding with the chosen blocks as premature layers; no weight changes) or "
         "`steering` (add a direction to the chosen blocks' outputs; no weight changes, strength chosen on the "
-        "validation questions).",
+        "validation questions). A list compares several side by side in one analysis: one base evaluation, the "
+        "same layers, control layers, tuning data and test questions for each; the variants are then named "
+        "`<method>_eavss` and `<method>_random` (one method: `eavss` and `random`) and each method writes its own "
+        "patch, `mitigation-<method>.safetensors` (one method: `mitigation.safetensors`).",
     )
     layers: list[Annotated[int, Field(ge=0, le=4095)]] | None = Field(
         None, min_length=1, max_length=256,
@@ -822,6 +837,25 @@ class MitigateOptions(Strict):
         if len(set(value)) != len(value):
             raise ValueError("must not repeat")
         return value
+
+    @field_validator("method")
+    @classmethod
+    def _methods_listed_once(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one method")
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError("must not repeat")
+        return value
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods to run, in the order given."""
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    @property
+    def compares_methods(self) -> bool:
+        """Several methods in one analysis (variant and artifact names carry the method)."""
+        return isinstance(self.method, list) and len(self.method) > 1
 
 
 class StagesSpec(Strict):

@@ -1,4 +1,4 @@
-"""Mitigation benchmark: a mitigation method (`--method`: contrastive tuning, steering, ...)
+"""Mitigation benchmark: mitigation methods (`--method`: contrastive tuning, steering, dola; several in one analysis)
 at SmolLM2-135M's most hallucination-prone layers on a LitCab QA set from ../shared/data/qa,
 driven through the API.
 
@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--negatives", type=int, default=3)
     ap.add_argument("--no-control", action="store_true", help="skip the random-layer control")
-    ap.add_argument("--method", default="contrastive", help="mitigate.method (contrastive, steering, ...)")
+    ap.add_argument("--method", nargs="+", default=["contrastive"],
+                    help="mitigate.method (contrastive, steering, dola); several compare the methods in one analysis")
     ap.add_argument("--pooling", default=None, help="mitigate.pooling (unflagged_mean, last_token, mean)")
     ap.add_argument("--steering-strengths", type=float, nargs="+", default=None)
     ap.add_argument("--eval-detectors", nargs="+", default=None, help="mitigate.eval_detectors")
@@ -73,7 +74,7 @@ def mitigate_options(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.layers:
         opts["layers"] = args.layers
-    opts["method"] = args.method
+    opts["method"] = args.method if len(args.method) > 1 else args.method[0]
     for key in ("pooling", "steering_strengths", "eval_detectors", "tune_fraction", "validation_fraction"):
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": {"name": args.model},
         "dataset": {"rows": rows, "limit": len(rows), "seed": args.seed, "max_tokens": 1024},
         "stages": stages,
-        "labels": {"bench": "mitigation", "dataset": name, "method": args.method},
+        "labels": {"bench": "mitigation", "dataset": name, "method": ",".join(args.method)},
     }
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     started = time.monotonic()
@@ -148,8 +149,10 @@ def main(argv: list[str] | None = None) -> None:
                        warnings=job.get("warnings"), wall_s=round(time.monotonic() - started, 1))
 
         if not args.no_verify_patch:
+            # With several methods, the first method's patch (model.patch.method picks it).
+            patch = {"analysis_id": job["id"], **({"method": args.method[0]} if len(args.method) > 1 else {})}
             check = {
-                "model": {"name": args.model, "patch": {"analysis_id": job["id"]}},
+                "model": {"name": args.model, "patch": patch},
                 "dataset": {"name": "chatterbot-conversations", "limit": 16},
                 "stages": {"avss": {"plots": False}},
                 "labels": {"bench": "mitigation-patch-check"},

@@ -1,5 +1,5 @@
-"""One markdown table of several `bench_mitigation.py --out` files (one per method and
-dataset, same split and seed): per dataset the base model, then per method its EAVSS
+"""One markdown table of several `bench_mitigation.py --out` files (per dataset, one run with
+several methods or one per method, same split and seed): per dataset the base model, then per method its EAVSS
 variant and its random-layer control, with answer accuracy and sequence-likelihood ECE
 and AUROC (95% bootstrap intervals) and the paired differences against base and against
 the control; a difference whose interval covers 0 is marked "n.s.".
@@ -30,30 +30,36 @@ def _cell(m: dict[str, Any] | None, signed: bool = False, verdict: bool = False)
     return text
 
 
-def rows_of(path: Path) -> tuple[str, str, list[str]]:
+def rows_of(path: Path) -> tuple[str, list[str]]:
+    """(dataset, table rows): base, then per method its EAVSS variant and its control."""
     res = json.loads(path.read_text())
     s = res["summary"]
-    method = s.get("method", "contrastive")
+    methods = s.get("methods") or [s.get("method", "contrastive")]
+    several = len(methods) > 1
     dataset = str(res["args"].get("dataset") or s.get("dataset") or "?").split(":")[0]
     by = {(m["scope"], m["name"]): m for m in res["metrics"]}
     n = by.get(("variant=base", "accuracy"), {}).get("n")
 
-    def row(label: str, variant: str, layers: list[int] | None, vs_base: bool, vs_control: bool) -> str:
+    def row(label: str, variant: str, layers: list[int] | None, control: str | None = None) -> str:
         acc = _cell(by.get((f"variant={variant}", "accuracy")))
         ece = _cell(by.get((f"variant={variant},detector={DETECTOR}", "ece")))
         auroc = _cell(by.get((f"variant={variant},detector={DETECTOR}", "auroc")))
+        vs_base = variant != "base"
         d_acc = _cell(by.get((f"delta={variant}-base", "accuracy")), True, True) if vs_base else ""
         d_ece = _cell(by.get((f"delta={variant}-base,detector={DETECTOR}", "ece_relative")), True, True) \
             if vs_base else ""
-        d_ctl = _cell(by.get(("delta=eavss-random", "accuracy")), True, True) if vs_control else ""
+        d_ctl = _cell(by.get((f"delta={variant}-{control}", "accuracy")), True, True) if control else ""
         where = f" (layers {', '.join(map(str, layers))})" if layers else ""
         return f"| {dataset} | {label}{where} | {n} | {acc} | {d_acc} | {d_ctl} | {ece} | {d_ece} | {auroc} |"
 
-    lines = [row("base", "base", None, False, False)]
-    lines.append(row(f"{method}, EAVSS layers", "eavss", s.get("layers"), True, True))
-    if s.get("control_layers"):
-        lines.append(row(f"{method}, random layers", "random", s.get("control_layers"), True, False))
-    return dataset, method, lines
+    lines = [row("base", "base", None)]
+    for method in methods:
+        eavss, random = (f"{method}_{w}" if several else w for w in ("eavss", "random"))
+        has_control = bool(s.get("control_layers"))
+        lines.append(row(f"{method}, EAVSS layers", eavss, s.get("layers"), random if has_control else None))
+        if has_control:
+            lines.append(row(f"{method}, random layers", random, s.get("control_layers")))
+    return dataset, lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     seen_base: set[str] = set()
     for path in args.files:
-        dataset, _, lines = rows_of(path)
+        dataset, lines = rows_of(path)
         if dataset in seen_base:
             lines = lines[1:]  # one base row per dataset (same split and seed: the same base)
         seen_base.add(dataset)

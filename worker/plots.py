@@ -366,13 +366,17 @@ def mitigation_figure(
     formats: Sequence[str] = ("png", "svg"), dpi: int = 110,
 ) -> list[ArtifactFile]:
     """The dashboard's mitigate panel: accuracy, general-text perplexity and each detector's ECE
-    for the base model and after tuning the EAVSS layers or random ones, with 95% intervals; and
-    the paired accuracy differences (eavss - base, random - base, eavss - random) with theirs."""
-    variants = [v for v in ("base", "eavss", "random") if _metric(metrics, f"variant={v}", "accuracy")]
-    colors = {"base": "0.55", "eavss": "tab:red", "random": "tab:blue"}
+    for the base model and every variant (a method at the EAVSS layers or at random ones), with
+    95% intervals; and the paired accuracy differences (each variant - base, eavss - random) with theirs."""
+    variants = [m.scope.removeprefix("variant=") for m in metrics
+                if m.scope.startswith("variant=") and "," not in m.scope and m.name == "accuracy"]
+    palette = {"base": "0.55", "eavss": "tab:red", "random": "tab:blue"}
+    cycle = ["tab:red", "tab:blue", "tab:orange", "tab:cyan", "tab:purple", "tab:olive", "tab:brown", "tab:pink"]
+    colors = {v: palette.get(v, cycle[i % len(cycle)]) for i, v in enumerate(v for v in variants if v != "base")}
+    colors["base"] = palette["base"]
     quantities = [("accuracy", "", "answer accuracy"), ("perplexity", "", "perplexity (general text)")]
     quantities += [("ece", f",detector={d}", f"{d} ECE") for d in detectors]
-    fig, axes = _new_figure(3.4, 3.6, len(quantities) + 1)
+    fig, axes = _new_figure(max(3.4, 0.55 * len(variants) + 1.2), 3.6, len(quantities) + 1)
     for ax, (name, extra, title) in zip(axes, quantities, strict=False):
         for i, v in enumerate(variants):
             m = _metric(metrics, f"variant={v}{extra}", name)
@@ -380,11 +384,13 @@ def mitigation_figure(
             err = _errorbar(value, m.ci_low, m.ci_high) if m is not None else (0.0, 0.0)
             ax.bar([i], [0.0 if math.isnan(value) else value], color=colors[v], width=0.6,
                    yerr=[[err[0]], [err[1]]], capsize=3)
-        ax.set_xticks(range(len(variants)), variants, fontsize=8)
+        ax.set_xticks(range(len(variants)), variants, fontsize=8, rotation=20 if len(variants) > 3 else 0,
+                      ha="right" if len(variants) > 3 else "center")
         ax.set_title(title, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
     ax = axes[-1]
-    deltas = [d for d in ("eavss-base", "random-base", "eavss-random") if _metric(metrics, f"delta={d}", "accuracy")]
+    deltas = [m.scope.removeprefix("delta=") for m in metrics
+              if m.scope.startswith("delta=") and "," not in m.scope and m.name == "accuracy"]
     for i, d in enumerate(deltas):
         m = _metric(metrics, f"delta={d}", "accuracy")
         value = m.value if m is not None and m.value is not None else math.nan

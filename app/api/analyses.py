@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -46,6 +46,7 @@ from app.schemas import (
     MetricOut,
     MetricTable,
     Progress,
+    patch_artifact_name,
 )
 from app.verdicts import labels_for
 
@@ -173,7 +174,7 @@ def submit_analysis(
             errors=[{"field": "model.trust_remote_code", "message": "not allow-listed"}],
         )
     if spec.model.patch is not None and spec.model.patch.analysis_id is not None:
-        _check_patch_source(session, principal, spec.model.patch.analysis_id)
+        _check_patch_source(session, principal, spec.model.patch.analysis_id, spec.model.patch.method)
     check_submit(spec, settings)
     digest = spec_hash(spec)
     routing = route(spec.model, settings)
@@ -230,19 +231,30 @@ def submit_analysis(
     return _one_out(session, row)
 
 
-def _check_patch_source(session: Session, principal: Principal, analysis_id: str) -> None:
-    """`model.patch.analysis_id` must name a succeeded analysis of this project with a patch."""
+def _check_patch_source(session: Session, principal: Principal, analysis_id: str, method: str | None) -> None:
+    """`model.patch.analysis_id` must name a succeeded analysis of this project with a patch
+    (of `method`, `model.patch.method`, when its mitigate stage compared several)."""
     field = "model.patch.analysis_id"
     source = session.get(Analysis, analysis_id)
     if source is None or source.project != principal.project:
         raise Problem(422, f"{field}: no analysis {analysis_id!r} in this project.",
                       errors=[{"field": field, "message": "not found"}])
-    has_patch = session.scalar(
-        select(func.count()).select_from(Artifact).where(
-            Artifact.analysis_id == analysis_id, Artifact.name == PATCH_ARTIFACT
+    patches = set(session.scalars(
+        select(Artifact.name).where(Artifact.analysis_id == analysis_id, Artifact.name.like("mitigation%.safetensors"))
+    ))
+    per_method = sorted(n.removeprefix("mitigation-").removesuffix(".safetensors") for n in patches
+                        if n != PATCH_ARTIFACT)
+    wanted = {patch_artifact_name(method), PATCH_ARTIFACT} if method else {PATCH_ARTIFACT}
+    if source.state == JobState.SUCCEEDED.value and not wanted & patches and per_method:
+        mfield = "model.patch.method"
+        raise Problem(
+            422,
+            f"{mfield}: analysis {analysis_id} compared several mitigation methods; "
+            + (f"it has no patch of {method!r}; " if method else "")
+            + f"name one of {per_method} in {mfield}.",
+            errors=[{"field": mfield, "message": f"one of {per_method}"}],
         )
-    )
-    if source.state != JobState.SUCCEEDED.value or not has_patch:
+    if source.state != JobState.SUCCEEDED.value or not wanted & patches:
         raise Problem(
             422,
             f"{field}: analysis {analysis_id} ({source.state}) has no {PATCH_ARTIFACT}; a patch comes from a "

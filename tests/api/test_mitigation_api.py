@@ -99,6 +99,33 @@ def test_mitigate_stores_the_before_after_table_and_its_patch_loads_on_the_base(
     assert other.status_code == 422 and "no analysis" in other.json()["detail"]
 
 
+def test_several_methods_in_one_analysis_and_model_patch_picks_one(api: Api, worker: None) -> None:
+    mitigate = {**SPEC["stages"]["mitigate"], "method": ["steering", "dola"], "steering_strengths": [1.0],
+                "eval_detectors": ["sequence_likelihood"]}
+    spec = {**SPEC, "stages": {**SPEC["stages"], "mitigate": mitigate}}
+    job = _wait(api, api.post("/v1/analyses", json=spec).json()["id"])
+    assert job["state"] == "SUCCEEDED", (job["error"], job["warnings"])
+    assert job["summary"]["mitigate"]["methods"] == ["steering", "dola"]
+    metrics = api.get(f"/v1/analyses/{job['id']}/metrics", params={"stage": "mitigate"}).json()["items"]
+    assert {"delta=steering_eavss-base", "delta=dola_eavss-dola_random"} <= {m["scope"] for m in metrics}
+    # A gate reads a method's paired difference by its variant name.
+    rules = ["mitigation.dola_eavss-base.accuracy.n >= 1"]
+    assert api.client.put("/v1/gates/dola", headers=api.headers(), json={"rules": rules}).status_code == 201
+    assert api.post(f"/v1/analyses/{job['id']}/gate", params={"policy": "dola"}).json()["passed"] is True
+
+    check = {"model": {"name": "tiny-random-llama", "patch": {"analysis_id": job["id"]}},
+             "stages": {"avss": {"plots": False}}, "dataset": {"rows": QA[:4], "limit": 4}}
+    unnamed = api.post("/v1/analyses", json=check)
+    assert unnamed.status_code == 422 and unnamed.json()["errors"][0]["field"] == "model.patch.method", unnamed.text
+    assert "['dola', 'steering']" in unnamed.json()["detail"]
+    absent = api.post("/v1/analyses", json={**check, "model": {**check["model"], "patch": {
+        "analysis_id": job["id"], "method": "contrastive"}}})
+    assert absent.status_code == 422 and "no patch of 'contrastive'" in absent.json()["detail"]
+    named = {**check, "model": {**check["model"], "patch": {"analysis_id": job["id"], "method": "steering"}}}
+    ran = _wait(api, api.post("/v1/analyses", json=named).json()["id"])
+    assert ran["state"] == "SUCCEEDED", ran
+
+
 def test_a_patch_path_outside_the_model_roots_is_refused_at_submit(api: Api) -> None:
     spec = {"model": {"name": "tiny-random-llama", "patch": {"path": "/etc/passwd"}},
             "dataset": {"rows": QA[:4], "limit": 4}, "stages": {"avss": {"plots": False}}}

@@ -215,3 +215,65 @@ def test_the_stage_runs_steering_with_its_control_and_leaves_no_hook(tiny) -> No
     assert {a.name for a in res.artifacts} == {"mitigation.safetensors", "mitigation_recipe.json", "before_after.md",
                                                  "mitigation.png", "mitigation.svg", "mitigation_card.md"}
     assert all(r.values["weight_change"] is None for r in res.layers)
+
+
+# ------------------------------------------------------------------ several methods in one analysis
+
+
+def test_one_analysis_compares_several_methods_on_the_same_split_and_layers(tiny, tmp_path_factory) -> None:
+    from app.schemas import HallucinationOptions, PatchSpec
+    from worker.hallucination.stage import split_examples
+    from worker.mitigation.patch import apply_patch, read_patch, read_patch_source
+    from worker.mitigation.stage import run_mitigate_stage
+    from worker.stage import JobContext, JobFailed
+
+    base = _logits(tiny)
+    examples = [{"question": f"What is item number {i} called?", "answer": f"thing{i}; alias{i}"} for i in range(60)]
+    train, test = split_examples(examples, 0.3, 0)
+    res = run_mitigate_stage(
+        tiny, train, test, _steer_options(method=["steering", "dola"], steering_strengths=[1.0]), JobContext(),
+        hallucination_options=HallucinationOptions(n_shots=2, max_new_tokens=3, n_boot=10, probe_l2=1.0),
+        dataset_name="toy",
+    )
+    assert torch.equal(_logits(tiny), base)
+    s = res.summary
+    assert s["methods"] == ["steering", "dola"]
+    assert set(s["training"]) == {"steering_eavss", "steering_random", "dola_eavss", "dola_random"}
+    scopes = {m.scope for m in res.metrics}
+    assert {"variant=base", "variant=steering_eavss", "variant=dola_random", "delta=dola_eavss-base",
+            "delta=steering_eavss-steering_random", "delta=dola_eavss-dola_random"} <= scopes
+    assert not {"variant=eavss", "delta=eavss-random"} & scopes
+    # Every variant answered the same test questions; the base row is shared.
+    acc = {m.scope: m for m in res.metrics if m.name == "accuracy"}
+    assert len({acc[f"variant={v}"].n for v in ("base", "steering_eavss", "dola_eavss", "dola_random")}) == 1
+    names = {a.name for a in res.artifacts}
+    assert {"mitigation-steering.safetensors", "mitigation-dola.safetensors", "mitigation_recipe-dola.json",
+            "mitigation_card-steering.md", "mitigation_card-dola.md", "before_after.md"} <= names
+    assert "mitigation.safetensors" not in names
+    table = next(a for a in res.artifacts if a.name == "before_after.md").data.decode()
+    assert "steering_eavss - steering_random" in table and "dola_eavss - base" in table
+    card = next(a for a in res.artifacts if a.name == "mitigation_card-dola.md").data.decode()
+    assert "dola_eavss" in card and "steering_eavss" not in card  # a method's card carries its own rows
+
+    # model.patch picks a method's file; its recipe must name that method.
+    files = {a.name: a.data for a in res.artifacts}
+    ctx = JobContext(read_artifact=lambda _id, name: files.get(name))
+    aid = "0" * 8 + "-0000-0000-0000-" + "0" * 12
+    data = read_patch_source(PatchSpec(analysis_id=aid, method="dola"), Settings(), ctx)
+    assert read_patch(data)[1]["method"] == "dola"
+    with pytest.raises(JobFailed, match="model.patch.method"):
+        read_patch_source(PatchSpec(analysis_id=aid), Settings(), ctx)
+    with pytest.raises(JobFailed, match="contrastive"):
+        read_patch_source(PatchSpec(analysis_id=aid, method="contrastive"), Settings(), ctx)
+    recipe = apply_patch(_load(tmp_path_factory), files["mitigation-steering.safetensors"])  # a fresh base
+    assert recipe["method"] == "steering" and recipe["layers"] == s["layers"]
+
+
+def test_the_method_list_is_validated() -> None:
+    from pydantic import ValidationError
+
+    assert MitigateOptions(method=["dola"]).methods == ["dola"] and not MitigateOptions(method=["dola"]).compares_methods
+    assert MitigateOptions(method=["dola", "steering"]).compares_methods
+    for bad in ([], ["dola", "dola"], ["dola", "beam"]):
+        with pytest.raises(ValidationError):
+            MitigateOptions(method=bad)

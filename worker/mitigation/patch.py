@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from app.config import Settings
-from app.schemas import PATCH_ARTIFACT, PatchSpec
+from app.schemas import PATCH_ARTIFACT, PatchSpec, patch_artifact_name
 from worker.stage import JobContext, JobFailed
 
 if TYPE_CHECKING:
@@ -167,17 +167,26 @@ def read_patch_source(patch: PatchSpec, settings: Settings, ctx: JobContext) -> 
     if patch.analysis_id is not None:
         if ctx.read_artifact is None:
             raise JobFailed("patch_not_found", "this worker cannot read other analyses' artifacts")
-        data = ctx.read_artifact(patch.analysis_id, PATCH_ARTIFACT)
+        # A stage that compared methods wrote one file per method; one method wrote PATCH_ARTIFACT.
+        names = [patch_artifact_name(patch.method), PATCH_ARTIFACT] if patch.method else [PATCH_ARTIFACT]
+        data = next((d for d in (ctx.read_artifact(patch.analysis_id, n) for n in names) if d is not None), None)
         if data is None:
             raise JobFailed(
                 "patch_not_found",
-                f"analysis {patch.analysis_id} has no {PATCH_ARTIFACT} artifact in this project "
-                "(it must be a succeeded analysis with a mitigate stage)",
+                f"analysis {patch.analysis_id} has no {' or '.join(names)} artifact in this project (it must be a "
+                "succeeded analysis with a mitigate stage; one that compared several methods needs "
+                "model.patch.method)",
             )
-        return data
-    assert patch.path is not None
-    found = local_candidate(patch.path, settings) or Path(patch.path).expanduser()
-    path = check_under_roots(patch.path, found, settings.model_roots)
-    if not path.is_file():
-        raise JobFailed("patch_not_found", f"no patch file at {patch.path!r}")
-    return path.read_bytes()
+    else:
+        assert patch.path is not None
+        found = local_candidate(patch.path, settings) or Path(patch.path).expanduser()
+        path = check_under_roots(patch.path, found, settings.model_roots)
+        if not path.is_file():
+            raise JobFailed("patch_not_found", f"no patch file at {patch.path!r}")
+        data = path.read_bytes()
+    if patch.method is not None:
+        made_by = str(read_patch(data)[1].get("method", "contrastive"))
+        if made_by != patch.method:
+            raise JobFailed("patch_mismatch", f"model.patch.method is {patch.method!r} but the patch was made by "
+                                              f"{made_by!r}")
+    return data

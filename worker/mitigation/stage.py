@@ -22,10 +22,15 @@ Data flow (`run_mitigate_stage`):
 5. Fit the method at the chosen blocks (`MitigationMethod.fit`: the model is left as it
    was, the result is a `Patch`), evaluate as in 2 with the patch applied, remove it and
    write it (with the recipe) as the artifact. With `control`, the same again for as
-   many randomly chosen *other* blocks (same method, data, budget, seed).
+   many randomly chosen *other* blocks (same method, data, budget, seed). When `method`
+   lists several methods, step 5 runs per method with the same base evaluation, layers,
+   control layers and tuning data; the variants are then `<method>_eavss`/`<method>_random`
+   and each method writes `mitigation-<method>.safetensors` (`variant_name`,
+   `method_artifact_names`).
 6. Report: per variant the answer accuracy, perplexity and every detector's metrics with
    bootstrap 95% intervals; paired bootstrap intervals of each variant minus base (and
-   EAVSS minus random) on the same test questions; per-answer rows of every variant.
+   each method's EAVSS variant minus its random control) on the same test questions;
+   per-answer rows of every variant.
 
 The model is changed in place and always restored (also on failure or cancel), so the
 process-level model cache is left as it was.
@@ -43,7 +48,7 @@ from typing import Any, ClassVar, TypedDict
 import numpy as np
 
 from app.config import JudgeEndpoint
-from app.schemas import PATCH_ARTIFACT, HallucinationOptions, MitigateOptions
+from app.schemas import HallucinationOptions, MitigateOptions, patch_artifact_name
 from worker.evaluation.bootstrap import bootstrap_ci
 from worker.evaluation.calibration import auroc, brier, ece
 from worker.evaluation.correctness import label_answer
@@ -145,9 +150,15 @@ def candidate_groups(
 # ------------------------------------------------------------------ evaluation
 
 
+def variant_name(method: str, where: str, several: bool) -> str:
+    """A variant's name: `eavss`/`random` (the method at the EAVSS layers, at the control layers),
+    `<method>_eavss`/`<method>_random` when the analysis compares several methods."""
+    return f"{method}_{where}" if several else where
+
+
 @dataclass
 class Variant:
-    """What one model variant (base, eavss, random) did on the test questions."""
+    """What one model variant (base, or a method at the eavss or random layers) did on the test questions."""
 
     name: str
     layers: list[int]
@@ -155,6 +166,8 @@ class Variant:
     ppl: TaskResult | None
     train: dict[str, Any] | None  # the method's report (`Patch.report`)
     cost: dict[str, float] = field(default_factory=dict)  # fit and evaluation seconds, answer tokens (summary.cost)
+    method: str | None = None  # None: the base model
+    where: str = "base"  # "base", "eavss" or "random"
 
     @property
     def test_answers(self) -> list[AnswerRecord]:
@@ -249,14 +262,20 @@ def _cell(m: MetricRow | None, signed: bool = False) -> str:
     return text
 
 
+def control_pairs(variants: Sequence[Variant]) -> list[tuple[Variant, Variant]]:
+    """(method at the EAVSS layers, the same method at the random layers), per method that has its control."""
+    random_of = {v.method: v for v in variants if v.where == "random"}
+    return [(v, random_of[v.method]) for v in variants if v.where == "eavss" and v.method in random_of]
+
+
 def before_after_table(metrics: Sequence[MetricRow], variants: Sequence[Variant], detectors: Sequence[str]) -> str:
-    """Markdown: rows = metrics, columns = variants then the paired deltas against base."""
+    """Markdown: rows = metrics, columns = variants, the paired deltas against base, then each
+    method's EAVSS variant against its random-layer control."""
     by = {(m.scope, m.name): m for m in metrics}
     cols = [(f"variant={v.name}", f"{v.name}" + (f" (layers {', '.join(map(str, v.layers))})" if v.layers else ""),
              False) for v in variants]
     cols += [(f"delta={v.name}-base", f"{v.name} - base", True) for v in variants if v.name != "base"]
-    if any(v.name == "random" for v in variants):
-        cols.append(("delta=eavss-random", "eavss - random", True))
+    cols += [(f"delta={a.name}-{b.name}", f"{a.name} - {b.name}", True) for a, b in control_pairs(variants)]
     rows = [("answer accuracy", "", "accuracy"), ("perplexity (general text)", "", "perplexity")]
     for d in detectors:
         rows += [(f"{d} {name}", f",detector={d}", name) for name in TABLE_DETECTOR_METRICS]
@@ -406,11 +425,12 @@ def run_mitigate_stage(
         raise JobFailed("model_unsupported", "the mitigate stage generates answers, so it needs a causal language model")
     started = time.monotonic()
     warnings: list[str] = []
-    method = METHODS[options.method]
+    methods = [METHODS[name] for name in options.methods]
     plan = _plan(loaded, train_examples, options, warnings)
-    n_variants = 2 + (1 if plan.control else 0)
+    fits_per_method = 2 if plan.control else 1
     units_eval = _Evaluation.UNITS + _Evaluation.PPL_UNITS
-    progress = PhasedProgress(ctx, STAGE, n_variants * units_eval + 5 + (n_variants - 1) * method.units)
+    progress = PhasedProgress(ctx, STAGE, (1 + len(methods) * fits_per_method) * units_eval + 5
+                              + fits_per_method * sum(m.units for m in methods))
     evaluate = _Evaluation(
         loaded, test_examples, plan.probe_part,
         hopts.model_copy(update={"detectors": list(options.eval_detectors), "layer_probes": False,
@@ -424,19 +444,28 @@ def run_mitigate_stage(
     recipe = {
         "base_model": loaded.name, "base_source": loaded.source,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        "method": method.name, "options": options.model_dump(mode="json"),
+        "options": options.model_dump(mode="json"),
         "hallucination_options": {k_: v for k_, v in evaluate.options.model_dump(mode="json").items() if k_ != "judge"},
         "dataset": dataset_name, "tuning_questions": len(data.fit), "validation_questions": len(data.val),
+        "layer_source": source,
     }
-    tuned = [("eavss", chosen)] + ([("random", control_layers)] if plan.control else [])
-    variants, artifacts, weight_change = _fit_and_evaluate(method, loaded, tuned, data, options, ctx, progress,
-                                                           evaluate, {**recipe, "layer_source": source}, warnings)
+    variants: list[Variant] = []
+    artifacts: list[ArtifactFile] = []
+    weight_change: dict[str, dict[int, float]] = {}
+    several = options.compares_methods
+    for method in methods:
+        tuned = [("eavss", chosen)] + ([("random", control_layers)] if plan.control else [])
+        fitted = _fit_and_evaluate(method, loaded, tuned, data, options, ctx, progress, evaluate,
+                                   {**recipe, "method": method.name}, warnings, several)
+        variants += fitted.variants
+        artifacts += fitted.artifacts
+        weight_change.update(fitted.weight_change)
     metrics = _report_metrics([base, *variants], options)
     table = before_after_table(metrics, [base, *variants], options.eval_detectors)
     artifacts.append(ArtifactFile("before_after.md", "text/markdown", table.encode()))
-    if any(a.name == PATCH_ARTIFACT for a in artifacts):
+    for method in methods:
         artifacts.append(_patch_card(provenance or Provenance(base_model=loaded.name, source=loaded.source),
-                                     method.name, chosen, metrics))
+                                     method.name, chosen, metrics, several))
     from worker.plots import mitigation_figure, stage_figures  # matplotlib only when a stage draws
 
     artifacts.extend(stage_figures(warnings, STAGE, lambda: mitigation_figure(metrics, detectors=options.eval_detectors)))
@@ -451,63 +480,83 @@ def run_mitigate_stage(
                        warnings=warnings, answers=answers)
 
 
+def method_artifact_names(method: str, several: bool) -> tuple[str, str, str]:
+    """(patch, recipe, card) artifact names of a method's EAVSS variant."""
+    suffix = f"-{method}" if several else ""
+    return patch_artifact_name(method if several else None), f"mitigation_recipe{suffix}.json", \
+        f"mitigation_card{suffix}.md"
+
+
+@dataclass
+class _Fitted:
+    variants: list[Variant]
+    artifacts: list[ArtifactFile]
+    weight_change: dict[str, dict[int, float]]  # variant name -> block -> relative weight change
+
+
 def _fit_and_evaluate(
     method: MitigationMethod, loaded: LoadedModel, tuned: Sequence[tuple[str, list[int]]], data: TuningData,
     options: MitigateOptions, ctx: JobContext, progress: PhasedProgress, evaluate: _Evaluation,
-    recipe: dict[str, Any], warnings: list[str],
-) -> tuple[list[Variant], list[ArtifactFile], dict[str, dict[int, float]]]:
-    """Per variant: fit the method at its layers, evaluate with the patch applied and remove
-    it (also on failure or cancel), and write the eavss variant's patch (module doc, step 5)."""
-    variants: list[Variant] = []
-    artifacts: list[ArtifactFile] = []
-    weight_change: dict[str, dict[int, float]] = {}
-    for name, layers in tuned:
+    recipe: dict[str, Any], warnings: list[str], several: bool,
+) -> _Fitted:
+    """Per (where, layers) of `tuned`: fit the method at the layers, evaluate with the patch applied
+    and remove it (also on failure or cancel), and write the eavss variant's patch (module doc, step 5)."""
+    out = _Fitted([], [], {})
+    for where, layers in tuned:
+        name = variant_name(method.name, where, several)
         started = time.monotonic()
-        patch = method.fit(MethodInput(loaded, name, list(layers), data, options, ctx,
+        patch = method.fit(MethodInput(loaded, where, list(layers), data, options, ctx,
                                        on_step=progress.phase(method.units)))
         fit_seconds = time.monotonic() - started
         warnings.extend(f"{name}: {w}" for w in patch.warnings)
         change = patch.weight_change(loaded)
         if change is not None:
-            weight_change[name] = change
+            out.weight_change[name] = change
         with patch.applied(loaded):
-            variants.append(evaluate(name, list(layers), patch.report))
-        variants[-1].cost["fit_seconds"] = round(fit_seconds, 2)
-        if name == "eavss":
-            source = recipe["layer_source"]
-            full = {**{k: v for k, v in recipe.items() if k != "layer_source"}, "layers": list(layers),
-                    "layer_source": source, "training": patch.report}
-            artifacts.append(ArtifactFile(PATCH_ARTIFACT, "application/octet-stream", patch.to_bytes(full)))
-            artifacts.append(ArtifactFile("mitigation_recipe.json", "application/json",
-                                          json.dumps(full, indent=1, default=str).encode()))
-    return variants, artifacts, weight_change
+            out.variants.append(replace(evaluate(name, list(layers), patch.report), method=method.name, where=where))
+        out.variants[-1].cost["fit_seconds"] = round(fit_seconds, 2)
+        if where == "eavss":
+            full = {**recipe, "layers": list(layers), "training": patch.report}
+            patch_name, recipe_name, _ = method_artifact_names(method.name, several)
+            out.artifacts.append(ArtifactFile(patch_name, "application/octet-stream", patch.to_bytes(full)))
+            out.artifacts.append(ArtifactFile(recipe_name, "application/json",
+                                              json.dumps(full, indent=1, default=str).encode()))
+    return out
 
 
-def _patch_card(provenance: Provenance, method: str, layers: Sequence[int], metrics: Sequence[MetricRow]) -> ArtifactFile:
-    """The model card of the patched model (base + `mitigation.safetensors` through `model.patch`):
-    base model, analysis, tuned layers, the method and the before/after metrics with intervals."""
+def _patch_card(
+    provenance: Provenance, method: str, layers: Sequence[int], metrics: Sequence[MetricRow], several: bool,
+) -> ArtifactFile:
+    """The model card of the patched model (base + the method's patch through `model.patch`):
+    base model, analysis, tuned layers, the method and its before/after metrics with intervals
+    (with several methods, only base and this method's variants)."""
+    patch_name, _, card_name = method_artifact_names(method, several)
+    if several:
+        mine = ("variant=base", f"variant={method}_", f"delta={method}_")
+        metrics = [m for m in metrics if m.scope.startswith(mine)]
+    selector = f", `model.patch.method: {method}`" if several else ""
     with tempfile.TemporaryDirectory() as folder:
         path = write_model_card(
             folder, provenance, kind="patched", tuned_layers=list(layers), metrics=metrics,
-            extra={"method": method, "patch_artifact": PATCH_ARTIFACT},
-            notes=[f"The weights are the base model's with `{PATCH_ARTIFACT}` applied at load (`model.patch`); "
+            extra={"method": method, "patch_artifact": patch_name},
+            notes=[f"The weights are the base model's with `{patch_name}` applied at load (`model.patch`{selector}); "
                    "the patch refuses any other base."],
         )
-        return ArtifactFile("mitigation_card.md", "text/markdown", path.read_bytes())
+        return ArtifactFile(card_name, "text/markdown", path.read_bytes())
 
 
 # ------------------------------------------------------------------ report
 
 
 def _report_metrics(variants: Sequence[Variant], options: MitigateOptions) -> list[MetricRow]:
-    """Per variant its metrics, then each tuned variant minus base, then eavss minus random."""
+    """Per variant its metrics, then each tuned variant minus base, then each method's eavss minus random."""
     detectors = list(options.eval_detectors)
-    base, by_name = variants[0], {v.name: v for v in variants}
+    base = variants[0]
     metrics = [m for v in variants for m in _variant_metrics(v)]
     for v in variants[1:]:
         metrics.extend(_paired_deltas(v, base, detectors, options.n_boot, options.seed))
-    if "random" in by_name:
-        metrics.extend(_paired_deltas(by_name["eavss"], by_name["random"], detectors, options.n_boot, options.seed))
+    for eavss, control in control_pairs(variants):
+        metrics.extend(_paired_deltas(eavss, control, detectors, options.n_boot, options.seed))
     return metrics
 
 
@@ -520,7 +569,8 @@ def _layer_rows(
             "eavss_rank": int(rank_of[b.index]) if b.index in rank_of else None,
             "tuned": b.index in chosen,
             "control": b.index in control_layers,
-            "weight_change": weight_change.get("eavss", {}).get(b.index, weight_change.get("random", {}).get(b.index)),
+            # The first variant that changed the block's weights (eavss and its control tune disjoint blocks).
+            "weight_change": next((c[b.index] for c in weight_change.values() if b.index in c), None),
         })
         for b in loaded.adapter.blocks(loaded.model)
     ]
@@ -544,6 +594,7 @@ def _summary(
             "own_wrong_answers_as_negatives": data.own_wrong, "negatives_mean": data.negatives_mean,
         },
         "method": options.method,
+        "methods": options.methods,
         "training": {v.name: v.train for v in variants if v.train is not None},
         # Cost per variant: the method's fit and the evaluation (the hallucination analysis of the probe
         # part and the test split: answers, profile, probes); for a decoding method the evaluation's

@@ -484,7 +484,7 @@ window.layerscopePanels = (lib) => {
     const plans = charted.map((n) => {
       const ms = variants.map((v) => find("variant", v, n));
       const c = card(`mitigation-${n.key.replace(/[^a-z0-9_@]+/gi, "-")}`, `${n.key}: before and after`,
-        "Bars: base (before), eavss (the EAVSS-chosen layers tuned) and random (the random-layer control), whiskers the 95% intervals.");
+        "Bars: base (before), then per method its EAVSS-chosen layers (eavss) and the random-layer control (random), whiskers the 95% intervals.");
       box.append(c.el);
       return () => {
         const values = ms.flatMap((m) => (m ? [m.value, m.ci_low, m.ci_high] : []));
@@ -512,6 +512,9 @@ window.layerscopePanels = (lib) => {
         variants.flatMap((v) => { const m = find("variant", v, n); return [
           h("td", { class: "num", dataset: { variant: v, value: raw(m && m.value) } }, fmt(m ? m.value : null)),
           h("td", { class: "num", dataset: { variant: v, low: raw(m && m.ci_low), high: raw(m && m.ci_high) } }, ciText(m))]; })))));
+    // Each method's EAVSS variant against its random-layer control ("eavss-random"; with several
+    // methods "<method>_eavss-<method>_random"): whether the interval excludes 0.
+    const controls = deltas.filter((d) => !d.endsWith("-base"));
     const verdict = (m) => {
       if (!m || num(m.ci_low) === null || num(m.ci_high) === null) return "—";
       if (m.ci_low > 0) return "above 0";
@@ -520,13 +523,13 @@ window.layerscopePanels = (lib) => {
     };
     const deltaTable = deltas.length ? h("table", { class: "data", id: "mitigation-deltas" },
       h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "metric"),
-        deltas.map((d) => h("th", { scope: "col" }, d.replace("-", " − "))), h("th", { scope: "col" }, "eavss − random: 95% CI"))),
+        deltas.map((d) => h("th", { scope: "col" }, d.replace("-", " − "))),
+        controls.map((d) => h("th", { scope: "col" }, `${d.replace("-", " − ")}: 95% CI`)))),
       h("tbody", {}, names.filter((n) => deltas.some((d) => find("delta", d, n))).map((n) => {
-        const er = find("delta", "eavss-random", n);
         return h("tr", { dataset: { metric: n.key } }, h("th", { scope: "row" }, n.key),
           deltas.map((d) => { const m = find("delta", d, n); return h("td", { class: "num", dataset: { delta: d, value: raw(m && m.value), low: raw(m && m.ci_low), high: raw(m && m.ci_high) } },
             m && num(m.value) !== null ? `${fmt(m.value)} ${ciText(m)}` : "—"); }),
-          h("td", { dataset: { verdict: verdict(er) } }, verdict(er)));
+          controls.map((d) => { const v = verdict(find("delta", d, n)); return h("td", { dataset: { verdict: v, control: d } }, v); }));
       }))) : null;
     const panel = section("mitigation-panel", "Mitigation: before and after, EAVSS layers against the random control",
       h("p", {}, layersText), h("div", { class: "toolbar" }, ...mode), box,
