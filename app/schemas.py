@@ -764,9 +764,10 @@ class MitigateOptions(Strict):
     )
     layers: list[Annotated[int, Field(ge=0, le=4095)]] | None = Field(
         None, min_length=1, max_length=256,
-        description="Block indices to tune; null: the top `top_k` layers by EAVSS.",
+        description="Block indices the method works at (tuned, steered, or DoLa's premature layers); null: the "
+        "top `top_k` layers by EAVSS.",
     )
-    top_k: int = Field(2, ge=1, le=256, description="Layers to tune when `layers` is null.")
+    top_k: int = Field(2, ge=1, le=256, description="Layers to choose by EAVSS when `layers` is null.")
     temperature: float = Field(0.1, gt=0, le=10, description="InfoNCE temperature tau.")
     pooling: Literal["unflagged_mean", "last_token", "mean"] = Field(
         "unflagged_mean",
@@ -811,7 +812,8 @@ class MitigateOptions(Strict):
     )
     max_tokens: int = Field(128, ge=8, le=MAX_TOKENS, description="Cap on a training sequence (question + answer).")
     control: bool = Field(
-        True, description="Also tune the same number of randomly chosen other layers with the same budget."
+        True, description="Also apply each method at the same number of randomly chosen other layers, with the same "
+        "data and budget (the random-layer control)."
     )
     eval_detectors: list[Detector] = Field(
         default_factory=lambda: list(DEFAULT_EVAL_DETECTORS), min_length=1,
