@@ -8,10 +8,18 @@ exported folder before it is packed, so the card travels with the weights; the f
 the machine-readable copy (`layerscope:` block; `base_model`, `tags`, `library_name` as the
 Hugging Face Hub reads them), the body the same for people.
 
-A verdict is evaluated when the analysis succeeds, after its export was written: the card then
-says the verdicts are pending and where they will be (`GET /v1/analyses/{id}/verdicts`, and the
-version's `layerscope.gate.*` tags in MLflow); `write_model_card` called again with `verdicts`
-(e.g. before `push_to_hub`) writes them in.
+A verdict is stored after the export was written: when the analysis succeeds (the spec's
+`gate_policy`) or later (`POST /v1/analyses/{id}/gate`, as often as asked). So each export also
+gets a standalone card artifact with the same text: `<archive stem>.card.md` beside the archive
+(`pruned-model-avss.card.md` beside `pruned-model-avss.tar.gz`, `healed-model-avss.card.md`),
+and the patch's card is the artifact `mitigation_card.md`. Every time a verdict is stored
+(`app.verdicts.evaluate_and_store`, in the transaction that stores it) each standalone card of
+the analysis is re-rendered from its own front matter with every verdict stored for the analysis
+so far (`app.modelcard.render_model_card`, pure). The card packed inside an archive is never
+re-packed (archives can be GBs): it keeps saying the verdicts are pending and names where they
+are (`layerscope.card_artifact`, `GET /v1/analyses/{id}/verdicts`, the version's
+`layerscope.gate.*` tags in MLflow). `write_model_card` called again with `verdicts` (e.g. on an
+extracted folder before `push_to_hub`) writes them in.
 
 `push_to_hub(folder, repo_id, token=...)` uploads a folder with its card to the Hugging Face Hub.
 It is off unless asked for, needs a token and network, and no test calls it.
@@ -26,9 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-CARD_NAME = "README.md"
+from app.modelcard import CARD_NAME, PENDING, parse_front_matter, render_model_card, verdict_entry
 
 
 @dataclass
@@ -68,23 +74,6 @@ def _metric(m: Any) -> dict[str, Any]:
     }
 
 
-def _verdict(v: Mapping[str, Any]) -> dict[str, Any]:
-    failing = [r["rule"] for r in v.get("rules", []) if not r.get("passed")]
-    return {
-        "policy": v.get("policy"), "policy_version": v.get("policy_version"),
-        "verdict": v.get("verdict") or ("pass" if v.get("passed") else "fail"),
-        "failing_rules": failing, "error": v.get("error"), "id": v.get("id"),
-    }
-
-
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return str(x)
-
-
 def write_model_card(
     folder: str | Path,
     provenance: Provenance,
@@ -97,6 +86,7 @@ def write_model_card(
     verdicts: Sequence[Mapping[str, Any]] | None = None,
     notes: Sequence[str] = (),
     extra: Mapping[str, Any] | None = None,
+    card_artifact: str | None = None,
 ) -> Path:
     """Write `folder/README.md` and return its path.
 
@@ -104,11 +94,14 @@ def write_model_card(
     score (higher = more important). `metrics`: the retained metrics, `MetricRow`s or dicts with
     stage, scope, name, value, ci_low, ci_high, n. `verdicts`: the gate verdicts as the API gives
     them (`VerdictOut` as a dict); None means not evaluated yet (pending). `extra`: more keys for
-    the `layerscope` block (e.g. a healing recipe)."""
+    the `layerscope` block (e.g. a healing recipe). `card_artifact`: the analysis's standalone card
+    artifact that the verdicts are written into once evaluated (`app.modelcard.card_artifact_name`
+    of the export; `mitigation_card.md` for a patch); the card names it. The text is
+    `app.modelcard.render_model_card` of the front matter."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     metric_rows = [_metric(m) for m in metrics]
-    verdict_rows = [_verdict(v) for v in verdicts] if verdicts is not None else None
+    verdict_rows = [verdict_entry(v) for v in verdicts] if verdicts is not None else None
     block: dict[str, Any] = {
         "kind": kind,
         "base_model": provenance.base_model,
@@ -120,7 +113,9 @@ def write_model_card(
         "tuned_layers": sorted(int(i) for i in tuned_layers) if tuned_layers is not None else None,
         "scores": {k: {int(i): _finite(v) for i, v in sorted(t.items())} for k, t in (scores or {}).items()},
         "metrics": metric_rows,
-        "gate_verdicts": verdict_rows if verdict_rows is not None else "pending",
+        "gate_verdicts": verdict_rows if verdict_rows is not None else PENDING,
+        "card_artifact": card_artifact,
+        "notes": list(notes),
     }
     block.update(dict(extra or {}))
     front: dict[str, Any] = {
@@ -131,58 +126,14 @@ def write_model_card(
     }
     if provenance.revision:
         front["base_model_revision"] = provenance.revision
-    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
-    lines += [f"# {provenance.base_model}, {kind} by layerscope", ""]
-    rev = f" (revision `{provenance.revision}`)" if provenance.revision else ""
-    lines.append(f"Base model: `{provenance.base_model}`{rev}" + (f", loaded as `{provenance.source}`." if
-                                                                 provenance.source else "."))
-    if provenance.analysis_id:
-        lines.append(f"Analysis: `{provenance.analysis_id}` (`GET /v1/analyses/{provenance.analysis_id}`); "
-                     "its spec is in the front matter.")
-    lines.append("")
-    if removed_layers is not None:
-        lines += [f"Removed layers: {', '.join(map(str, block['removed_layers'])) or 'none'}.", ""]
-    if tuned_layers is not None:
-        lines += [f"Tuned layers: {', '.join(map(str, block['tuned_layers'])) or 'none'}.", ""]
-    if metric_rows:
-        lines += ["| stage | scope | metric | value | 95% interval | N |", "|---|---|---|---|---|---|"]
-        for m in metric_rows:
-            ci = f"[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]" if m["ci_low"] is not None else "–"
-            lines.append(f"| {m['stage'] or ''} | {m['scope']} | {m['name']} | {_fmt(m['value'])} | {ci} | "
-                         f"{_fmt(m['n'])} |")
-        lines.append("")
-    if block["scores"]:
-        lines += ["Per-layer scores (higher = more important):", ""]
-        for name, table in block["scores"].items():
-            lines.append(f"- {name}: " + ", ".join(f"{i}: {_fmt(v)}" for i, v in table.items()))
-        lines.append("")
-    lines.append("## Gate verdicts")
-    lines.append("")
-    if verdict_rows is None:
-        where = (f"`GET /v1/analyses/{provenance.analysis_id}/verdicts`" if provenance.analysis_id
-                 else "the analysis's verdicts")
-        lines.append(f"Pending when this model was exported: a verdict is evaluated when the analysis succeeds; see {where}"
-                     " (and, for a registered model version, its `layerscope.gate.*` tags in MLflow).")
-    elif not verdict_rows:
-        lines.append("No gate policy was evaluated.")
-    else:
-        for v in verdict_rows:
-            failing = "; ".join(v["failing_rules"]) or "none"
-            lines.append(f"- {v['policy']}@{v['policy_version']}: **{v['verdict']}** (failing rules: {failing})")
-    lines.append("")
-    lines += [f"Note: {n}" for n in notes]
     path = folder / CARD_NAME
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    path.write_text(render_model_card(front))
     return path
 
 
 def read_model_card(folder: str | Path) -> dict[str, Any]:
     """The front matter of `folder/README.md` (what `write_model_card` wrote)."""
-    text = (Path(folder) / CARD_NAME).read_text()
-    if not text.startswith("---\n"):
-        raise ValueError("no front matter")
-    end = text.index("\n---\n", 4)
-    return dict(yaml.safe_load(text[4:end]) or {})
+    return parse_front_matter((Path(folder) / CARD_NAME).read_text())
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = True) -> str:

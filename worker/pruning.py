@@ -63,6 +63,7 @@ import torch
 if TYPE_CHECKING:
     import transformers
 
+from app.modelcard import card_artifact_name
 from app.schemas import PruneOptions
 from worker.evaluation.bootstrap import bootstrap_ci, paired_bootstrap_ci
 from worker.evaluation.tasks import TASKS, MetricValue, TaskResult, TaskRun, lm_texts, qa_pairs
@@ -1034,7 +1035,7 @@ def _export(
     job: _Prune, selection: _Selection, measured: _Measured, ranked: Any, metrics: Sequence[MetricRow]
 ) -> list[ArtifactFile]:
     """The pruned model of `export_scorer` (save_pretrained, .tar.gz, with its model card), when asked
-    and small enough."""
+    and small enough, and its card as the artifact `pruned-model-<scorer>.card.md` (worker.modelcard)."""
     options = job.options
     if not options.export:
         return []
@@ -1056,15 +1057,20 @@ def _export(
     )
     mine = [m for m in metrics if _scope_parts(m.scope).get("scorer") in (name, "original")]
 
+    archive = f"pruned-model-{name}.tar.gz"
+    standalone: list[ArtifactFile] = []  # the card again, as its own artifact: the verdicts are written into it
+
     def card(folder: Path) -> None:
-        write_model_card(
+        path = write_model_card(
             folder, provenance, kind="pruned", removed_layers=list(key), scores=scores, metrics=mine,
             extra={"scorer": name, "parameters": {"original": measured.n_params, "after": measured.params_after[key]}},
+            card_artifact=card_artifact_name(archive),
         )
+        standalone.append(ArtifactFile(card_artifact_name(archive), "text/markdown", path.read_bytes()))
 
     with pruned_view(job.model, key, adapter=job.adapter):
         blob = export_pruned_model(job.model, job.tokenizer, card)
-    return [ArtifactFile(f"pruned-model-{name}.tar.gz", "application/gzip", blob)]
+    return [ArtifactFile(archive, "application/gzip", blob), *standalone]
 
 
 # ------------------------------------------------------------- trade-off curve

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.modelcard import card_artifact_name
 from worker.evaluation.bootstrap import paired_bootstrap_ci
 from worker.evaluation.tasks import MetricValue, TaskResult, example_field
 from worker.healing import HealReport, disjoint_texts, export_healed_model, healed
@@ -239,11 +240,11 @@ def heal_pruned_models(
                     results[key][task] = job.evaluate(task, data, stage=f"prune:healed {i + 1}/{len(keys)}")
             if key == export_key:
                 job.ctx.check_cancelled()
+                archive = f"healed-model-{job.options.export_scorer}.tar.gz"
+                standalone: list[ArtifactFile] = []
                 blob = export_healed_model(h, job.tokenizer, dtype=heal.export_dtype,
-                                           card=_card(job, key, h.report, results[key]))
-                step.artifacts.append(
-                    ArtifactFile(f"healed-model-{job.options.export_scorer}.tar.gz", "application/gzip", blob)
-                )
+                                           card=_card(job, key, h.report, results[key], archive, standalone))
+                step.artifacts += [ArtifactFile(archive, "application/gzip", blob), *standalone]
 
     for label, key in [*scorers.items(), *((f"random,seed={s}", k) for s, k in randoms)]:
         r = reports[key]
@@ -369,9 +370,14 @@ def _avss_beaten_after(job: _Prune, task: str, orig: TaskResult, rows: Mapping[s
     return better
 
 
-def _card(job: Any, key: tuple[int, ...], report: HealReport, evaluated: Mapping[str, TaskResult]) -> Any:
+def _card(
+    job: Any, key: tuple[int, ...], report: HealReport, evaluated: Mapping[str, TaskResult], archive: str,
+    standalone: list[ArtifactFile],
+) -> Any:
     """The healed export's model card (worker.modelcard): removed layers, the blocks LoRA tuned, the
-    healing recipe and its loss, and each task's metrics on the healed model with their intervals."""
+    healing recipe and its loss, and each task's metrics on the healed model with their intervals.
+    The card is also appended to `standalone` as the artifact `<archive stem>.card.md`, the copy the
+    gate verdicts are written into."""
     n_blocks = len(job.block_names)
     metrics = [
         {"stage": "prune", "scope": f"task={task},scorer={job.options.export_scorer},variant=healed", "name": name,
@@ -381,12 +387,14 @@ def _card(job: Any, key: tuple[int, ...], report: HealReport, evaluated: Mapping
     provenance = job.provenance or Provenance(base_model="unknown")
 
     def write(folder: Any) -> None:
-        write_model_card(
+        path = write_model_card(
             folder, provenance, kind="healed", removed_layers=list(key),
             tuned_layers=[i for i in range(n_blocks) if i not in key], metrics=metrics,
             extra={"scorer": job.options.export_scorer, "healing": {
                 k: v for k, v in vars(report).items() if isinstance(v, (int, float, str, bool, type(None)))}},
             notes=["tuned_layers are the original indices of the blocks that kept LoRA updates (merged)."],
+            card_artifact=card_artifact_name(archive),
         )
+        standalone.append(ArtifactFile(card_artifact_name(archive), "text/markdown", path.read_bytes()))
 
     return write

@@ -299,7 +299,8 @@ def test_prune_stage_heals_every_pruned_model_and_the_random_control(tiny):
     assert results[2].observed == pytest.approx(rows["random"]["healed"]["retained_pct"] / 100)
     low, high = rows["random"]["healed"]["retained_pct_ci"]
     assert low is not None and low <= rows["random"]["healed"]["retained_pct"] <= high
-    assert [a.name for a in result.artifacts] == ["healed-model-avss.tar.gz", "prune.png", "prune.svg"]
+    assert [a.name for a in result.artifacts] == ["healed-model-avss.tar.gz", "healed-model-avss.card.md", "prune.png",
+                                                  "prune.svg"]
     with tarfile.open(fileobj=io.BytesIO(result.artifacts[0].data), mode="r:gz") as tar:
         assert "healed-model/config.json" in tar.getnames()
 

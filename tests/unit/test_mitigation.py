@@ -179,6 +179,7 @@ def test_the_stage_restores_the_model_and_reports_every_variant(tiny) -> None:
     front = yaml.safe_load(card.split("---")[1])["layerscope"]
     assert front["kind"] == "patched" and front["tuned_layers"] == s["layers"] and front["method"] == "contrastive"
     assert front["patch_artifact"] == "mitigation.safetensors" and front["gate_verdicts"] == "pending"
+    assert front["card_artifact"] == "mitigation_card.md"
     assert any(m["scope"] == "delta=eavss-base" and m["name"] == "accuracy" and m["n"] for m in front["metrics"])
     n_test = s["counts"]["test_answered"]
     assert sorted({a.scope for a in res.answers}) == ["variant=base", "variant=eavss", "variant=random"]

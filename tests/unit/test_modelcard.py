@@ -1,4 +1,6 @@
-"""Model cards: front matter and body from one call; an exported pruned model carries its card."""
+"""Model cards: front matter and body from one call, the body a pure function of the front matter
+(re-rendered with the verdicts); an exported pruned or healed model carries its card, and the same
+card is its own artifact."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from app.modelcard import parse_front_matter, render_model_card
 from app.schemas import AnalysisSpec
 from worker.modelcard import Provenance, read_model_card, write_model_card
 from worker.stage import MetricRow
@@ -53,10 +56,41 @@ def test_card_with_verdicts_lists_failing_rules(tmp_path: Path) -> None:
     block = read_model_card(tmp_path)["layerscope"]
     assert block["gate_verdicts"] == [{"policy": "release", "policy_version": 2, "verdict": "fail",
                                        "failing_rules": ["retained_performance.perplexity >= 0.9"], "error": None,
-                                       "id": "v1"}]
+                                       "id": "v1", "trigger": None, "created_at": None}]
     assert block["tuned_layers"] == [4]
     assert "release@2: **fail**" in (tmp_path / "README.md").read_text()
     assert yaml.safe_load((tmp_path / "README.md").read_text().split("---")[1])["tags"] == ["layerscope", "healed"]
+
+
+def test_render_fills_the_verdicts_into_a_pending_card_from_its_front_matter(tmp_path: Path) -> None:
+    prov = Provenance.of(_spec(), analysis_id="a" * 36)
+    kw = dict(kind="pruned", removed_layers=[1], scores={"avss": {0: 0.5, 1: 0.1}}, notes=["a note"],
+              metrics=[MetricRow("task=perplexity,scorer=avss", "retained_pct", 91.5, 88.0, 94.0, 32)])
+    pending = write_model_card(tmp_path / "p", prov, card_artifact="pruned-model-avss.card.md", **kw).read_text()
+    assert render_model_card(parse_front_matter(pending)) == pending  # the body is the front matter's
+    assert f"artifact `pruned-model-avss.card.md` (`GET /v1/analyses/{'a' * 36}/artifacts/pruned-model-avss.card.md`)" \
+        in pending and "a card packed inside an exported archive keeps this text" in pending
+    verdicts = [
+        {"id": "v1", "policy": "release", "policy_version": 3, "passed": False, "verdict": "fail", "error": None,
+         "trigger": "spec", "created_at": "2026-01-02T03:04:05+00:00",
+         "rules": [{"rule": "warnings == 0", "passed": False}, {"rule": "layers.avss.warnings == 0", "passed": True}]},
+        {"id": "v2", "policy": "lenient", "policy_version": 1, "passed": True, "rules": [], "error": None},
+    ]
+    text = render_model_card(parse_front_matter(pending), verdicts)
+    front = parse_front_matter(text)
+    assert [(v["policy"], v["policy_version"], v["verdict"], v["failing_rules"]) for v in front["layerscope"]["gate_verdicts"]] \
+        == [("release", 3, "fail", ["warnings == 0"]), ("lenient", 1, "pass", [])]
+    assert "- release@3: **fail** (failing rules: warnings == 0); verdict `v1` (spec, 2026-01-02T03:04:05+00:00)" in text
+    assert "- lenient@1: **pass** (failing rules: none)" in text and "Pending" not in text
+    assert text.endswith("Note: a note\n") and "Removed layers: 1." in text
+    assert render_model_card(front) == text == render_model_card(front, front["layerscope"]["gate_verdicts"])
+    # The same text as a card written with the verdicts at once; nothing else in the front matter changed.
+    assert write_model_card(tmp_path / "v", prov, card_artifact="pruned-model-avss.card.md", verdicts=verdicts,
+                            **kw).read_text() == text
+    before = parse_front_matter(pending)
+    assert {k: v for k, v in front["layerscope"].items() if k != "gate_verdicts"} == \
+        {k: v for k, v in before["layerscope"].items() if k != "gate_verdicts"}
+    assert "No gate policy was evaluated." in render_model_card(before, [])
 
 
 def test_exported_pruned_model_carries_its_card() -> None:
@@ -98,8 +132,12 @@ def test_prune_stage_export_card_matches_the_result(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         card = tar.extractfile("pruned-model/README.md")
         assert card is not None
-        front = yaml.safe_load(card.read().decode().split("---\n")[1])
+        packed = card.read()
+        front = yaml.safe_load(packed.decode().split("---\n")[1])
+    standalone = next(a for a in result.artifacts if a.name == "pruned-model-avss.card.md")
+    assert standalone.data == packed and standalone.media_type == "text/markdown"
     block = front["layerscope"]
+    assert block["card_artifact"] == "pruned-model-avss.card.md" and block["gate_verdicts"] == "pending"
     assert block["analysis_id"] == "b" * 36 and block["base_model_source"] == "builtin:tiny-random-llama"
     assert block["removed_layers"] == sorted(result.summary["layers_removed"]["avss"])
     stored = {(m.scope, m.name): m for m in result.metrics}
@@ -133,7 +171,10 @@ def test_healed_export_carries_a_card_with_its_metrics(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         card = tar.extractfile("healed-model/README.md")
         assert card is not None
-        block = yaml.safe_load(card.read().decode().split("---\n")[1])["layerscope"]
+        packed = card.read()
+        block = yaml.safe_load(packed.decode().split("---\n")[1])["layerscope"]
+    assert next(a for a in result.artifacts if a.name == "healed-model-avss.card.md").data == packed
+    assert block["card_artifact"] == "healed-model-avss.card.md"
     assert block["kind"] == "healed" and block["analysis_id"] == "c" * 36
     assert block["removed_layers"] == sorted(result.summary["layers_removed"]["avss"]) == [1, 2]
     assert block["tuned_layers"] == [0, 3]

@@ -541,6 +541,7 @@ def _patch_card(
             extra={"method": method, "patch_artifact": patch_name},
             notes=[f"The weights are the base model's with `{patch_name}` applied at load (`model.patch`{selector}); "
                    "the patch refuses any other base."],
+            card_artifact=card_name,
         )
         return ArtifactFile(card_name, "text/markdown", path.read_bytes())
 
