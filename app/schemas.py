@@ -410,7 +410,8 @@ class HealOptions(Strict):
     )
     export: bool = Field(
         False, description="Attach the healed model of `export_scorer`, LoRA merged into the weights "
-        "(save_pretrained, .tar.gz), as an artifact."
+        "(save_pretrained, .tar.gz, with its model card), as the artifact `healed-model-<scorer>.tar.gz`, and "
+        "its model card as `healed-model-<scorer>.card.md` (the copy the gate verdicts are written into)."
     )
     export_dtype: Literal["float32", "model"] = Field(
         "float32", description="dtype of the merged export: `float32` (exact; a bfloat16 model's merged weights "
@@ -555,7 +556,9 @@ class PruneOptions(Strict):
         description="Bootstrap resamples of each 95% interval (retained performance: paired over the examples).",
     )
     export: bool = Field(
-        False, description="Attach the pruned model (save_pretrained, .tar.gz) as an artifact."
+        False, description="Attach the pruned model (save_pretrained, .tar.gz, with its model card) as the "
+        "artifact `pruned-model-<scorer>.tar.gz`, and its model card as `pruned-model-<scorer>.card.md` (the "
+        "copy the gate verdicts are written into)."
     )
     export_scorer: ScorerName = Field("avss", description="Whose pruned model is exported.")
     export_max_bytes: int = Field(
@@ -895,8 +898,9 @@ class AnalysisSpec(Strict):
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}(@[0-9]{1,9})?$",
         description=(
-            "A gate policy (`name` or `name@version`) evaluated when the job succeeds; the verdict is stored "
-            "and sent to webhooks. An unknown policy gives a failing verdict that says so."
+            "A gate policy (`name` or `name@version`) evaluated when the job succeeds; the verdict is stored, "
+            "sent to webhooks and written into the analysis's standalone model-card artifacts "
+            "(`mitigation_card.md`, `<export>.card.md`). An unknown policy gives a failing verdict that says so."
         ),
     )
 

@@ -1,8 +1,9 @@
 """Gate verdicts as a service: find a policy, evaluate it on an analysis and store the
-verdict (with its `gate.verdict` event and, for an analysis of a registered model version, its
-registry update: `app/registry.py`). Shared by the gate routes (`app/api/gates.py`)
-and the worker, which evaluates a spec's `gate_policy` when the job succeeds; the rule
-language itself is `app/gates.py`.
+verdict (with its `gate.verdict` event, for an analysis of a registered model version its
+registry update: `app/registry.py`, and the analysis's standalone model cards re-written with
+it: `app/modelcard.py`). Shared by the gate routes (`app/api/gates.py`) and the worker, which
+evaluates a spec's `gate_policy` when the job succeeds; the rule language itself is
+`app/gates.py` (pure: nothing here writes through it).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -18,7 +19,8 @@ from sqlalchemy.orm import Session
 
 from app.events import enqueue_event
 from app.gates import LayerRecord, MetricRecord, RuleError, Snapshot, evaluate, parse_rules
-from app.models import Analysis, AnalysisLabel, GatePolicy, GateVerdict, LayerScore, Metric, utcnow
+from app.modelcard import CARD_SUFFIX, PATCH_CARD, parse_front_matter, render_model_card
+from app.models import Analysis, AnalysisLabel, Artifact, GatePolicy, GateVerdict, LayerScore, Metric, utcnow
 from app.registry import VERDICT, enqueue_update
 
 log = logging.getLogger("layerscope.gates")
@@ -126,7 +128,53 @@ def evaluate_and_store(
     out = verdict_out(row, labels_for(session, [analysis.id])[analysis.id])
     enqueue_event(session, analysis.project, "gate.verdict", out.model_dump(mode="json"), analysis_id=analysis.id)
     enqueue_update(session, analysis, VERDICT, verdict_id=row.id)  # tags (and an alias) on a registered version
+    refresh_cards(session, analysis)
     return row
+
+
+def _card_entry(row: GateVerdict) -> dict[str, Any]:
+    return {
+        "id": row.id, "policy": row.policy_name, "policy_version": row.policy_version, "passed": row.passed,
+        "verdict": "pass" if row.passed else "fail", "rules": list(row.results or []), "error": row.error,
+        "trigger": row.trigger, "created_at": row.created_at.isoformat() if row.created_at else None,
+    }
+
+
+def refresh_cards(session: Session, analysis: Analysis) -> list[str]:
+    """Re-render the analysis's standalone model-card artifacts (`mitigation_card.md`, `*.card.md`)
+    with every verdict stored for it, in the caller's transaction; returns the names re-written.
+
+    The card rows are locked first, so two verdicts stored at once re-write them one after the
+    other, the second with both (a verdict is never left off). A card that cannot be re-written
+    (no front matter, kept in the artifact store rather than its row) is left as it was with a
+    logged warning: the verdict is stored either way."""
+    cards = list(session.scalars(
+        select(Artifact)
+        .where(Artifact.analysis_id == analysis.id,
+               (Artifact.name == PATCH_CARD) | Artifact.name.endswith(CARD_SUFFIX, autoescape=True))
+        .order_by(Artifact.name)
+        .with_for_update()
+    ))
+    if not cards:
+        return []
+    verdicts = [_card_entry(v) for v in session.scalars(
+        select(GateVerdict).where(GateVerdict.analysis_id == analysis.id)
+        .order_by(GateVerdict.created_at, GateVerdict.id)
+    )]
+    done = []
+    for art in cards:
+        try:
+            if art.content is None:
+                raise ValueError("it is kept in the artifact store, not in its row")
+            text = render_model_card(parse_front_matter(bytes(art.content).decode("utf-8")), verdicts)
+        except Exception as exc:  # a card never costs a verdict
+            log.warning("model card %s of analysis %s not re-written with its %d verdicts: %s",
+                        art.name, analysis.id, len(verdicts), exc)
+            continue
+        data = text.encode("utf-8")
+        art.content, art.size = data, len(data)
+        done.append(art.name)
+    return done
 
 
 def split_policy_ref(ref: str) -> tuple[str, int | None]:

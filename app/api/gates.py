@@ -2,9 +2,9 @@
 
 A policy is a named, versioned list of rules (the language is in `app/gates.py`).
 Saving a changed rule list adds a version; old versions stay, and every verdict
-records the version it used. Evaluating and storing a verdict is
-`app/verdicts.py`, shared with the worker, which evaluates a spec's `gate_policy` when
-the job succeeds.
+records the version it used. Evaluating and storing a verdict (and re-writing the
+analysis's standalone model cards with it) is `app/verdicts.py`, shared with the worker,
+which evaluates a spec's `gate_policy` when the job succeeds.
 """
 
 from __future__ import annotations
@@ -315,7 +315,8 @@ def _owned_analysis(session: Session, principal: Principal, analysis_id: str) ->
     description=(
         "Evaluates the policy (latest version, or `version`) on the analysis's stored results and stores the "
         "verdict. Every rule is reported with its observed value, threshold and interval; a rule whose data is "
-        "missing fails. The analysis must be SUCCEEDED (409 otherwise)."
+        "missing fails. The analysis must be SUCCEEDED (409 otherwise). The analysis's standalone model-card "
+        "artifacts (`mitigation_card.md`, `<export>.card.md`) are re-written with every verdict stored for it."
     ),
     tags=["gates"], responses={409: CONFLICT},
 )

@@ -248,6 +248,56 @@ def test_spec_gate_policy_is_evaluated_when_the_job_succeeds(api: Api) -> None:
         assert len(list(s.scalars(select(GateVerdict).where(GateVerdict.analysis_id == job)))) == 1
 
 
+def test_verdicts_are_written_into_the_standalone_model_cards(api: Api, tmp_path, caplog) -> None:  # noqa: ANN001
+    """The spec's verdict and a later one reach the export's standalone card (downloaded through the
+    API); a card that cannot be re-written costs no verdict and leaves the analysis SUCCEEDED."""
+    from app.modelcard import parse_front_matter
+    from worker.modelcard import Provenance, write_model_card
+    from worker.stage import ArtifactFile
+
+    create_policy(api, "strict", ["hallucination.eavss_probe.ece <= 0.01", "layers.avss.warnings == 0"])
+    create_policy(api)
+    job = submit(api, {**copy.deepcopy(SPEC), "gate_policy": "strict"})["id"]
+    card = write_model_card(tmp_path, Provenance("tiny-random-llama", analysis_id=job, spec={"gate_policy": "strict"}),
+                            kind="pruned", removed_layers=[0], card_artifact="pruned-model-avss.card.md").read_bytes()
+    stages = results()
+    stages[1].artifacts = [  # the prune stage's export, its standalone card, and a card that does not parse
+        ArtifactFile("pruned-model-avss.tar.gz", "application/gzip", b"an archive"),
+        ArtifactFile("pruned-model-avss.card.md", "text/markdown", card),
+        ArtifactFile("broken.card.md", "text/markdown", b"no front matter"),
+    ]
+
+    def pipeline(spec, ctx, settings, save) -> None:  # noqa: ANN001
+        for result in stages:
+            save(result)
+
+    with caplog.at_level("WARNING", logger="layerscope.gates"):
+        assert run_job(job, api.sf, api.settings, "w1", pipeline) == JobState.SUCCEEDED
+    assert "model card broken.card.md" in caplog.text
+
+    def downloaded() -> tuple[list[dict], str]:
+        resp = api.get(f"/v1/analyses/{job}/artifacts/pruned-model-avss.card.md")
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/markdown")
+        return parse_front_matter(resp.text)["layerscope"]["gate_verdicts"], resp.text
+
+    (spec_verdict,), text = downloaded()
+    assert spec_verdict["verdict"] == "fail" and (spec_verdict["policy"], spec_verdict["policy_version"]) == ("strict", 1)
+    assert spec_verdict["failing_rules"] == ["hallucination.eavss_probe.ece <= 0.01"] and spec_verdict["trigger"] == "spec"
+    assert "- strict@1: **fail** (failing rules: hallucination.eavss_probe.ece <= 0.01)" in text and "Pending" not in text
+    assert spec_verdict["id"] == api.get(f"/v1/analyses/{job}/verdicts").json()["items"][0]["id"]
+
+    later = api.post(f"/v1/analyses/{job}/gate", params={"policy": "release"})  # re-gating re-writes the card
+    assert later.status_code == 201 and later.json()["passed"] is True
+    verdicts, text = downloaded()
+    assert [(v["policy"], v["verdict"], v["id"]) for v in verdicts] == [
+        ("strict", "fail", spec_verdict["id"]), ("release", "pass", later.json()["id"])]
+    assert "- release@1: **pass** (failing rules: none)" in text
+    listed = {a["name"]: a["size"] for a in api.get(f"/v1/analyses/{job}/artifacts").json()["items"]}
+    assert listed["pruned-model-avss.card.md"] == len(text.encode())
+    assert api.get(f"/v1/analyses/{job}/artifacts/broken.card.md").content == b"no front matter"
+    assert api.get(f"/v1/analyses/{job}/artifacts/pruned-model-avss.tar.gz").content == b"an archive"
+
+
 # ------------------------------------------------------------------ `layerscope gate` against a live server
 
 

@@ -74,6 +74,8 @@ def test_mitigate_stores_the_before_after_table_and_its_patch_loads_on_the_base(
     delta = next(m for m in metrics if m["scope"] == "delta=eavss-base" and m["name"] == "accuracy")
     assert verdict["passed"] is True
     assert [r["observed"] for r in verdict["rules"]] == [delta["ci_low"], delta["ci_low"]]
+    card = api.get(f"/v1/analyses/{job['id']}/artifacts/mitigation_card.md").text  # the patch's card has it
+    assert "- mitigated@1: **pass** (failing rules: none)" in card and f"verdict `{verdict['id']}`" in card
 
     patch = api.get(f"/v1/analyses/{job['id']}/artifacts/mitigation.safetensors")
     assert patch.status_code == 200
