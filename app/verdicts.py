@@ -166,7 +166,11 @@ def refresh_cards(session: Session, analysis: Analysis) -> list[str]:
         try:
             if art.content is None:
                 raise ValueError("it is kept in the artifact store, not in its row")
-            text = render_model_card(parse_front_matter(bytes(art.content).decode("utf-8")), verdicts)
+            old = bytes(art.content).decode("utf-8")
+            front = parse_front_matter(old)
+            if "notes" not in front["layerscope"]:  # written before the notes were in the front matter
+                front["layerscope"]["notes"] = [line[6:] for line in old.splitlines() if line.startswith("Note: ")]
+            text = render_model_card(front, verdicts)
         except Exception as exc:  # a card never costs a verdict
             log.warning("model card %s of analysis %s not re-written with its %d verdicts: %s",
                         art.name, analysis.id, len(verdicts), exc)
