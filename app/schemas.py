@@ -900,7 +900,7 @@ class AnalysisSpec(Strict):
         description=(
             "A gate policy (`name` or `name@version`) evaluated when the job succeeds; the verdict is stored, "
             "sent to webhooks and written into the analysis's standalone model-card artifacts "
-            "(`mitigation_card.md`, `<export>.card.md`). An unknown policy gives a failing verdict that says so."
+            "(`mitigation_card*.md`, `<export>.card.md`). An unknown policy gives a failing verdict that says so."
         ),
     )
 

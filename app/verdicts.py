@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.events import enqueue_event
 from app.gates import LayerRecord, MetricRecord, RuleError, Snapshot, evaluate, parse_rules
-from app.modelcard import CARD_SUFFIX, PATCH_CARD, parse_front_matter, render_model_card
+from app.modelcard import is_card_artifact, parse_front_matter, render_model_card
 from app.models import Analysis, AnalysisLabel, Artifact, GatePolicy, GateVerdict, LayerScore, Metric, utcnow
 from app.registry import VERDICT, enqueue_update
 
@@ -141,20 +141,20 @@ def _card_entry(row: GateVerdict) -> dict[str, Any]:
 
 
 def refresh_cards(session: Session, analysis: Analysis) -> list[str]:
-    """Re-render the analysis's standalone model-card artifacts (`mitigation_card.md`, `*.card.md`)
+    """Re-render the analysis's standalone model-card artifacts (`mitigation_card*.md`, `*.card.md`)
     with every verdict stored for it, in the caller's transaction; returns the names re-written.
 
     The card rows are locked first, so two verdicts stored at once re-write them one after the
     other, the second with both (a verdict is never left off). A card that cannot be re-written
     (no front matter, kept in the artifact store rather than its row) is left as it was with a
     logged warning: the verdict is stored either way."""
-    cards = list(session.scalars(
+    markdown = list(session.scalars(
         select(Artifact)
-        .where(Artifact.analysis_id == analysis.id,
-               (Artifact.name == PATCH_CARD) | Artifact.name.endswith(CARD_SUFFIX, autoescape=True))
+        .where(Artifact.analysis_id == analysis.id, Artifact.name.endswith(".md", autoescape=True))
         .order_by(Artifact.name)
         .with_for_update()
     ))
+    cards = [a for a in markdown if is_card_artifact(a.name)]
     if not cards:
         return []
     verdicts = [_card_entry(v) for v in session.scalars(

@@ -12,7 +12,8 @@ A verdict is stored after the export was written: when the analysis succeeds (th
 `gate_policy`) or later (`POST /v1/analyses/{id}/gate`, as often as asked). So each export also
 gets a standalone card artifact with the same text: `<archive stem>.card.md` beside the archive
 (`pruned-model-avss.card.md` beside `pruned-model-avss.tar.gz`, `healed-model-avss.card.md`),
-and the patch's card is the artifact `mitigation_card.md`. Every time a verdict is stored
+and the patch's card is the artifact `mitigation_card.md` (`mitigation_card-<method>.md` per
+method when the analysis compared several). Every time a verdict is stored
 (`app.verdicts.evaluate_and_store`, in the transaction that stores it) each standalone card of
 the analysis is re-rendered from its own front matter with every verdict stored for the analysis
 so far (`app.modelcard.render_model_card`, pure). The card packed inside an archive is never

@@ -316,7 +316,7 @@ def _owned_analysis(session: Session, principal: Principal, analysis_id: str) ->
         "Evaluates the policy (latest version, or `version`) on the analysis's stored results and stores the "
         "verdict. Every rule is reported with its observed value, threshold and interval; a rule whose data is "
         "missing fails. The analysis must be SUCCEEDED (409 otherwise). The analysis's standalone model-card "
-        "artifacts (`mitigation_card.md`, `<export>.card.md`) are re-written with every verdict stored for it."
+        "artifacts (`mitigation_card*.md`, `<export>.card.md`) are re-written with every verdict stored for it."
     ),
     tags=["gates"], responses={409: CONFLICT},
 )

@@ -254,6 +254,7 @@ def test_one_analysis_compares_several_methods_on_the_same_split_and_layers(tiny
     assert "steering_eavss - steering_random" in table and "dola_eavss - base" in table
     card = next(a for a in res.artifacts if a.name == "mitigation_card-dola.md").data.decode()
     assert "dola_eavss" in card and "steering_eavss" not in card  # a method's card carries its own rows
+    assert "card_artifact: mitigation_card-dola.md" in card  # the verdicts are written into it
 
     # model.patch picks a method's file; its recipe must name that method.
     files = {a.name: a.data for a in res.artifacts}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from app.modelcard import parse_front_matter, render_model_card
+from app.modelcard import card_artifact_name, is_card_artifact, parse_front_matter, render_model_card
 from app.schemas import AnalysisSpec
 from worker.modelcard import Provenance, read_model_card, write_model_card
 from worker.stage import MetricRow
@@ -91,6 +91,10 @@ def test_render_fills_the_verdicts_into_a_pending_card_from_its_front_matter(tmp
     assert {k: v for k, v in front["layerscope"].items() if k != "gate_verdicts"} == \
         {k: v for k, v in before["layerscope"].items() if k != "gate_verdicts"}
     assert "No gate policy was evaluated." in render_model_card(before, [])
+    assert card_artifact_name("healed-model-avss.tar.gz") == "healed-model-avss.card.md"
+    assert [n for n in ("mitigation_card.md", "mitigation_card-dola.md", "pruned-model-avss.card.md", "before_after.md",
+                        "mitigation_recipe.json") if is_card_artifact(n)] == \
+        ["mitigation_card.md", "mitigation_card-dola.md", "pruned-model-avss.card.md"]
 
 
 def test_exported_pruned_model_carries_its_card() -> None:
