@@ -131,6 +131,9 @@ def retained_metric(
     hib = orig_mv.higher_is_better
     value = finite_or_none(retained_pct(orig_mv.value, pruned_mv.value, hib))
     out = MetricValue("retained_pct", value, None, None, orig_mv.n, True)
+    if value is None and orig_mv.value is not None and pruned_mv.value is not None:
+        return out, (f"{original.task}/{name}: retained_pct is undefined (original {orig_mv.value:.4g}, pruned "
+                     f"{pruned_mv.value:.4g}: a ratio to 0 or to a value that is not finite)")
     stat = original.statistics.get(name)
     a, b = original.example_values(name), pruned.example_values(name)
     if stat is None or a is None or b is None or stat != pruned.statistics.get(name):

@@ -129,3 +129,9 @@ def test_retained_metric_without_pairable_values_says_why():
     assert kept.value == pytest.approx(50.0) and kept.ci_low is None and why and "no per-example" in why
     kept, why = retained_metric(orig, _acc_result([1, 0]), n_boot=100)
     assert kept.ci_low is None and why and "different examples" in why
+
+
+def test_retained_metric_of_an_original_that_scores_zero_says_why():
+    kept, why = retained_metric(_acc_result([0, 0, 0]), _acc_result([1, 0, 0]), n_boot=100)
+    assert kept.value is None and kept.ci_low is None
+    assert why and "undefined" in why and "original 0" in why
