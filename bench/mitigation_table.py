@@ -2,7 +2,9 @@
 several methods or one per method, same split and seed): per dataset the base model, then per method its EAVSS
 variant and its random-layer control, with answer accuracy and sequence-likelihood ECE
 and AUROC (95% bootstrap intervals) and the paired differences against base and against
-the control; a difference whose interval covers 0 is marked "n.s.".
+the control; a difference whose interval covers 0 is marked "n.s."; and the cost (`summary.cost`:
+seconds to fit, seconds of the evaluation, answer tokens per evaluation second, which for a
+decoding method is its decoding cost against base's; wall time on a shared machine).
 
     python bench/mitigation_table.py /tmp/sciq_contrastive.json /tmp/sciq_steering.json ...
 """
@@ -50,7 +52,12 @@ def rows_of(path: Path) -> tuple[str, list[str]]:
             if vs_base else ""
         d_ctl = _cell(by.get((f"delta={variant}-{control}", "accuracy")), True, True) if control else ""
         where = f" (layers {', '.join(map(str, layers))})" if layers else ""
-        return f"| {dataset} | {label}{where} | {n} | {acc} | {d_acc} | {d_ctl} | {ece} | {d_ece} | {auroc} |"
+        cost = (s.get("cost") or {}).get(variant) or {}
+        fit = f"{cost['fit_seconds']:.0f}" if "fit_seconds" in cost else ""
+        evals = f"{cost['eval_seconds']:.0f}" if "eval_seconds" in cost else ""
+        rate = f"{cost['answer_tokens_per_eval_second']:.2f}" if "answer_tokens_per_eval_second" in cost else ""
+        return (f"| {dataset} | {label}{where} | {n} | {acc} | {d_acc} | {d_ctl} | {ece} | {d_ece} | {auroc} "
+                f"| {fit} | {evals} | {rate} |")
 
     lines = [row("base", "base", None)]
     for method in methods:
@@ -67,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("files", type=Path, nargs="+")
     args = ap.parse_args(argv)
     print("| dataset | variant | test N | accuracy | minus base | EAVSS minus random | "
-          f"{DETECTOR} ECE | ECE change vs base (relative) | {DETECTOR} AUROC |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"{DETECTOR} ECE | ECE change vs base (relative) | {DETECTOR} AUROC | fit s | evaluation s | "
+          "answer tokens / evaluation s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     seen_base: set[str] = set()
     for path in args.files:
         dataset, lines = rows_of(path)
