@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 import numpy as np
 import torch
 
+from worker.evaluation.bootstrap import bootstrap_ci
 from worker.lm.model import is_causal_lm
 from worker.stage import JobContext, JobFailed, finite_or_none
 
@@ -132,6 +133,12 @@ def metric(name: str, value: float | None, ci: Any, n: int, higher_is_better: bo
         n=n,
         higher_is_better=higher_is_better,
     )
+
+
+def mean_metric(name: str, values: np.ndarray, *, n_boot: int, seed: int, higher_is_better: bool = True) -> MetricValue:
+    """The mean of the per-example `values` (None without examples) with its bootstrap interval."""
+    ci = bootstrap_ci(lambda v: v.mean(axis=1), values, n_boot=n_boot, seed=seed, batched=True)
+    return metric(name, float(values.mean()) if len(values) else None, ci, len(values), higher_is_better)
 
 
 def example_field(example: Any, name: str) -> Any:

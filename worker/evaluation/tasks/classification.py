@@ -22,15 +22,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from worker.evaluation.bootstrap import bootstrap_ci
 from worker.evaluation.tasks.base import (
     Task,
     TaskResult,
     TaskRun,
     example_field,
     job_context,
+    mean_metric,
     mean_of,
-    metric,
     require_causal,
 )
 from worker.lm.batching import AutoBatch
@@ -145,7 +144,6 @@ def evaluate_classification(
     if len(texts) != len(labels):
         raise ValueError("texts and labels must have the same length")
     ctx = job_context(ctx)
-    n = len(texts)
     if has_classification_head(model):
         num = int(getattr(model.config, "num_labels", 0) or 0)
         id2label = getattr(model.config, "id2label", None) or {}
@@ -172,11 +170,10 @@ def evaluate_classification(
         method = "label_word_loglik"
 
     correct = (pred == gold).astype(np.float64)
-    ci = bootstrap_ci(lambda c: c.mean(axis=1), correct, n_boot=n_boot, seed=seed, batched=True)
     return TaskResult(
         task="classification",
         primary="accuracy",
-        metrics={"accuracy": metric("accuracy", float(correct.mean()) if n else None, ci, n, True)},
+        metrics={"accuracy": mean_metric("accuracy", correct, n_boot=n_boot, seed=seed)},
         per_example={"correct": correct.tolist()},
         statistics={"accuracy": mean_of("correct")},
         details={

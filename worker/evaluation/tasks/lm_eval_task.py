@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from worker.evaluation.bootstrap import bootstrap_ci
 from worker.evaluation.tasks.base import (
     Task,
     TaskResult,
     TaskRun,
     job_context,
+    mean_metric,
     mean_of,
     metric,
     require_causal,
@@ -329,8 +329,7 @@ def lm_eval_result(out: Mapping[str, Any], name: str, primary: str | None, n_boo
             arr = np.asarray(vals, dtype=np.float64)
             mean = float(arr.mean())
             if lm_value is None or len(leaves) > 1 or math.isclose(mean, lm_value, rel_tol=1e-9, abs_tol=1e-12):
-                ci = bootstrap_ci(lambda c: c.mean(axis=1), arr, n_boot=n_boot, seed=seed, batched=True)
-                metrics[ours] = metric(ours, mean, ci, len(arr), hib)
+                metrics[ours] = mean_metric(ours, arr, n_boot=n_boot, seed=seed, higher_is_better=hib)
                 per_example[ours] = arr.tolist()
                 statistics[ours] = mean_of(ours)
                 continue

@@ -32,15 +32,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from worker.evaluation.bootstrap import bootstrap_ci
 from worker.evaluation.tasks.base import (
     Task,
     TaskResult,
     TaskRun,
     example_field,
     job_context,
+    mean_metric,
     mean_of,
-    metric,
     require_causal,
 )
 from worker.lm.batching import AutoBatch
@@ -215,15 +214,11 @@ def evaluate_multiple_choice(
         lengths = np.asarray([float(len(c)) for c in it.choices])
         acc[i] = float(int(np.argmax(values)) == it.gold)
         acc_norm[i] = float(int(np.argmax(values / lengths)) == it.gold)
-    n = len(items)
-    metrics = {}
-    for name, values in (("acc", acc), ("acc_norm", acc_norm)):
-        ci = bootstrap_ci(lambda c: c.mean(axis=1), values, n_boot=n_boot, seed=seed, batched=True)
-        metrics[name] = metric(name, float(values.mean()) if n else None, ci, n, True)
     return TaskResult(
         task="multiple_choice",
         primary="acc",
-        metrics=metrics,
+        metrics={name: mean_metric(name, values, n_boot=n_boot, seed=seed)
+                 for name, values in (("acc", acc), ("acc_norm", acc_norm))},
         per_example={"acc": acc.tolist(), "acc_norm": acc_norm.tolist()},
         statistics={"acc": mean_of("acc"), "acc_norm": mean_of("acc_norm")},
         details={

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from worker.evaluation.bootstrap import bootstrap_ci
 from worker.evaluation.correctness import exact_match, split_aliases, token_f1
 from worker.evaluation.tasks.base import (
     Task,
@@ -28,8 +27,8 @@ from worker.evaluation.tasks.base import (
     TaskRun,
     example_field,
     job_context,
+    mean_metric,
     mean_of,
-    metric,
     require_causal,
 )
 from worker.lm.generate import generate
@@ -118,16 +117,12 @@ def evaluate_qa(
         [float(any(exact_match(p, g) for g in gs)) for p, gs in zip(preds, golds, strict=True)],
         dtype=np.float64,
     )
-    n = len(preds)
-    mean = lambda a: a.mean(axis=1)  # noqa: E731
-    ci_f1 = bootstrap_ci(mean, f1, n_boot=n_boot, seed=seed, batched=True)
-    ci_em = bootstrap_ci(mean, em, n_boot=n_boot, seed=seed, batched=True)
     return TaskResult(
         task="qa",
         primary="f1",
         metrics={
-            "f1": metric("f1", float(f1.mean()) if n else None, ci_f1, n, True),
-            "exact_match": metric("exact_match", float(em.mean()) if n else None, ci_em, n, True),
+            "f1": mean_metric("f1", f1, n_boot=n_boot, seed=seed),
+            "exact_match": mean_metric("exact_match", em, n_boot=n_boot, seed=seed),
         },
         per_example={"f1": f1.tolist(), "exact_match": em.tolist()},
         statistics={"f1": mean_of("f1"), "exact_match": mean_of("exact_match")},
