@@ -3,9 +3,10 @@ it returns, and reading fields of examples.
 
 Each evaluator runs the model batched under `torch.inference_mode`, reports
 progress with `ctx.progress(stage, done, total)` and checks for cancellation
-between batches, and returns a `TaskResult`: every metric with its value, a
-bootstrap 95% percentile interval over *examples* (`worker.evaluation.bootstrap`)
-and the number of examples it is over.
+between batches (`target_nll_batches` does all three for a log-likelihood pass),
+and returns a `TaskResult`: every metric with its value, a bootstrap 95%
+percentile interval over *examples* (`worker.evaluation.bootstrap`; `mean_metric`
+for a mean) and the number of examples it is over.
 
 Per-example contract (what paired comparisons read, e.g. retained performance of a
 pruned model against the original on the same examples, `worker.pruning`):
@@ -31,7 +32,7 @@ prune stage turns into a warning), and `evaluate`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
@@ -39,7 +40,10 @@ import numpy as np
 import torch
 
 from worker.evaluation.bootstrap import bootstrap_ci
-from worker.lm.model import is_causal_lm
+from worker.lm.batching import AutoBatch
+from worker.lm.loss import token_nll
+from worker.lm.model import is_causal_lm, model_device
+from worker.lm.tokens import by_length, pad_batch, pad_id
 from worker.stage import JobContext, JobFailed, finite_or_none
 
 if TYPE_CHECKING:
@@ -171,6 +175,35 @@ def require_causal(model: torch.nn.Module, task: str) -> None:
             f"{task} needs a causal language model with an LM head; {type(model).__name__} is not one "
             "(an encoder such as BERT cannot compute it)",
         )
+
+
+def target_nll_batches(
+    model: torch.nn.Module, tokenizer: Any, sequences: Sequence[tuple[Sequence[int], int]], *, workload: str,
+    batch_size: int, ctx: JobContext, progress_stage: str,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Next-token NLL of each sequence (its token ids, the position of its first target token),
+    under `torch.inference_mode`, longest first in `AutoBatch(workload)` batches (OOM back-off),
+    cancellation checked and progress reported per batch. Yields every completed batch: the
+    indices of its sequences, the NLL [rows, len-1] (float64 on the CPU, 0 off the targets) and
+    the target mask [rows, len-1]."""
+    device, pad = model_device(model), pad_id(tokenizer)
+    order = by_length([len(ids) for ids, _ in sequences])
+    batcher = AutoBatch(workload, model, batch_size)
+
+    def run_batch(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.check_cancelled()
+        ids, mask = pad_batch([sequences[k][0] for k in batch], pad)
+        target = mask.bool().clone()
+        for row, k in enumerate(batch):
+            target[row, : sequences[k][1]] = False
+        nll = token_nll(model, ids.to(device), mask.to(device), target.to(device)).double().cpu()
+        return nll, target[:, 1:]
+
+    ctx.progress(progress_stage, 0, len(order))
+    with torch.inference_mode():
+        for batch, (nll, tmask) in batcher.run(order, run_batch):
+            yield batch, nll, tmask
+            ctx.progress(progress_stage, *batcher.progress)
 
 
 @dataclass

@@ -31,9 +31,9 @@ from worker.evaluation.tasks.base import (
     mean_metric,
     mean_of,
     require_causal,
+    target_nll_batches,
 )
 from worker.lm.batching import AutoBatch
-from worker.lm.loss import token_nll
 from worker.lm.model import has_classification_head, is_causal_lm, model_device
 from worker.lm.tokens import by_length, encode_texts, pad_batch, pad_id
 from worker.stage import JobContext, JobFailed
@@ -95,32 +95,21 @@ def _label_word_predictions(
     progress_stage: str,
 ) -> np.ndarray:
     """The label word of highest log-likelihood after each prompt."""
-    device, pad, n = model_device(model), pad_id(tokenizer), len(texts)
+    n = len(texts)
     prompts = encode_texts(tokenizer, [prompt_template.format(text=t) for t in texts], max_tokens)
     conts = [tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"] for w in names]
     if any(len(c) == 0 for c in conts):
         raise JobFailed("task_invalid", f"a label word tokenizes to nothing: {list(names)}")
     pairs = [(i, k, prompts[i] + list(conts[k]), len(prompts[i])) for i in range(n) for k in range(len(names))]
     scores = np.full((n, len(names)), -np.inf)
-    order = by_length([len(p[2]) for p in pairs])
-    batcher = AutoBatch("classification", model, batch_size)  # OOM back-off
-    ctx.progress(progress_stage, 0, len(order))
-    with torch.inference_mode():
-
-        def run_batch(batch: list[int]) -> None:  # writes its own rows: a retry rewrites them
-            ctx.check_cancelled()
-            ids, mask = pad_batch([pairs[j][2] for j in batch], pad)
-            target = mask.bool().clone()
-            for row, j in enumerate(batch):
-                target[row, : pairs[j][3]] = False
-            nll = token_nll(model, ids.to(device), mask.to(device), target.to(device)).double().cpu()
-            for row, j in enumerate(batch):
-                i, k = pairs[j][0], pairs[j][1]
-                total = -float(nll[row].sum())
-                scores[i, k] = total / len(conts[k]) if length_norm == "mean" else total
-
-        for _ in batcher.run(order, run_batch):
-            ctx.progress(progress_stage, *batcher.progress)
+    for batch, nll, _ in target_nll_batches(
+        model, tokenizer, [(p[2], p[3]) for p in pairs], workload="classification", batch_size=batch_size, ctx=ctx,
+        progress_stage=progress_stage,
+    ):
+        for row, j in enumerate(batch):
+            i, k = pairs[j][0], pairs[j][1]
+            total = -float(nll[row].sum())
+            scores[i, k] = total / len(conts[k]) if length_norm == "mean" else total
     return np.asarray(scores.argmax(axis=1))
 
 

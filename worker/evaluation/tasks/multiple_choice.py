@@ -41,11 +41,9 @@ from worker.evaluation.tasks.base import (
     mean_metric,
     mean_of,
     require_causal,
+    target_nll_batches,
 )
-from worker.lm.batching import AutoBatch
-from worker.lm.loss import token_nll
-from worker.lm.model import is_causal_lm, model_device
-from worker.lm.tokens import by_length, pad_batch, pad_id
+from worker.lm.model import is_causal_lm
 from worker.stage import JobContext, JobFailed
 
 if TYPE_CHECKING:
@@ -153,7 +151,6 @@ def choice_logliks(
     max_tokens: int | None, batch_size: int, ctx: JobContext, progress_stage: str,
 ) -> list[list[float]]:
     """Summed log-probability of `" " + choice` after each context, per context and choice."""
-    device, pad = model_device(model), pad_id(tokenizer)
     pairs: list[tuple[int, int, list[int], int]] = []  # (item, choice, ids, first continuation position)
     for i, (context, options) in enumerate(zip(contexts, choices, strict=True)):
         for k, choice in enumerate(options):
@@ -165,24 +162,12 @@ def choice_logliks(
                 ids, n_context = ids[cut:], max(1, n_context - cut)
             pairs.append((i, k, ids, max(1, n_context)))
     lls = [[0.0] * len(c) for c in choices]
-    order = by_length([len(p[2]) for p in pairs])
-    batcher = AutoBatch("multiple_choice", model, batch_size)  # OOM back-off
-    ctx.progress(progress_stage, 0, len(order))
-    with torch.inference_mode():
-
-        def run_batch(batch: list[int]) -> list[float]:
-            ctx.check_cancelled()
-            ids, mask = pad_batch([pairs[j][2] for j in batch], pad)
-            target = mask.bool().clone()
-            for row, j in enumerate(batch):
-                target[row, : pairs[j][3]] = False
-            nll = token_nll(model, ids.to(device), mask.to(device), target.to(device)).double().cpu()
-            return [-float(nll[row].sum()) for row in range(len(batch))]
-
-        for batch, values in batcher.run(order, run_batch):
-            for j, ll in zip(batch, values, strict=True):
-                lls[pairs[j][0]][pairs[j][1]] = ll
-            ctx.progress(progress_stage, *batcher.progress)
+    for batch, nll, _ in target_nll_batches(
+        model, tokenizer, [(p[2], p[3]) for p in pairs], workload="multiple_choice", batch_size=batch_size, ctx=ctx,
+        progress_stage=progress_stage,
+    ):
+        for row, j in enumerate(batch):
+            lls[pairs[j][0]][pairs[j][1]] = -float(nll[row].sum())
     return lls
 
 

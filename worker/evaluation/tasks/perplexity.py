@@ -34,11 +34,10 @@ from worker.evaluation.tasks.base import (
     job_context,
     metric,
     require_causal,
+    target_nll_batches,
 )
-from worker.lm.batching import AutoBatch
-from worker.lm.loss import token_nll
-from worker.lm.model import is_causal_lm, model_device
-from worker.lm.tokens import by_length, encode_texts, pad_batch, pad_id
+from worker.lm.model import is_causal_lm
+from worker.lm.tokens import encode_texts
 from worker.stage import JobContext, finite_or_none
 
 if TYPE_CHECKING:
@@ -116,28 +115,14 @@ def evaluate_perplexity(
     n = len(encoded)
     nll_sum = np.zeros(n, dtype=np.float64)
     counts = np.zeros(n, dtype=np.float64)
-    device = model_device(model)
-    pad = pad_id(tokenizer)
-    order = by_length([len(p[1]) for p in pieces])
-    batcher = AutoBatch("perplexity", model, batch_size)  # OOM back-off, see worker/lm/batching.py
-    ctx.progress(progress_stage, 0, len(order))
-    with torch.inference_mode():
-
-        def run_batch(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            ctx.check_cancelled()
-            ids, mask = pad_batch([pieces[k][1] for k in batch], pad)
-            target = mask.bool().clone()
-            for row, k in enumerate(batch):
-                target[row, : pieces[k][2]] = False
-            nll = token_nll(model, ids.to(device), mask.to(device), target.to(device)).double().cpu()
-            return nll, target[:, 1:]
-
-        for batch, (nll, tmask) in batcher.run(order, run_batch):  # summed only once a batch completed
-            for row, k in enumerate(batch):
-                ex = pieces[k][0]
-                nll_sum[ex] += float(nll[row][tmask[row]].sum())
-                counts[ex] += float(tmask[row].sum())
-            ctx.progress(progress_stage, *batcher.progress)
+    for batch, nll, tmask in target_nll_batches(
+        model, tokenizer, [(p[1], p[2]) for p in pieces], workload="perplexity", batch_size=batch_size, ctx=ctx,
+        progress_stage=progress_stage,
+    ):
+        for row, k in enumerate(batch):
+            ex = pieces[k][0]
+            nll_sum[ex] += float(nll[row][tmask[row]].sum())
+            counts[ex] += float(tmask[row].sum())
 
     total = counts.sum()
     value = math.exp(nll_sum.sum() / total) if total > 0 else None
