@@ -8,7 +8,8 @@ pass must keep the last prompt token's final hidden state (`needs_last_hidden`);
 features) and returns a `Scored`.
 
 Phases, in the order the stage runs them:
-- `answers`: reads the greedy answers only (no model call);
+- `answers`: reads the greedy answers only (no model call, no progress units; `logprob_confidence`
+  for a confidence from their token log-probabilities);
 - `generation`: one more greedy generation per test answer;
 - `sampling`: K sampled answers per test question;
 - `probe`: trains a logistic probe on the training answers, scores the test answers
@@ -17,7 +18,8 @@ Phases, in the order the stage runs them:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -26,6 +28,7 @@ import numpy as np
 from app.schemas import HallucinationOptions
 from worker.hallucination import probe as probes
 from worker.hallucination.answers import Answers
+from worker.hallucination.generation import Generation
 from worker.modelzoo import LoadedModel
 from worker.stage import JobContext
 
@@ -80,10 +83,23 @@ class Detector:
 
     def units(self, n_test: int, options: HallucinationOptions) -> int:
         """Progress units of this detector for `n_test` test answers."""
-        return 1
+        return 0 if self.phase == "answers" else 1
 
     def score(self, inp: DetectorInput) -> Scored:
         raise NotImplementedError
+
+
+def logprob_confidence(
+    generations: Sequence[Generation], reduce: Callable[[list[float]], Any], *, with_end: bool
+) -> np.ndarray:
+    """exp(reduce(the answer tokens' log-probabilities, `with_end` also the end-of-answer
+    token's)) per answer, clipped to [0, 1]; 0.0 for an empty answer or a non-finite value."""
+    out = np.zeros(len(generations), dtype=np.float64)
+    for i, g in enumerate(generations):
+        lps = g.logprobs_with_end if with_end else g.logprobs
+        total = float(reduce(lps)) if g.token_ids and lps else -math.inf
+        out[i] = min(max(math.exp(total), 0.0), 1.0) if math.isfinite(total) else 0.0
+    return out
 
 
 def probe_scored(

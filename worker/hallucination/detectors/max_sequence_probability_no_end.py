@@ -4,7 +4,6 @@ beside it, it shows what the end-of-answer token is worth). An empty answer gets
 
 from __future__ import annotations
 
-from app.schemas import HallucinationOptions
 from worker.hallucination.detectors.base import Detector, DetectorInput, Scored
 from worker.hallucination.detectors.max_sequence_probability import max_sequence_probability
 
@@ -13,9 +12,6 @@ class MaxSequenceProbabilityNoEnd(Detector):
     name = "max_sequence_probability_no_end"
     phase = "answers"
     compute = "none: the greedy answers' token log-probabilities"
-
-    def units(self, n_test: int, options: HallucinationOptions) -> int:
-        return 0
 
     def score(self, inp: DetectorInput) -> Scored:
         return Scored(confidence=max_sequence_probability(inp.answers.generations, with_end=False))

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from app.schemas import HallucinationOptions
 from worker.hallucination.detectors.base import Detector, DetectorInput, Scored
 from worker.hallucination.generation import Generation
 
@@ -37,9 +36,6 @@ class MeanTokenEntropy(Detector):
     phase = "answers"
     toolkit = True
     compute = "none: the greedy answers' token entropies"
-
-    def units(self, n_test: int, options: HallucinationOptions) -> int:
-        return 0
 
     def score(self, inp: DetectorInput) -> Scored:
         return Scored(confidence=entropy_confidence(inp.answers.generations))
