@@ -14,8 +14,6 @@ class AllLayersProbe(Detector):
     options = ("probe_l2", "seed")
 
     def score(self, inp: DetectorInput) -> Scored:
-        f = inp.features
-        if f is None:
-            raise RuntimeError("all_layers_probe runs in the probe phase, after the profile")
+        f = inp.layer_features(self.name)
         x = f.pooled.reshape(f.pooled.shape[0], -1)
         return probe_scored(self.name, x, inp, layers=list(f.layer_ids), features=int(x.shape[1]))

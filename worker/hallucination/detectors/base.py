@@ -46,6 +46,10 @@ class LayerFeatures:
     # position -> the probe trained on that layer alone (training split), shared with the per-layer table
     layer_probes: dict[int, probes.LogisticProbe] = field(default_factory=dict)
 
+    def concat(self, positions: Sequence[int]) -> np.ndarray:
+        """[answers, len(positions) * width]: the pooled vectors of the layers at `positions`, concatenated."""
+        return self.pooled[:, list(positions), :].reshape(self.pooled.shape[0], -1)
+
 
 @dataclass
 class DetectorInput:
@@ -56,6 +60,12 @@ class DetectorInput:
     on_batch: Callable[[int, int], None]  # fills the detector's progress units
     features: LayerFeatures | None = None  # set in the probe phase
     earlier: Mapping[str, Scored] = field(default_factory=dict)  # detectors of this run that ran before
+
+    def layer_features(self, detector: str) -> LayerFeatures:
+        """The layer features, which only the probe phase has."""
+        if self.features is None:
+            raise RuntimeError(f"{detector} runs in the probe phase, after the profile and the layer scores")
+        return self.features
 
 
 @dataclass

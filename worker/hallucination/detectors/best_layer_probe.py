@@ -46,13 +46,11 @@ class BestLayerProbe(Detector):
     options = ("probe_window", "probe_l2", "seed")
 
     def score(self, inp: DetectorInput) -> Scored:
-        f = inp.features
-        if f is None:
-            raise RuntimeError("best_layer_probe runs in the probe phase, after the profile")
+        f = inp.layer_features(self.name)
         n_train, o = inp.answers.qa.n_train, inp.options
         chosen, probe, ranking = choose_layers(f, inp.answers.y_train, n_train, window=o.probe_window,
                                                l2=o.probe_l2, seed=o.seed)
-        x = f.pooled[:, list(chosen), :].reshape(f.pooled.shape[0], -1)
+        x = f.concat(chosen)
         ids = [f.layer_ids[i] for i in chosen]
         singles = [(c[0], loss) for c, loss in ranking if len(c) == 1]
         s = probe_scored(

@@ -14,9 +14,7 @@ class EavssProbe(Detector):
     options = ("top_k_layers", "probe_l2", "seed")
 
     def score(self, inp: DetectorInput) -> Scored:
-        f = inp.features
-        if f is None:
-            raise RuntimeError("eavss_probe runs in the probe phase, after the layer scores")
-        feats = f.pooled[:, f.top_layers, :].reshape(f.pooled.shape[0], -1)
+        f = inp.layer_features(self.name)
+        feats = f.concat(f.top_layers)
         return probe_scored(self.name, feats, inp, layers=[f.layer_ids[i] for i in f.top_layers],
                             features=int(feats.shape[1]))
