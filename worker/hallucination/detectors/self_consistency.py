@@ -45,11 +45,6 @@ def self_consistency(
     return out
 
 
-def sampling_units(n_test: int, options: HallucinationOptions) -> int:
-    k = options.self_consistency_k
-    return -(-(n_test * k) // (options.batch_size * k))
-
-
 def sample_answers(inp: DetectorInput) -> list[list[str]]:
     """Per test question: its `self_consistency_k` answers sampled at `self_consistency_temperature`
     (seeded), or those an earlier detector of this run already sampled (the same call)."""
@@ -67,16 +62,23 @@ def sample_answers(inp: DetectorInput) -> list[list[str]]:
     return [[g.text for g in run.generations[j * k : (j + 1) * k]] for j in range(n_test)]
 
 
-class SelfConsistency(Detector):
-    name = "self_consistency"
+class SamplingDetector(Detector):
+    """A detector on the `sample_answers` samples compared by `answers_match`: the options those
+    read and the progress units of drawing the samples (what every detector on them shares)."""
+
     phase = "sampling"
-    compute = "self_consistency_k sampled answers of max_new_tokens per test question"
     options = ("self_consistency_k", "self_consistency_temperature", "max_new_tokens", "batch_size", "seed",
                "contains_max_tokens", "f1_threshold")
-    timing = "generate_self_consistency"
 
     def units(self, n_test: int, options: HallucinationOptions) -> int:
-        return sampling_units(n_test, options)
+        k = options.self_consistency_k
+        return -(-(n_test * k) // (options.batch_size * k))
+
+
+class SelfConsistency(SamplingDetector):
+    name = "self_consistency"
+    compute = "self_consistency_k sampled answers of max_new_tokens per test question"
+    timing = "generate_self_consistency"
 
     def score(self, inp: DetectorInput) -> Scored:
         a, o = inp.answers, inp.options

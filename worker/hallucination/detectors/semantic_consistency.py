@@ -13,9 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from app.schemas import HallucinationOptions
-from worker.hallucination.detectors.base import Detector, DetectorInput, Scored
-from worker.hallucination.detectors.self_consistency import answers_match, sample_answers, sampling_units
+from worker.hallucination.detectors.base import DetectorInput, Scored
+from worker.hallucination.detectors.self_consistency import SamplingDetector, answers_match, sample_answers
 
 
 def semantic_clusters(texts: Sequence[str], same: Callable[[str, str], bool]) -> list[int]:
@@ -53,16 +52,10 @@ def semantic_consistency(
     return out
 
 
-class SemanticConsistency(Detector):
+class SemanticConsistency(SamplingDetector):
     name = "semantic_consistency"
-    phase = "sampling"
     compute = "the self_consistency samples (drawn here when self_consistency does not run)"
-    options = ("self_consistency_k", "self_consistency_temperature", "max_new_tokens", "batch_size", "seed",
-               "contains_max_tokens", "f1_threshold")
     timing = "semantic_consistency"
-
-    def units(self, n_test: int, options: HallucinationOptions) -> int:
-        return sampling_units(n_test, options)
 
     def score(self, inp: DetectorInput) -> Scored:
         a, o = inp.answers, inp.options
