@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -203,14 +203,11 @@ class Client(_Operations):
 
     def answers_csv(self, analysis_id: str, *, page_size: int = 1000, **filters: Any) -> str:
         """Every per-answer row (all pages of `GET .../answers.csv`, one header), filtered as `answers`."""
-        params: dict[str, Any] = {**{k: v for k, v in filters.items() if v is not None}, "page_size": page_size}
+        params = _csv_params(filters, page_size)
         parts: list[str] = []
         while True:
-            page: httpx.Response = self._run(Call("GET", f"/v1/analyses/{analysis_id}/answers.csv", lambda r: r,
-                                                  params=params))
-            text = page.text
-            parts.append(text if not parts else text.split("\n", 1)[1] if "\n" in text else "")
-            token = page.headers.get("Next-Page-Token")
+            page: httpx.Response = self._run(_answers_csv_call(analysis_id, params))
+            token = _add_csv_page(parts, page)
             if not token:
                 return "".join(parts)
             params["page_token"] = token
@@ -271,14 +268,29 @@ class AsyncClient(_Operations):
         return call.read(resp)
 
     async def answers(self, analysis_id: str, **filters: Any) -> Table[dict[str, Any]]:
-        rows: Table[dict[str, Any]] = Table()
+        """Every per-answer row (all pages), filtered by `stage`, `scope`, `split`, `correct`."""
+        return Table([row async for row in self.iter_answers(analysis_id, **filters)])
+
+    async def answers_csv(self, analysis_id: str, *, page_size: int = 1000, **filters: Any) -> str:
+        """Every per-answer row (all pages of `GET .../answers.csv`, one header), filtered as `answers`."""
+        params = _csv_params(filters, page_size)
+        parts: list[str] = []
+        while True:
+            page: httpx.Response = await self._run(_answers_csv_call(analysis_id, params))
+            token = _add_csv_page(parts, page)
+            if not token:
+                return "".join(parts)
+            params["page_token"] = token
+
+    async def iter_answers(self, analysis_id: str, **filters: Any) -> AsyncIterator[dict[str, Any]]:
         token = None
         while True:
             page = await self.answers_page(analysis_id, page_token=token, **filters)
-            rows.extend(_ANSWERS.validate_python(page["items"]))
+            for row in _ANSWERS.validate_python(page["items"]):
+                yield row
             token = page.get("next_page_token")
             if not token:
-                return rows
+                return
 
     async def wait(self, analysis_id: str, *, timeout: float = 3600, interval: float = 1.0,
                    on_progress: ProgressCallback | None = None, raise_on_failure: bool = False) -> AnalysisOut:
@@ -309,3 +321,18 @@ def _finished(job: AnalysisOut, raise_on_failure: bool) -> AnalysisOut:
     if raise_on_failure and job.state.value != "SUCCEEDED":
         raise errors.AnalysisFailed(job)
     return job
+
+
+def _csv_params(filters: dict[str, Any], page_size: int) -> dict[str, Any]:
+    return {**{k: v for k, v in filters.items() if v is not None}, "page_size": page_size}
+
+
+def _answers_csv_call(analysis_id: str, params: dict[str, Any]) -> Call[httpx.Response]:
+    return Call("GET", f"/v1/analyses/{analysis_id}/answers.csv", lambda r: r, params=dict(params))
+
+
+def _add_csv_page(parts: list[str], page: httpx.Response) -> str | None:
+    """Append a CSV page (its header only for the first) and return the next page's token."""
+    text = page.text
+    parts.append(text if not parts else text.split("\n", 1)[1] if "\n" in text else "")
+    return page.headers.get("Next-Page-Token")

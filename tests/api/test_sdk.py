@@ -56,6 +56,11 @@ def test_async_client_runs_the_same_operations(live_server: tuple[str, str]) -> 
             done = await ls.wait(job.id, interval=0.2, timeout=120)
             assert done.state.value == "SUCCEEDED"
             assert len(await ls.layers(job.id, stage="avss")) == 4
+            # An avss job has no answers: no rows, and the CSV is the header the sync client gets too.
+            assert await ls.answers(job.id) == [] and [r async for r in ls.iter_answers(job.id)] == []
+            with Client(base, key) as sync:
+                assert await ls.answers_csv(job.id, page_size=1) == sync.answers_csv(job.id, page_size=1)
+            assert (await ls.answers_csv(job.id)).startswith("stage,scope,id,split,question,")
             with pytest.raises(NotFound):
                 await ls.get(str(uuid.uuid4()))
 
