@@ -798,6 +798,12 @@ class MitigateOptions(Strict):
         "on the direction; the one with the best validation multiple-choice accuracy is kept (ties: the "
         "smaller; 0, the base model, is always tried).",
     )
+    steering_max_logprob_drop: float = Field(
+        1.0, ge=0, le=1000,
+        description="`steering`: a strength is only eligible when the validation gold answers' mean log-probability "
+        "per token stays within this many nats of the unsteered model's (a fluency guard; a strength that scores "
+        "better but breaks it is reported in the warnings).",
+    )
     learning_rate: float = Field(5e-5, gt=0, le=1.0)
     epochs: int = Field(3, ge=1, le=100, description="At most this many passes over the tuning questions.")
     patience: int = Field(

@@ -278,3 +278,25 @@ def test_the_method_list_is_validated() -> None:
     for bad in ([], ["dola", "dola"], ["dola", "beam"]):
         with pytest.raises(ValidationError):
             MitigateOptions(method=bad)
+
+
+def test_the_fluency_guard_keeps_a_strength_that_breaks_the_gold_answers_out(tiny, monkeypatch) -> None:
+    from worker.mitigation.methods import METHODS, MethodInput, TuningData
+    from worker.mitigation.methods import steering as steering_module
+    from worker.stage import JobContext
+
+    # Validation as the TruthfulQA run saw it: strength 16 wins one more question but costs 9 nats per gold token.
+    scores = {0.0: (0.455, -3.07), 2.0: (0.455, -3.71), 16.0: (0.545, -12.28)}
+    strengths = iter(sorted(scores))
+    monkeypatch.setattr(steering_module, "multiple_choice", lambda *a, **k: scores[next(strengths)])
+    data = TuningData(_groups(8), _groups(8)[:3], 0, 2.0)
+    patch = METHODS["steering"].fit(MethodInput(tiny, "eavss", [1], data, _steer_options(steering_strengths=[2.0, 16.0]),
+                                                JobContext(), lambda d, t: None))
+    assert patch.report["strength"] == 0.0
+    assert [c["fluent"] for c in patch.report["strengths"]] == [True, True, False]
+    assert "strength 16 scored best" in patch.warnings[0] and "-12.28" in patch.warnings[0]
+    strengths = iter(sorted(scores))
+    loose = METHODS["steering"].fit(MethodInput(
+        tiny, "eavss", [1], data, _steer_options(steering_strengths=[2.0, 16.0], steering_max_logprob_drop=10.0),
+        JobContext(), lambda d, t: None))
+    assert loose.report["strength"] == 16.0 and not any("scored best" in w for w in loose.warnings)

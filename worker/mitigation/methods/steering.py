@@ -16,7 +16,11 @@ Fit (`Steering.fit`), on the tuning questions only:
    scored as multiple choice: is the gold answer's mean log-probability per token the
    highest of its group? The alpha with the highest validation accuracy is kept (ties: the
    smaller alpha, so one that helps no more than 0 gives the base model back, and the
-   report says so). The test split is never looked at.
+   report says so), among the alphas that keep the gold answers' mean log-probability per
+   token within `steering_max_logprob_drop` nats of alpha 0's (a fluency guard, as ITI
+   watches cross-entropy: without it a one-question gain on a small validation set chose
+   alpha 16 on TruthfulQA, at -12.3 against -3.1 nats per gold token, and the steered model
+   answered nothing right on the test split). The test split is never looked at.
 
 The directions are computed with the unsteered model at every chosen block (steering block
 i then also moves block j > i's input; the strength is chosen with all of them on).
@@ -100,7 +104,8 @@ class Steering(MitigationMethod):
         "inference-time intervention: add alpha x sigma x (mean gold minus mean wrong answer direction) to the "
         "chosen blocks' outputs; alpha chosen on the validation questions as multiple choice"
     )
-    options: ClassVar[tuple[str, ...]] = ("pooling", "steering_strengths", "max_tokens", "batch_size")
+    options: ClassVar[tuple[str, ...]] = (
+        "pooling", "steering_strengths", "steering_max_logprob_drop", "max_tokens", "batch_size")
     changes_weights: ClassVar[bool] = False
 
     def fit(self, inp: MethodInput) -> SteeringPatch:
@@ -119,9 +124,22 @@ class Steering(MitigationMethod):
                 acc, gold_lp = multiple_choice(loaded, inp.data.val, options)
             curve.append({"strength": alpha, "val_mc_accuracy": acc, "val_gold_logprob": gold_lp})
             inp.on_step(2 + i, total)
-        best = max(curve, key=lambda c: (c["val_mc_accuracy"], -c["strength"]))
+        floor = curve[0]["val_gold_logprob"] - options.steering_max_logprob_drop  # curve[0]: alpha 0
+        for c in curve:
+            c["fluent"] = bool(c["strength"] == 0.0 or c["val_gold_logprob"] >= floor)
+        rank = lambda c: (c["val_mc_accuracy"], -c["strength"])  # noqa: E731
+        best = max((c for c in curve if c["fluent"]), key=rank)
         alpha = float(best["strength"])
         warnings = []
+        unguarded = max(curve, key=rank)
+        if unguarded is not best:
+            warnings.append(
+                f"steering strength {unguarded['strength']:g} scored best on the validation questions "
+                f"({unguarded['val_mc_accuracy']:.3f} against {best['val_mc_accuracy']:.3f}) but lowered the gold "
+                f"answers' log-probability per token from {curve[0]['val_gold_logprob']:.2f} to "
+                f"{unguarded['val_gold_logprob']:.2f} (more than steering_max_logprob_drop = "
+                f"{options.steering_max_logprob_drop:g}); {alpha:g} was kept"
+            )
         if alpha == 0.0:
             warnings.append("no steering strength beat 0 on the validation questions; the steering patch adds nothing")
         report = {
