@@ -373,6 +373,23 @@ class LmEvalOptions(Strict):
         return value.strip()
 
 
+class HubPush(Strict):
+    """Upload an exported model folder (weights and model card) to the Hugging Face Hub."""
+
+    repo_id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$",
+        description="`owner/name` of the model repository (created when missing).",
+    )
+    private: bool = Field(True, description="Create the repository private.")
+
+
+PUSH_TO_HUB_DESCRIPTION = (
+    "Also upload the exported folder (weights and model card, the card as written at export: verdicts pending) "
+    "to the Hugging Face Hub; off by default. Needs `export`, a token in the worker's HF_TOKEN and network; "
+    "without them, or when the hub refuses, the analysis still succeeds and says why in its warnings."
+)
+
+
 class HealOptions(Strict):
     """LoRA healing of every pruned model after pruning (docs/method.md section 3.5): a fixed budget
     of `steps` optimizer steps on a general text corpus disjoint from the evaluated texts, then every
@@ -417,6 +434,13 @@ class HealOptions(Strict):
         "float32", description="dtype of the merged export: `float32` (exact; a bfloat16 model's merged weights "
         "rounded back to bfloat16 lose small updates) or the model's own dtype."
     )
+    push_to_hub: HubPush | None = Field(None, description=PUSH_TO_HUB_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _push_needs_export(self) -> HealOptions:
+        if self.push_to_hub is not None and not self.export:
+            raise ValueError("push_to_hub uploads the export: set export to true")
+        return self
 
 
 class PruneOptions(Strict):
@@ -564,6 +588,7 @@ class PruneOptions(Strict):
     export_max_bytes: int = Field(
         2 * 1024**3, ge=1, description="Skip the export (with a warning) above this estimated size."
     )
+    push_to_hub: HubPush | None = Field(None, description=PUSH_TO_HUB_DESCRIPTION)
     heal: HealOptions | None = Field(
         None, description="LoRA healing of each pruned model and of the random control, then every task again; "
         "off by default."
@@ -596,6 +621,8 @@ class PruneOptions(Strict):
             )
         if (self.export or (self.heal is not None and self.heal.export)) and self.export_scorer not in self.scorers:
             raise ValueError("export_scorer must be one of scorers")
+        if self.push_to_hub is not None and not self.export:
+            raise ValueError("push_to_hub uploads the export: set export to true")
         return self
 
 

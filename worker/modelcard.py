@@ -157,6 +157,17 @@ def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, p
     return str(getattr(info, "commit_url", info))
 
 
+def push_export(folder: str | Path, repo_id: str, private: bool, warnings: list[str]) -> str | None:
+    """`push_to_hub` for a stage's export (`prune.push_to_hub`, `prune.heal.push_to_hub`): the
+    commit URL, or None with the reason in `warnings` (no token, no network, the hub refused);
+    an upload never fails the analysis that made the model."""
+    try:
+        return push_to_hub(folder, repo_id, private=private)
+    except Exception as exc:  # noqa: BLE001 - any hub failure is a warning, never a lost analysis
+        warnings.append(f"push_to_hub to {repo_id} skipped: {type(exc).__name__}: {exc}")
+        return None
+
+
 def card_json(folder: str | Path) -> str:
     """The front matter as JSON (for logs and the registry)."""
     return json.dumps(read_model_card(folder), sort_keys=True, default=str)

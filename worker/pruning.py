@@ -69,7 +69,7 @@ from worker.evaluation.bootstrap import bootstrap_ci, paired_bootstrap_ci
 from worker.evaluation.tasks import TASKS, MetricValue, TaskResult, TaskRun, lm_texts, qa_pairs
 from worker.lm.model import is_causal_lm, model_device
 from worker.lm.tokens import encode_texts, pad_batch, pad_id
-from worker.modelcard import Provenance, write_model_card
+from worker.modelcard import Provenance, push_export, write_model_card
 from worker.modelzoo import LoadedModel, adapter_for
 from worker.modelzoo.adapters import ArchitectureAdapter
 from worker.modelzoo.surgery import block_count, pruned_view, remove_blocks
@@ -1070,6 +1070,8 @@ def _export(
             card_artifact=card_artifact_name(archive),
         )
         standalone.append(ArtifactFile(card_artifact_name(archive), "text/markdown", path.read_bytes()))
+        if options.push_to_hub is not None:  # the folder is complete: weights, tokenizer, card
+            push_export(folder, options.push_to_hub.repo_id, options.push_to_hub.private, job.warnings)
 
     with pruned_view(job.model, key, adapter=job.adapter):
         blob = export_pruned_model(job.model, job.tokenizer, card)

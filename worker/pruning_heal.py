@@ -42,7 +42,7 @@ from worker.evaluation.bootstrap import paired_bootstrap_ci
 from worker.evaluation.tasks import MetricValue, TaskResult, example_field
 from worker.healing import HealReport, disjoint_texts, export_healed_model, healed
 from worker.lm.model import is_causal_lm
-from worker.modelcard import Provenance, write_model_card
+from worker.modelcard import Provenance, push_export, write_model_card
 from worker.modelzoo.surgery import pruned_view
 from worker.stage import ArtifactFile, JobFailed, MetricRow, finite_or_none
 
@@ -396,5 +396,8 @@ def _card(
             card_artifact=card_artifact_name(archive),
         )
         standalone.append(ArtifactFile(card_artifact_name(archive), "text/markdown", path.read_bytes()))
+        push = job.options.heal.push_to_hub
+        if push is not None:  # the folder is complete: merged weights, tokenizer, card
+            push_export(folder, push.repo_id, push.private, job.warnings)
 
     return write

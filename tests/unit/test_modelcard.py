@@ -116,7 +116,7 @@ def test_exported_pruned_model_carries_its_card() -> None:
     assert front["layerscope"]["removed_layers"] == [0] and front["base_model"] == "tiny-random-llama"
 
 
-def test_prune_stage_export_card_matches_the_result(tmp_path: Path) -> None:
+def test_prune_stage_export_card_matches_the_result(tmp_path: Path, monkeypatch) -> None:
     from app.config import Settings
     from app.schemas import ModelSpec, PruneOptions
     from worker.modelzoo import load_model
@@ -128,7 +128,8 @@ def test_prune_stage_export_card_matches_the_result(tmp_path: Path) -> None:
     spec = AnalysisSpec.model_validate({"model": {"name": "tiny-random-llama"}, "dataset": {"rows": [{"text": "x"}]},
                                         "stages": {"prune": {"export": True, "scorers": ["avss"]}}})
     options = PruneOptions(fraction=0.5, scorers=["avss"], tasks=["perplexity"], random_seeds=1, n_boot=20,
-                           timing_runs=0, export=True)
+                           timing_runs=0, export=True, push_to_hub={"repo_id": "org/pruned"})
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # asked to push without a token: a warning, never a failure
     texts = [{"text": "the cat sat on the mat and looked at the birds"}, {"text": "rivers flow to the sea"}]
     ranking = {"avss": Ranking((1, 2, 3, 0), "lowest", (0.4, 0.1, 0.2, 0.3))}
     result = run_prune_stage(loaded, texts, options, JobContext(), ranking, provenance=Provenance.of(spec, loaded, "b" * 36))
@@ -151,9 +152,12 @@ def test_prune_stage_export_card_matches_the_result(tmp_path: Path) -> None:
     scopes = {m["scope"] for m in block["metrics"]}
     assert scopes == {"task=perplexity,scorer=avss", "task=perplexity,scorer=original", "scorer=avss"}
     assert any(m["ci_low"] is not None for m in block["metrics"])
+    assert any(w.startswith("push_to_hub to org/pruned skipped: RuntimeError") and "HF_TOKEN" in w
+               for w in result.warnings), result.warnings
 
 
-def test_healed_export_carries_a_card_with_its_metrics(tmp_path: Path) -> None:
+def test_healed_export_carries_a_card_with_its_metrics(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
     from app.config import Settings
     from app.schemas import ModelSpec, PruneOptions
     from worker.modelzoo import load_model
@@ -165,7 +169,23 @@ def test_healed_export_carries_a_card_with_its_metrics(tmp_path: Path) -> None:
     spec = AnalysisSpec.model_validate({"model": {"name": "tiny-random-llama"}, "dataset": {"rows": [{"text": "x"}]},
                                         "stages": {"prune": {"scorers": ["avss"]}}})
     options = PruneOptions(scorers=["avss"], fraction=0.5, random_seeds=0, n_boot=20, timing_runs=0, tasks=["perplexity"],
-                           heal={"steps": 2, "max_tokens": 16, "rank": 4, "random_seeds": 0, "export": True})
+                           heal={"steps": 2, "max_tokens": 16, "rank": 4, "random_seeds": 0, "export": True,
+                                 "push_to_hub": {"repo_id": "org/healed", "private": False}})
+    uploads: list[dict] = []
+
+    class FakeHub:  # the hub's client only (no network in tests): what push_to_hub would send
+        def __init__(self, token: str) -> None:
+            assert token == "hf_test"
+
+        def create_repo(self, repo_id: str, private: bool, exist_ok: bool) -> None:
+            uploads.append({"repo": repo_id, "private": private})
+
+        def upload_folder(self, folder_path: str, repo_id: str, commit_message: str) -> str:
+            uploads[-1]["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+            return f"https://hub.example/{repo_id}/commit/1"
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     texts = [{"text": "the cat sat on the mat and looked at the birds"}, {"text": "a short line of text to read"}]
     heal = [{"text": "rivers flow down from the mountains to the sea"}, {"text": "birds sing in the early morning"}]
     ranking = {"avss": Ranking((1, 2, 3, 0), "lowest", (0.4, 0.1, 0.2, 0.3))}
@@ -178,6 +198,9 @@ def test_healed_export_carries_a_card_with_its_metrics(tmp_path: Path) -> None:
         packed = card.read()
         block = yaml.safe_load(packed.decode().split("---\n")[1])["layerscope"]
     assert next(a for a in result.artifacts if a.name == "healed-model-avss.card.md").data == packed
+    assert [(u["repo"], u["private"]) for u in uploads] == [("org/healed", False)]
+    assert uploads[0]["files"]["README.md"] == packed and "model.safetensors" in uploads[0]["files"]
+    assert not any("push_to_hub" in w for w in result.warnings)
     assert block["card_artifact"] == "healed-model-avss.card.md"
     assert block["kind"] == "healed" and block["analysis_id"] == "c" * 36
     assert block["removed_layers"] == sorted(result.summary["layers_removed"]["avss"]) == [1, 2]
@@ -185,3 +208,17 @@ def test_healed_export_carries_a_card_with_its_metrics(tmp_path: Path) -> None:
     assert block["healing"]["steps"] == 2
     ppl = next(m for m in block["metrics"] if m["name"] == "perplexity")
     assert ppl["scope"] == "task=perplexity,scorer=avss,variant=healed" and ppl["ci_low"] <= ppl["value"] <= ppl["ci_high"]
+
+
+def test_push_to_hub_needs_the_export_it_uploads() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from app.schemas import HealOptions, PruneOptions
+
+    with pytest.raises(ValidationError, match="set export to true"):
+        PruneOptions(push_to_hub={"repo_id": "org/m"})
+    with pytest.raises(ValidationError, match="set export to true"):
+        HealOptions(push_to_hub={"repo_id": "org/m"})
+    with pytest.raises(ValidationError):
+        PruneOptions(export=True, push_to_hub={"repo_id": "no-owner"})
