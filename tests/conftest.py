@@ -28,6 +28,11 @@ REDIS_BASE = os.environ.get("LAYERSCOPE_TEST_REDIS", "redis://127.0.0.1:6379")
 # built here and every process a test starts gets this one, so a key created in-process also
 # authenticates against a spawned `layerscope serve`.
 os.environ.setdefault("LAYERSCOPE_KEY_PEPPER", "layerscope-test-pepper")
+# One OpenMP thread for the suite and every process it starts (set before torch is imported): the
+# tiny models run faster on one, and far faster on a busy machine, where two spinning OpenMP threads
+# on two shared cores slow a test tenfold (test_batching's generation back-off: 40 s -> 4 s). Set
+# OMP_NUM_THREADS to override; tests/integration/conftest.py sets it for its workers as well.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _missing(what: str) -> None:
