@@ -7,6 +7,7 @@ import copy
 import os
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -280,9 +281,19 @@ def test_hub_unreachable_maps_to_model_not_found(tmp_path: Path, monkeypatch: py
         calls.append((ref, kw))
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
+    def config_fetch_offline(repo_id, filename, **kw):
+        fetched.append((repo_id, filename, kw.get("revision")))
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    # The size preflight's config.json fetch fails at once, as on an unreachable hub (not after the
+    # real client's connection timeouts and retries: 25 s of this test where the network is closed).
+    fetched: list = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", config_fetch_offline)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
     err = _fail(ModelSpec(name="org/some-model", revision="v1"), _settings(tmp_path))
     assert err.error_type == "model_not_found"
+    assert fetched == [("org/some-model", "config.json", "v1")]
     assert calls == [("org/some-model", {"trust_remote_code": False, "revision": "v1"})]
     for words in ("network", "check the id", "local path", "smollm2-135m"):
         assert words in err.detail.lower()
@@ -303,13 +314,20 @@ def test_hub_source_and_loader(tmp_path: Path, saved_tiny: Path, monkeypatch: py
 
         return classmethod(fn)
 
+    def config_fetch(repo_id, filename, revision=None, **kw):  # the size preflight's config.json
+        seen.append((repo_id, revision))
+        assert repo_id == "org/x"
+        return str(saved_tiny / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", config_fetch)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", redirect(real_cfg))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", redirect(real_model))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", redirect(real_tok))
     lm = load_model(ModelSpec(name="org/x", revision="abc"), _settings(tmp_path))
     assert lm.source == "hub:org/x@abc"
     hub_calls = [rev for ref, rev in seen if ref == "org/x"]
-    assert len(hub_calls) >= 3 and set(hub_calls) == {"abc"}  # config, model, tokenizer
+    assert len(hub_calls) >= 4 and set(hub_calls) == {"abc"}  # preflight's config.json, config, model, tokenizer
     assert len(lm.adapter.blocks(lm.model)) == 4
 
 
