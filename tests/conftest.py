@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,6 +23,7 @@ import redis as redis_lib
 
 from app.config import Settings
 
+ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PG_ADMIN = os.environ.get("LAYERSCOPE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("LAYERSCOPE_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -188,3 +191,20 @@ def store_analysis(sf: Any, project: str, spec: dict) -> str:
             warnings=[], summary={}, created_at=utcnow(),
         ))
     return analysis_id
+
+
+def share_smollm2_cache(data_dir: Path) -> None:
+    """Give `data_dir` the converted SmolLM2 cache (under the checkout's .layerscope, built once by
+    `make demo` or here, then kept between runs), so a test measures loading or running the model,
+    not the one-off GGUF conversion (tests/unit/test_modelzoo_real.py tests the conversion itself)."""
+    shared = ROOT / ".layerscope" / "cache" / "models"
+    if not list(shared.glob("smollm2-135m-*/layerscope-cache.json")):
+        subprocess.run(
+            [sys.executable, "-c", "from app.config import Settings; from app.schemas import ModelSpec; "
+             "from worker.modelzoo import load_model; load_model(ModelSpec(name='smollm2-135m'), Settings())"],
+            cwd=ROOT, env={**os.environ, "LAYERSCOPE_DATA_DIR": str(ROOT / ".layerscope")}, check=True, timeout=300,
+        )
+    target = data_dir / "cache" / "models"
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in shared.glob("smollm2-135m-*"):
+        (target / entry.name).symlink_to(entry)

@@ -17,7 +17,6 @@ import re
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,8 +29,8 @@ import pytest
 from app.auth import create_key
 from app.db import engine_for, session_factory, session_scope
 from app.migrate import upgrade
-from tests.conftest import IN_CI, free_port, make_settings
-from tests.integration.conftest import ROOT, Cluster, RedisServer, cluster  # noqa: F401 - `cluster` is a fixture
+from tests.conftest import IN_CI, free_port, make_settings, share_smollm2_cache
+from tests.integration.conftest import Cluster, RedisServer, cluster  # noqa: F401 - `cluster` is a fixture
 from worker.service.runner import _is_out_of_memory
 
 TINY_LAYERS = 4
@@ -230,27 +229,11 @@ def _vm_peak(pid: int) -> int:
     return int(re.search(r"VmPeak:\s+(\d+) kB", status).group(1)) * 1024
 
 
-def _share_smollm2_cache(data_dir: Path) -> None:
-    """Give the worker the converted SmolLM2 cache (built once by `make demo` or here), so the test
-    measures loading the model, not the one-off GGUF conversion."""
-    shared = ROOT / ".layerscope" / "cache" / "models"
-    if not list(shared.glob("smollm2-135m-*/layerscope-cache.json")):
-        subprocess.run(
-            [sys.executable, "-c", "from app.config import Settings; from app.schemas import ModelSpec; "
-             "from worker.modelzoo import load_model; load_model(ModelSpec(name='smollm2-135m'), Settings())"],
-            cwd=ROOT, env={**os.environ, "LAYERSCOPE_DATA_DIR": str(ROOT / ".layerscope")}, check=True, timeout=300,
-        )
-    target = data_dir / "cache" / "models"
-    target.mkdir(parents=True, exist_ok=True)
-    for entry in shared.glob("smollm2-135m-*"):
-        (target / entry.name).symlink_to(entry)
-
-
 @pytest.mark.integration
 def test_a_model_that_does_not_fit_fails_out_of_memory_and_the_worker_goes_on(cluster: Cluster) -> None:  # noqa: F811
     if not Path("/proc/self/status").exists():
         _missing("/proc is needed to read the worker's memory")
-    _share_smollm2_cache(Path(cluster.env["LAYERSCOPE_DATA_DIR"]))
+    share_smollm2_cache(Path(cluster.env["LAYERSCOPE_DATA_DIR"]))
     cluster.env["MALLOC_ARENA_MAX"] = "2"  # fewer, steadier malloc arenas: a steadier address-space size
     worker = cluster.start_worker()
     cluster.start_api()
