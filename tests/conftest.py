@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,13 +93,26 @@ def redis_url() -> str:
     return url
 
 
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated to head once per test run, for `sqlite_url` to copy."""
     from app.migrate import upgrade
 
-    url = f"sqlite:///{tmp_path / 'layerscope.db'}"
-    upgrade(url)
-    return url
+    path = tmp_path_factory.mktemp("sqlite-template") / "layerscope.db"
+    upgrade(f"sqlite:///{path}")  # its engine is disposed: the WAL is checkpointed into the file
+    return path
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    """A fresh SQLite database at schema head, this test's own: a copy of `sqlite_template`
+    (the same file a migration writes, without running Alembic for each of ~150 tests)."""
+    target = tmp_path / "layerscope.db"
+    shutil.copyfile(sqlite_template, target)
+    wal = sqlite_template.with_name(sqlite_template.name + "-wal")
+    if wal.exists():
+        shutil.copyfile(wal, target.with_name(target.name + "-wal"))
+    return f"sqlite:///{target}"
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
