@@ -168,7 +168,7 @@ FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
 def wait_for_analysis(
     get: Callable[[str], Any], analysis_id: str, *, states: Collection[str] = FINAL_STATES,
-    timeout: float = 300, interval: float = 0.3,
+    timeout: float = 300, interval: float = 0.1,
 ) -> dict:
     """Poll `get("/v1/analyses/<id>")` (a TestClient's or httpx client's get) until the job is in
     one of `states`; honours 429 Retry-After like a polite client. AssertionError on timeout."""
