@@ -102,6 +102,10 @@ def test_the_infonce_diagnostic_says_when_the_loss_stays_at_chance() -> None:
     assert not learned["at_chance"] and not learned["did_not_fall"] and diagnostic_warnings(learned) == []
     rose = infonce_diagnostic(0.70, 0.80, groups, {}, "unflagged_mean")
     assert rose["did_not_fall"] and "did not fall" in diagnostic_warnings(rose)[0]
+    # Gemma-3 on SciQ: 99.98% of positions flagged, so "unflagged" pooling was last-token pooling.
+    swamped = infonce_diagnostic(1.09, 0.60, groups, {"positions": 10.0, "flagged": 9.0}, "unflagged_mean")
+    assert ["flagged 90% of the pooled positions" in w for w in diagnostic_warnings(swamped)] == [True]
+    assert diagnostic_warnings(infonce_diagnostic(1.09, 0.60, groups, {"positions": 10.0, "flagged": 9.0}, "mean")) == []
 
 
 def test_training_reports_the_diagnostic_in_the_recipe(tiny) -> None:

@@ -49,10 +49,18 @@ def diagnostic_warnings(d: dict[str, Any]) -> list[str]:
     """What the InfoNCE diagnostic (`contrastive.infonce_diagnostic`) has to say, if anything."""
     if not d or d.get("tuning_infonce_after") is None:
         return []
+    out = []
+    share = d.get("flagged_share")
+    if d.get("pooling") == "unflagged_mean" and share is not None and share > 0.5:
+        # e.g. Gemma-3: nearly every position has one dimension over 100 x the median |h|, so
+        # the rule flags them all and a span falls back to its last position.
+        out.append(f"the massive-activation rule flagged {share:.0%} of the pooled positions, so `unflagged_mean` "
+                   "pooled mostly last positions (a span whose every position is flagged falls back to its last); "
+                   "on this model `last_token` says so explicitly")
     values = f"{d['tuning_infonce_before']:.3f} -> {d['tuning_infonce_after']:.3f} on the tuning data"
     if d["at_chance"]:
-        return [f"the contrastive (InfoNCE) loss stayed at chance ({values}; chance {d['chance']:.3f}, "
-                f"pooling {d['pooling']}): it learned nothing, whatever changed came from the LM term"]
-    if d["did_not_fall"]:
-        return [f"the contrastive (InfoNCE) loss did not fall ({values}; pooling {d['pooling']})"]
-    return []
+        out.append(f"the contrastive (InfoNCE) loss stayed at chance ({values}; chance {d['chance']:.3f}, "
+                   f"pooling {d['pooling']}): it learned nothing, whatever changed came from the LM term")
+    elif d["did_not_fall"]:
+        out.append(f"the contrastive (InfoNCE) loss did not fall ({values}; pooling {d['pooling']})")
+    return out
