@@ -1,8 +1,10 @@
 """Handing accepted jobs to workers: Celery by task name, or the embedded runner.
 
-The database row is the queue's source of truth. Enqueueing happens after the
-row is committed; if it fails (broker down) the row stays QUEUED with no
-`enqueued_at`, and the workers' sweeper sends it once the broker is back.
+The database row is the queue's source of truth. The row is committed marked as
+sent (`enqueued_at`), then sent; if the send fails (broker down) the mark is cleared
+and the workers' sweeper sends it once the broker is back (a job whose process died
+between commit and send is re-sent after `requeue_after`). Only the sweeper sends a
+row with no mark, so a submit and a sweep never both send one job.
 """
 
 from __future__ import annotations

@@ -212,6 +212,9 @@ def submit_analysis(
         warnings=[],
         summary={"routing": routing.as_summary()},
         created_at=utcnow(),
+        # Marked sent in the insert's commit, before the send: a NULL here is what the sweeper
+        # sends, and one committed NULL raced the sweeper into a second message for the job.
+        enqueued_at=utcnow(),
     )
     session.add(row)
     session.add_all(AnalysisLabel(analysis_id=row.id, key=k, value=v) for k, v in spec.labels.items())
@@ -224,8 +227,10 @@ def submit_analysis(
             return found
         raise
 
-    if request.app.state.enqueuer.enqueue(row.id, routing.queue):
-        session.execute(update(Analysis).where(Analysis.id == row.id).values(enqueued_at=utcnow()))
+    if not request.app.state.enqueuer.enqueue(row.id, routing.queue):
+        # Broker down: the sweeper sends it at once; a crash before this line leaves the mark,
+        # and the sweeper re-sends after requeue_after.
+        session.execute(update(Analysis).where(Analysis.id == row.id).values(enqueued_at=None))
         session.commit()
     response.headers["Location"] = f"/v1/analyses/{row.id}"
     return _one_out(session, row)

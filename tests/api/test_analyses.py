@@ -40,6 +40,34 @@ def test_submit_returns_201_location_and_queued_job(api: Api) -> None:
     assert got["id"] == job["id"] and got["progress"] == {"stage": None, "done": 0, "total": 0}
 
 
+def test_a_submit_is_marked_sent_before_it_is_sent_and_unmarked_when_the_broker_is_down(api: Api) -> None:
+    """The sweeper sends rows with no `enqueued_at`: a row committed unmarked, then marked after the
+    send, could be sent twice (once by the submit, once by a sweep in between)."""
+    seen: list[object] = []
+
+    class Broker:
+        up = True
+
+        def enqueue(self, analysis_id: str, queue: str = "cpu") -> bool:
+            with api.sf() as s:  # what a sweep running now would read
+                seen.append(s.get(Analysis, analysis_id).enqueued_at)
+            return self.up
+
+    broker = Broker()
+    app = api.client.app
+    before, app.state.enqueuer = app.state.enqueuer, broker
+    try:
+        sent = api.post("/v1/analyses", json=SPEC).json()["id"]
+        broker.up = False
+        unsent = api.post("/v1/analyses", json={**SPEC, "labels": {"team": "other"}}).json()["id"]
+    finally:
+        app.state.enqueuer = before
+    assert len(seen) == 2 and all(t is not None for t in seen)
+    with api.sf() as s:
+        assert s.get(Analysis, sent).enqueued_at is not None
+        assert s.get(Analysis, unsent).enqueued_at is None and s.get(Analysis, unsent).state == "QUEUED"
+
+
 def test_unknown_and_impossible_fields_are_422_naming_the_field(api: Api) -> None:
     bad = copy.deepcopy(SPEC)
     bad["model"]["colour"] = "blue"

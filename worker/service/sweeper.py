@@ -85,10 +85,21 @@ def enqueue_pending(sf: SessionFactory, settings: Settings, enqueuer: Enqueuer, 
         )
     sent = 0
     for analysis_id, summary in pending:
-        if not enqueuer.enqueue(analysis_id, queue_of(summary)):
-            break  # broker still down; try again next sweep
+        # Claim the send by marking the row first (the mark is what every sweeper and the submit
+        # test), so two workers' sweepers never both send one job; unmark when the send fails.
         with session_scope(sf) as s:
-            s.execute(update(Analysis).where(Analysis.id == analysis_id).values(enqueued_at=utcnow()))
+            claimed = rowcount(s.execute(
+                update(Analysis)
+                .where(Analysis.id == analysis_id, Analysis.state == JobState.QUEUED.value,
+                       or_(Analysis.enqueued_at.is_(None), Analysis.enqueued_at < resend_before))
+                .values(enqueued_at=utcnow())
+            ))
+        if not claimed:
+            continue  # another sweeper sent it, or it left QUEUED
+        if not enqueuer.enqueue(analysis_id, queue_of(summary)):
+            with session_scope(sf) as s:
+                s.execute(update(Analysis).where(Analysis.id == analysis_id).values(enqueued_at=None))
+            break  # broker still down; try again next sweep
         sent += 1
     if sent:
         log.info("sweeper: sent %d queued job(s)", sent)
