@@ -31,6 +31,13 @@ def patch_artifact_name(method: str | None = None) -> str:
     return PATCH_ARTIFACT if method is None else f"mitigation-{method}.safetensors"
 
 
+def patch_artifact_method(name: str) -> str | None:
+    """The method of a per-method patch artifact (`patch_artifact_name`'s inverse); None for others."""
+    if name.startswith("mitigation-") and name.endswith(".safetensors"):
+        return name.removeprefix("mitigation-").removesuffix(".safetensors")
+    return None
+
+
 class Strict(BaseModel):
     # A float must be finite: `"inf"`/`"nan"` as text as well (JSON's Infinity/NaN/1e400 are refused
     # before validation, app/api/guard.py); the stored spec would hold null instead.
@@ -176,6 +183,11 @@ class PatchSpec(Strict):
         "(its `mitigation-<method>.safetensors`); with one method, null or that method. The patch's own recipe "
         "must name this method.",
     )
+
+    def artifact_names(self) -> list[str]:
+        """The artifacts of `analysis_id` that may hold this patch, in the order tried: the method's
+        own file (an analysis that compared methods), then the one-method file."""
+        return [patch_artifact_name(self.method), PATCH_ARTIFACT] if self.method else [PATCH_ARTIFACT]
 
     @model_validator(mode="after")
     def _one_source(self) -> PatchSpec:

@@ -61,7 +61,7 @@ def run_pipeline(
     if patch is not None:
         from worker.mitigation.patch import apply_patch, read_patch_source
 
-        apply_patch(loaded, read_patch_source(patch, settings, ctx))
+        apply_patch(loaded, read_patch_source(patch, settings, ctx), expected_method=patch.method)
     ctx.progress("load_model", 1, 1)
     ctx.check_cancelled()
     ctx.progress("load_dataset", 0, 1)

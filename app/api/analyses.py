@@ -45,8 +45,9 @@ from app.schemas import (
     Leaderboard,
     MetricOut,
     MetricTable,
+    PatchSpec,
     Progress,
-    patch_artifact_name,
+    patch_artifact_method,
 )
 from app.verdicts import labels_for
 
@@ -174,7 +175,7 @@ def submit_analysis(
             errors=[{"field": "model.trust_remote_code", "message": "not allow-listed"}],
         )
     if spec.model.patch is not None and spec.model.patch.analysis_id is not None:
-        _check_patch_source(session, principal, spec.model.patch.analysis_id, spec.model.patch.method)
+        _check_patch_source(session, principal, spec.model.patch)
     check_submit(spec, settings)
     digest = spec_hash(spec)
     routing = route(spec.model, settings)
@@ -236,9 +237,10 @@ def submit_analysis(
     return _one_out(session, row)
 
 
-def _check_patch_source(session: Session, principal: Principal, analysis_id: str, method: str | None) -> None:
+def _check_patch_source(session: Session, principal: Principal, patch: PatchSpec) -> None:
     """`model.patch.analysis_id` must name a succeeded analysis of this project with a patch
-    (of `method`, `model.patch.method`, when its mitigate stage compared several)."""
+    (of `model.patch.method` when its mitigate stage compared several)."""
+    analysis_id, method = patch.analysis_id, patch.method
     field = "model.patch.analysis_id"
     source = session.get(Analysis, analysis_id)
     if source is None or source.project != principal.project:
@@ -247,9 +249,8 @@ def _check_patch_source(session: Session, principal: Principal, analysis_id: str
     patches = set(session.scalars(
         select(Artifact.name).where(Artifact.analysis_id == analysis_id, Artifact.name.like("mitigation%.safetensors"))
     ))
-    per_method = sorted(n.removeprefix("mitigation-").removesuffix(".safetensors") for n in patches
-                        if n != PATCH_ARTIFACT)
-    wanted = {patch_artifact_name(method), PATCH_ARTIFACT} if method else {PATCH_ARTIFACT}
+    per_method = sorted(m for n in patches if (m := patch_artifact_method(n)) is not None)
+    wanted = set(patch.artifact_names())
     if source.state == JobState.SUCCEEDED.value and not wanted & patches and per_method:
         mfield = "model.patch.method"
         raise Problem(

@@ -270,7 +270,10 @@ def test_one_analysis_compares_several_methods_on_the_same_split_and_layers(tiny
         read_patch_source(PatchSpec(analysis_id=aid), Settings(), ctx)
     with pytest.raises(JobFailed, match="contrastive"):
         read_patch_source(PatchSpec(analysis_id=aid, method="contrastive"), Settings(), ctx)
-    recipe = apply_patch(_load(tmp_path_factory), files["mitigation-steering.safetensors"])  # a fresh base
+    fresh = _load(tmp_path_factory)
+    with pytest.raises(JobFailed, match="model.patch.method is 'dola' but the patch was made by 'steering'"):
+        apply_patch(fresh, files["mitigation-steering.safetensors"], expected_method="dola")
+    recipe = apply_patch(fresh, files["mitigation-steering.safetensors"], expected_method="steering")
     assert recipe["method"] == "steering" and recipe["layers"] == s["layers"]
 
 

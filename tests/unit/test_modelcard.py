@@ -158,6 +158,7 @@ def test_prune_stage_export_card_matches_the_result(tmp_path: Path, monkeypatch)
 
 def test_healed_export_carries_a_card_with_its_metrics(tmp_path: Path, monkeypatch) -> None:
     import huggingface_hub
+
     from app.config import Settings
     from app.schemas import ModelSpec, PruneOptions
     from worker.modelzoo import load_model

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from app.config import Settings
-from app.schemas import PATCH_ARTIFACT, PatchSpec, patch_artifact_name
+from app.schemas import PatchSpec
 from worker.stage import JobContext, JobFailed
 
 if TYPE_CHECKING:
@@ -120,15 +120,20 @@ def _metadata(data: bytes) -> dict[str, str]:
     return dict(header.get("__metadata__") or {})
 
 
-def apply_patch(loaded: LoadedModel, data: bytes) -> dict[str, Any]:
+def apply_patch(loaded: LoadedModel, data: bytes, *, expected_method: str | None = None) -> dict[str, Any]:
     """Apply a patch file to `loaded.model` for good, after checking that every base parameter
     it names exists with the same shape and dtype and still holds the value the patch was made
     from (a weight patch: every tensor it replaces). Returns the patch's recipe. JobFailed
-    `patch_mismatch` when the model is another base, `patch_invalid` for an unknown method."""
+    `patch_mismatch` when the model is another base or the patch was not made by
+    `expected_method` (`model.patch.method`), `patch_invalid` for an unknown method."""
     from worker.mitigation.methods import METHODS
 
     tensors, recipe, digests = read_patch(data)
-    method = METHODS.get(str(recipe.get("method", "contrastive")))
+    made_by = str(recipe.get("method", "contrastive"))
+    if expected_method is not None and made_by != expected_method:
+        raise JobFailed("patch_mismatch", f"model.patch.method is {expected_method!r} but the patch was made by "
+                                          f"{made_by!r}")
+    method = METHODS.get(made_by)
     if method is None:
         raise JobFailed("patch_invalid", f"the patch was made by an unknown mitigation method {recipe.get('method')!r}")
     params = dict(loaded.model.named_parameters())
@@ -167,8 +172,7 @@ def read_patch_source(patch: PatchSpec, settings: Settings, ctx: JobContext) -> 
     if patch.analysis_id is not None:
         if ctx.read_artifact is None:
             raise JobFailed("patch_not_found", "this worker cannot read other analyses' artifacts")
-        # A stage that compared methods wrote one file per method; one method wrote PATCH_ARTIFACT.
-        names = [patch_artifact_name(patch.method), PATCH_ARTIFACT] if patch.method else [PATCH_ARTIFACT]
+        names = patch.artifact_names()
         data = next((d for d in (ctx.read_artifact(patch.analysis_id, n) for n in names) if d is not None), None)
         if data is None:
             raise JobFailed(
@@ -184,9 +188,4 @@ def read_patch_source(patch: PatchSpec, settings: Settings, ctx: JobContext) -> 
         if not path.is_file():
             raise JobFailed("patch_not_found", f"no patch file at {patch.path!r}")
         data = path.read_bytes()
-    if patch.method is not None:
-        made_by = str(read_patch(data)[1].get("method", "contrastive"))
-        if made_by != patch.method:
-            raise JobFailed("patch_mismatch", f"model.patch.method is {patch.method!r} but the patch was made by "
-                                              f"{made_by!r}")
     return data
