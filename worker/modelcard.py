@@ -35,7 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.modelcard import CARD_NAME, PENDING, parse_front_matter, render_model_card, verdict_entry
+from app.modelcard import (
+    CARD_NAME,
+    PENDING,
+    card_artifact_name,
+    parse_front_matter,
+    render_model_card,
+    verdict_entry,
+)
+from app.schemas import HubPush
+from worker.stage import ArtifactFile
 
 
 @dataclass
@@ -157,15 +166,30 @@ def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, p
     return str(getattr(info, "commit_url", info))
 
 
-def push_export(folder: str | Path, repo_id: str, private: bool, warnings: list[str]) -> str | None:
+def push_export(folder: str | Path, push: HubPush, warnings: list[str]) -> str | None:
     """`push_to_hub` for a stage's export (`prune.push_to_hub`, `prune.heal.push_to_hub`): the
     commit URL, or None with the reason in `warnings` (no token, no network, the hub refused);
     an upload never fails the analysis that made the model."""
     try:
-        return push_to_hub(folder, repo_id, private=private)
+        return push_to_hub(folder, push.repo_id, private=push.private)
     except Exception as exc:  # noqa: BLE001 - any hub failure is a warning, never a lost analysis
-        warnings.append(f"push_to_hub to {repo_id} skipped: {type(exc).__name__}: {exc}")
+        warnings.append(f"push_to_hub to {push.repo_id} skipped: {type(exc).__name__}: {exc}")
         return None
+
+
+def write_export_card(
+    folder: str | Path, provenance: Provenance, archive: str, push: HubPush | None, warnings: list[str],
+    **card: Any,
+) -> ArtifactFile:
+    """The card of an exported folder about to be packed as `archive` (`write_model_card` with
+    `card`): written into the folder, naming its standalone copy; the folder, now complete,
+    uploaded when `push` is given (`push_export`); returns the standalone copy, the artifact
+    `<archive stem>.card.md` that the verdicts are written into later."""
+    name = card_artifact_name(archive)
+    path = write_model_card(folder, provenance, card_artifact=name, **card)
+    if push is not None:
+        push_export(folder, push, warnings)
+    return ArtifactFile(name, "text/markdown", path.read_bytes())
 
 
 def card_json(folder: str | Path) -> str:

@@ -63,13 +63,12 @@ import torch
 if TYPE_CHECKING:
     import transformers
 
-from app.modelcard import card_artifact_name
 from app.schemas import PruneOptions
 from worker.evaluation.bootstrap import bootstrap_ci, paired_bootstrap_ci
 from worker.evaluation.tasks import TASKS, MetricValue, TaskResult, TaskRun, lm_texts, qa_pairs
 from worker.lm.model import is_causal_lm, model_device
 from worker.lm.tokens import encode_texts, pad_batch, pad_id
-from worker.modelcard import Provenance, push_export, write_model_card
+from worker.modelcard import Provenance, write_export_card
 from worker.modelzoo import LoadedModel, adapter_for
 from worker.modelzoo.adapters import ArchitectureAdapter
 from worker.modelzoo.surgery import block_count, pruned_view, remove_blocks
@@ -1064,14 +1063,11 @@ def _export(
     standalone: list[ArtifactFile] = []  # the card again, as its own artifact: the verdicts are written into it
 
     def card(folder: Path) -> None:
-        path = write_model_card(
-            folder, provenance, kind="pruned", removed_layers=list(key), scores=scores, metrics=mine,
+        standalone.append(write_export_card(
+            folder, provenance, archive, options.push_to_hub, job.warnings, kind="pruned", removed_layers=list(key),
+            scores=scores, metrics=mine,
             extra={"scorer": name, "parameters": {"original": measured.n_params, "after": measured.params_after[key]}},
-            card_artifact=card_artifact_name(archive),
-        )
-        standalone.append(ArtifactFile(card_artifact_name(archive), "text/markdown", path.read_bytes()))
-        if options.push_to_hub is not None:  # the folder is complete: weights, tokenizer, card
-            push_export(folder, options.push_to_hub.repo_id, options.push_to_hub.private, job.warnings)
+        ))
 
     with pruned_view(job.model, key, adapter=job.adapter):
         blob = export_pruned_model(job.model, job.tokenizer, card)

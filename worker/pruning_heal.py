@@ -37,12 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.modelcard import card_artifact_name
 from worker.evaluation.bootstrap import paired_bootstrap_ci
 from worker.evaluation.tasks import MetricValue, TaskResult, example_field
 from worker.healing import HealReport, disjoint_texts, export_healed_model, healed
 from worker.lm.model import is_causal_lm
-from worker.modelcard import Provenance, push_export, write_model_card
+from worker.modelcard import Provenance, write_export_card
 from worker.modelzoo.surgery import pruned_view
 from worker.stage import ArtifactFile, JobFailed, MetricRow, finite_or_none
 
@@ -387,17 +386,12 @@ def _card(
     provenance = job.provenance or Provenance(base_model="unknown")
 
     def write(folder: Any) -> None:
-        path = write_model_card(
-            folder, provenance, kind="healed", removed_layers=list(key),
-            tuned_layers=[i for i in range(n_blocks) if i not in key], metrics=metrics,
+        standalone.append(write_export_card(
+            folder, provenance, archive, job.options.heal.push_to_hub, job.warnings, kind="healed",
+            removed_layers=list(key), tuned_layers=[i for i in range(n_blocks) if i not in key], metrics=metrics,
             extra={"scorer": job.options.export_scorer, "healing": {
                 k: v for k, v in vars(report).items() if isinstance(v, (int, float, str, bool, type(None)))}},
             notes=["tuned_layers are the original indices of the blocks that kept LoRA updates (merged)."],
-            card_artifact=card_artifact_name(archive),
-        )
-        standalone.append(ArtifactFile(card_artifact_name(archive), "text/markdown", path.read_bytes()))
-        push = job.options.heal.push_to_hub
-        if push is not None:  # the folder is complete: merged weights, tokenizer, card
-            push_export(folder, push.repo_id, push.private, job.warnings)
+        ))
 
     return write
