@@ -126,10 +126,14 @@ class _Operations:
     def answers_page(self, analysis_id: str, *, page_token: str | None = None, page_size: int = 200,
                      **filters: Any) -> Any:
         """One page of per-answer rows: {"items": [...], "next_page_token": ...} (see `answers`)."""
-        params = {**{k: v for k, v in filters.items() if v is not None}, "page_size": page_size}
-        if page_token:
-            params["page_token"] = page_token
+        params = _page_params(filters, page_size, page_token)
         return self._run(Call("GET", f"/v1/analyses/{analysis_id}/answers", lambda r: r.json(), params=params))
+
+    def answers_csv_page(self, analysis_id: str, *, page_token: str | None = None, page_size: int = 1000,
+                         **filters: Any) -> Any:
+        """One page of `GET .../answers.csv`: the response (CSV text, the next token in `Next-Page-Token`)."""
+        params = _page_params(filters, page_size, page_token)
+        return self._run(Call("GET", f"/v1/analyses/{analysis_id}/answers.csv", lambda r: r, params=params))
 
     def artifacts(self, analysis_id: str) -> Any:
         return self._run(Call("GET", f"/v1/analyses/{analysis_id}/artifacts",
@@ -203,14 +207,13 @@ class Client(_Operations):
 
     def answers_csv(self, analysis_id: str, *, page_size: int = 1000, **filters: Any) -> str:
         """Every per-answer row (all pages of `GET .../answers.csv`, one header), filtered as `answers`."""
-        params = _csv_params(filters, page_size)
         parts: list[str] = []
+        token = None
         while True:
-            page: httpx.Response = self._run(_answers_csv_call(analysis_id, params))
+            page = self.answers_csv_page(analysis_id, page_token=token, page_size=page_size, **filters)
             token = _add_csv_page(parts, page)
             if not token:
                 return "".join(parts)
-            params["page_token"] = token
 
     def iter_answers(self, analysis_id: str, **filters: Any) -> Iterator[dict[str, Any]]:
         token = None
@@ -273,14 +276,13 @@ class AsyncClient(_Operations):
 
     async def answers_csv(self, analysis_id: str, *, page_size: int = 1000, **filters: Any) -> str:
         """Every per-answer row (all pages of `GET .../answers.csv`, one header), filtered as `answers`."""
-        params = _csv_params(filters, page_size)
         parts: list[str] = []
+        token = None
         while True:
-            page: httpx.Response = await self._run(_answers_csv_call(analysis_id, params))
+            page = await self.answers_csv_page(analysis_id, page_token=token, page_size=page_size, **filters)
             token = _add_csv_page(parts, page)
             if not token:
                 return "".join(parts)
-            params["page_token"] = token
 
     async def iter_answers(self, analysis_id: str, **filters: Any) -> AsyncIterator[dict[str, Any]]:
         token = None
@@ -323,12 +325,11 @@ def _finished(job: AnalysisOut, raise_on_failure: bool) -> AnalysisOut:
     return job
 
 
-def _csv_params(filters: dict[str, Any], page_size: int) -> dict[str, Any]:
-    return {**{k: v for k, v in filters.items() if v is not None}, "page_size": page_size}
-
-
-def _answers_csv_call(analysis_id: str, params: dict[str, Any]) -> Call[httpx.Response]:
-    return Call("GET", f"/v1/analyses/{analysis_id}/answers.csv", lambda r: r, params=dict(params))
+def _page_params(filters: dict[str, Any], page_size: int, page_token: str | None) -> dict[str, Any]:
+    params = {**{k: v for k, v in filters.items() if v is not None}, "page_size": page_size}
+    if page_token:
+        params["page_token"] = page_token
+    return params
 
 
 def _add_csv_page(parts: list[str], page: httpx.Response) -> str | None:
